@@ -1,0 +1,129 @@
+"""From Examples to tensors: token ids grouped by prompt length, positions resolved per example.
+
+Pairs are grouped so that every base prompt of a group has one length and every source prompt
+has one length; batches never mix groups, so no padding is ever needed and a position index means
+the same token for every row of a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .errors import DasError
+from .examples import Example, encode, single_token_id
+
+
+@dataclass
+class PairGroup:
+    """Pairs whose base prompts share one length and whose source prompts share one length."""
+
+    base_ids: Tensor  # [G, T]
+    source_ids: Tensor  # [G, S]
+    labels: Tensor  # [G] counterfactual answer token ids
+    base_labels: Tensor  # [G] the base prompt's own answer token ids
+    base_positions: dict[str, Tensor]  # name -> [G] token index
+    source_positions: dict[str, Tensor]
+    kinds: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.base_ids.shape[0]
+
+
+@dataclass
+class PairSet:
+    groups: list[PairGroup]
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(g) for g in self.groups]
+
+    @property
+    def position_names(self) -> list[str]:
+        return sorted(self.groups[0].base_positions) if self.groups else []
+
+
+def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
+    """Encode every pair; labels must be single tokens (checked, with the offending example)."""
+    buckets: dict[tuple[int, int], list[tuple[Example, list[int], list[int]]]] = {}
+    for i, ex in enumerate(examples):
+        base, source = encode(tokenizer, ex.base), encode(tokenizer, ex.source)
+        buckets.setdefault((len(base), len(source)), []).append((ex, base, source))
+    return PairSet(groups=[_group(tokenizer, rows, split) for _, rows in sorted(buckets.items())])
+
+
+def _label_id(tokenizer, text: str, split: str) -> int:
+    token = single_token_id(tokenizer, text)
+    if token is None:
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+        raise DasError(f"dataset: label {text!r} in the {split} split is not one token (it is {pieces})")
+    return token
+
+
+def _group(tokenizer, rows, split: str) -> PairGroup:
+    exs = [r[0] for r in rows]
+    last_base, last_source = len(rows[0][1]) - 1, len(rows[0][2]) - 1
+    return PairGroup(
+        base_ids=torch.tensor([r[1] for r in rows]),
+        source_ids=torch.tensor([r[2] for r in rows]),
+        labels=torch.tensor([_label_id(tokenizer, e.label, split) for e in exs]),
+        base_labels=torch.tensor([_label_id(tokenizer, e.base_label, split) for e in exs]),
+        base_positions=_named(exs, "base_positions", last_base),
+        source_positions=_named(exs, "source_positions", last_source),
+        kinds=[e.kind for e in exs],
+    )
+
+
+def _named(exs: list[Example], attr: str, last: int) -> dict[str, Tensor]:
+    names = set.intersection(*(set(getattr(e, attr)) for e in exs)) if exs else set()
+    named = {n: torch.tensor([getattr(e, attr)[n] for e in exs]) for n in sorted(names)}
+    named["last"] = torch.full((len(exs),), last)
+    return named
+
+
+Position = int | str
+
+
+def position_label(position: tuple[Position, ...]) -> str:
+    return "+".join(str(p) for p in position)
+
+
+def resolve_positions(group: PairGroup, position: tuple[Position, ...], side: str) -> Tensor:
+    """[G, P] token indices of `position` (ints count from the end when negative) on one side."""
+    ids = group.base_ids if side == "base" else group.source_ids
+    named = group.base_positions if side == "base" else group.source_positions
+    length = ids.shape[1]
+    columns = []
+    for p in position:
+        if isinstance(p, str):
+            if p not in named:
+                raise DasError(f"positions: unknown position '{p}'; valid names: {', '.join(sorted(named))}, or integers")
+            columns.append(named[p])
+        else:
+            index = p + length if p < 0 else p
+            if not 0 <= index < length:
+                raise DasError(f"positions: {p} is outside a {side} prompt of {length} tokens; valid: {-length}..{length - 1}")
+            columns.append(torch.full((len(group),), index))
+    stacked = torch.stack(columns, dim=1)
+    if len(position) > 1 and (stacked.sort(dim=1).values.diff(dim=1) == 0).any():
+        raise DasError(f"positions: {list(position)} names one token twice in a {side} prompt; give each token once")
+    return stacked
+
+
+def batches(sizes: list[int], batch_size: int, generator: torch.Generator | None = None) -> list[tuple[int, Tensor]]:
+    """(group index, row indices) chunks over groups of the given sizes.
+
+    Shuffled within groups and across chunks when a generator is given, in order otherwise.
+    """
+    chunks = []
+    for g, size in enumerate(sizes):
+        order = torch.randperm(size, generator=generator) if generator is not None else torch.arange(size)
+        chunks += [(g, order[i : i + batch_size]) for i in range(0, size, batch_size)]
+    if generator is not None:
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
+    return chunks

@@ -1,0 +1,268 @@
+"""Interventions: how the source vector replaces part of the base vector at a site.
+
+Every intervention maps flat vectors `base`, `source` of shape [..., n] (n = width of the
+site; several positions or heads are concatenated) to the intervened vector of the same
+shape. Inputs may be bfloat16; the maths runs in float32 (the parameters are float32) and
+the result comes back in the input dtype.
+
+    vanilla         h = s                          (or s on the listed neurons, b elsewhere)
+    das             h = b + (s - b) W Wᵀ           W: n × k, orthonormal columns
+    boundless_das   h = b + (m ⊙ (s - b) R) Rᵀ     R: n × n rotation, m: soft mask from β, T
+
+See docs/reference.md §1 for the method and the identities the tests check.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import orthogonal
+
+from das_cli.errors import DasError, choices_error
+
+ORTHOGONAL_MAPS = ("cayley", "householder", "matrix_exp")
+
+
+def project_swap(base: Tensor, source: Tensor, basis: Tensor) -> Tensor:
+    """Replace the part of `base` in span(basis) by that of `source`: (I − P) b + P s, P = W Wᵀ.
+
+    `basis` is n × k with orthonormal columns; no n × n matrix is formed.
+    """
+    return base + ((source - base) @ basis) @ basis.T
+
+
+class Intervention(nn.Module):
+    """Base class. Subclasses implement `forward` and `learned_dim`; the rest has defaults."""
+
+    trainable: bool = False
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Parameter groups for torch.optim.Adam (empty when there is nothing to train)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr}] if params else []
+
+    def extra_loss(self) -> Tensor:
+        """A term added to the cross-entropy loss (zero unless the method has a penalty)."""
+        return torch.zeros((), device=self._device())
+
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1]; schedules (e.g. a temperature) follow it."""
+
+    def learned_dim(self) -> int:
+        """Rank of the swapped subspace."""
+        raise NotImplementedError
+
+    def state_for_saving(self) -> dict[str, Tensor]:
+        """Contiguous float32 CPU tensors for a safetensors file."""
+        return {}
+
+    def _device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+
+def _check_shapes(base: Tensor, source: Tensor, n: int) -> None:
+    if base.shape != source.shape or base.shape[-1] != n:
+        raise ValueError(f"base {tuple(base.shape)} and source {tuple(source.shape)} must both be [..., {n}]")
+
+
+def _saved(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
+class OrthonormalColumns(nn.Module):
+    """An n × k matrix with orthonormal columns (`.weight`), kept so by `parametrizations.orthogonal`.
+
+    Thin matrices (k < n) use Householder reflectors without the "trivialization" base:
+    with it, torch stores an n × n base matrix even for a single column. Square ones use
+    torch's default (matrix exponential with trivialization). Initial value: the QR-orthonormalised
+    random normal matrix `nn.init.orthogonal_` gives, so it is fixed by torch.manual_seed.
+    Assigning `.weight = Q` (Q with orthonormal columns) sets the matrix to Q.
+    """
+
+    def __init__(self, n: int, k: int, orthogonal_map: str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(n, k)))
+        chosen = orthogonal_map or ("matrix_exp" if n == k else "householder")
+        # matrix_exp / cayley build an n × n matrix anyway and can only be assigned with trivialization.
+        orthogonal(self, "weight", orthogonal_map=chosen, use_trivialization=chosen != "householder")
+
+
+class VanillaIntervention(Intervention):
+    """Copy the source vector (or only the listed neurons) into the base; nothing is trained."""
+
+    trainable = False
+
+    def __init__(self, n: int, neurons: list[int] | None = None):
+        super().__init__()
+        self.n = n
+        if neurons is not None:
+            if not neurons or any(not 0 <= int(i) < n for i in neurons):
+                raise DasError(
+                    f"intervention.neurons={list(neurons)}: must be a non-empty list of indices between 0 and {n - 1} (the site width is {n})"
+                )
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[torch.tensor([int(i) for i in neurons])] = True
+            self.register_buffer("mask", mask, persistent=False)
+        else:
+            self.register_buffer("mask", None)
+        self.neurons = None if neurons is None else sorted({int(i) for i in neurons})
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        _check_shapes(base, source, self.n)
+        if self.mask is None:
+            return source.to(base.dtype, copy=True)
+        return torch.where(self.mask, source.to(base.dtype), base)
+
+    def learned_dim(self) -> int:
+        return self.n if self.neurons is None else len(self.neurons)
+
+
+class DASIntervention(Intervention):
+    """Low-rank DAS: swap the k-dimensional subspace span(W) of base for that of source."""
+
+    trainable = True
+
+    def __init__(self, n: int, dim: int, orthogonal_map: str | None = None):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= n:
+            raise DasError(f"intervention.dim={dim}: must be between 1 and {n} (the site width)")
+        if orthogonal_map is not None and orthogonal_map not in ORTHOGONAL_MAPS:
+            raise choices_error("intervention.orthogonal_map", orthogonal_map, ORTHOGONAL_MAPS)
+        self.n, self.dim = n, dim
+        self.basis = OrthonormalColumns(n, dim, orthogonal_map)
+
+    @property
+    def W(self) -> Tensor:
+        return self.basis.weight
+
+    def set_basis(self, W: Tensor) -> None:
+        """Load a given n × k matrix with orthonormal columns (e.g. a saved basis)."""
+        self.basis.weight = W.to(self.W.device, torch.float32)
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        _check_shapes(base, source, self.n)
+        return project_swap(base.float(), source.float(), self.W).to(base.dtype)
+
+    def learned_dim(self) -> int:
+        return self.dim
+
+    def state_for_saving(self) -> dict[str, Tensor]:
+        return {"basis": _saved(self.W)}
+
+
+class BoundlessDASIntervention(Intervention):
+    """Boundless DAS (Wu et al. 2023): full rotation R and a learned soft boundary β on the rotated coords.
+
+    Rotated coordinate i is swapped with weight m_i = σ((i + ½)/T) · σ((β n − (i + ½))/T).
+    We use coordinate centres i + ½ where pyvene uses i: as T → 0, coordinate i is swapped
+    iff i + ½ < β n, so β = 1 is an exact full swap (with i, coordinate 0 would be stuck at
+    m = ½ and the last one at m = σ(1/T)). T moves linearly from temperature_start to
+    temperature_end with `set_progress`; evaluation uses the current T.
+    """
+
+    trainable = True
+    BETA_MIN, BETA_MAX = 1e-3, 1.0
+
+    def __init__(
+        self,
+        n: int,
+        init_boundary: float = 0.5,
+        temperature_start: float = 50.0,
+        temperature_end: float = 0.1,
+        boundary_lr: float = 1e-2,
+        boundary_loss_weight: float = 1.0,
+    ):
+        super().__init__()
+        if not self.BETA_MIN <= init_boundary <= self.BETA_MAX:
+            raise DasError(f"intervention.init_boundary={init_boundary}: must be between {self.BETA_MIN} and {self.BETA_MAX}")
+        for key, value in [("temperature_start", temperature_start), ("temperature_end", temperature_end), ("boundary_lr", boundary_lr)]:
+            if not value > 0:
+                raise DasError(f"intervention.{key}={value}: must be > 0")
+        if not boundary_loss_weight >= 0:
+            raise DasError(f"intervention.boundary_loss_weight={boundary_loss_weight}: must be >= 0")
+        self.n = n
+        self.temperature_start, self.temperature_end = float(temperature_start), float(temperature_end)
+        self.boundary_lr, self.boundary_loss_weight = float(boundary_lr), float(boundary_loss_weight)
+        self.rotation = OrthonormalColumns(n, n)
+        self.boundary = nn.Parameter(torch.tensor([float(init_boundary)]))
+        self.register_buffer("temperature", torch.tensor(self.temperature_start))
+        self.register_buffer("centres", torch.arange(n, dtype=torch.float32) + 0.5, persistent=False)
+
+    @property
+    def R(self) -> Tensor:
+        return self.rotation.weight
+
+    def set_rotation(self, R: Tensor) -> None:
+        """Load a given n × n orthogonal matrix."""
+        self.rotation.weight = R.to(self.R.device, torch.float32)
+
+    def beta(self) -> Tensor:
+        """β clamped to [1e-3, 1]. Straight-through: the gradient passes even when clamped, so β can come back."""
+        raw = self.boundary
+        return raw + (raw.clamp(self.BETA_MIN, self.BETA_MAX) - raw).detach()
+
+    def mask(self) -> Tensor:
+        T, i = self.temperature, self.centres
+        return torch.sigmoid(i / T) * torch.sigmoid((self.beta() * self.n - i) / T)
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        _check_shapes(base, source, self.n)
+        b, s, R = base.float(), source.float(), self.R
+        # == ((1 - m) ⊙ bR + m ⊙ sR) Rᵀ, since R Rᵀ = I; this form returns b exactly when s == b.
+        return (b + ((s - b) @ R * self.mask()) @ R.T).to(base.dtype)
+
+    def set_progress(self, fraction: float) -> None:
+        f = min(max(float(fraction), 0.0), 1.0)
+        self.temperature.fill_(self.temperature_start + f * (self.temperature_end - self.temperature_start))
+
+    def extra_loss(self) -> Tensor:
+        return self.boundary_loss_weight * self.beta().sum()
+
+    def param_groups(self, lr: float) -> list[dict]:
+        rotation = [p for p in self.rotation.parameters() if p.requires_grad]
+        return [{"params": rotation, "lr": lr}, {"params": [self.boundary], "lr": self.boundary_lr}]
+
+    def learned_dim(self) -> int:
+        beta = float(self.beta().detach())
+        return max(1, int((self.centres < beta * self.n).sum()))
+
+    def state_for_saving(self) -> dict[str, Tensor]:
+        R = self.R
+        return {
+            "rotation": _saved(R),
+            "boundary": _saved(self.beta()).reshape(1),
+            "basis": _saved(R[:, : self.learned_dim()]),
+        }
+
+
+INTERVENTIONS: dict[str, type[Intervention]] = {
+    "vanilla": VanillaIntervention,
+    "das": DASIntervention,
+    "boundless_das": BoundlessDASIntervention,
+}
+
+def build_intervention(name: str, n: int, **options) -> Intervention:
+    """Build the intervention `name` for a site of width n; `options` are its constructor arguments (None = default)."""
+    if name not in INTERVENTIONS:
+        raise choices_error("intervention", name, sorted(INTERVENTIONS))
+    cls = INTERVENTIONS[name]
+    params = {key: p for key, p in inspect.signature(cls).parameters.items() if key != "n"}
+    given = {k: v for k, v in options.items() if v is not None}
+    for key in given:
+        if key not in params:
+            raise DasError(
+                f"intervention.{key}: not an option of intervention={name}; valid options: {', '.join(sorted(params)) or '(none)'}"
+            )
+    for key, p in params.items():
+        if p.default is inspect.Parameter.empty and key not in given:
+            raise DasError(f"intervention.{key}: required for intervention={name}")
+    return cls(n, **given)

@@ -1,0 +1,177 @@
+"""Results of a sweep: the long table (iia.csv), layer x position pivots, heatmaps, terminal summary.
+
+A row is one finished cell. `results_frame` normalises rows into a frame whose `position`
+column is an ordered categorical in first-appearance order, so the grid order a user asked
+for ("io, s2, last") survives sorting, pivoting and plotting. A failed cell carries NaN IIA:
+pivots keep it, heatmaps draw it grey with "—", the summary skips it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .files import atomic_write
+
+COLUMNS: list[str] = [
+    "stream", "layer", "position", "heads", "intervention", "dim", "seed",
+    "iia", "train_iia", "loss", "base_accuracy", "n_train", "n_test", "seconds",
+]
+TEXT_COLUMNS = ["stream", "position", "heads", "intervention"]
+INT_COLUMNS = ["layer", "dim", "seed", "n_train", "n_test"]
+FLOAT_COLUMNS = ["iia", "train_iia", "loss", "base_accuracy", "seconds"]
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    """One row per cell: COLUMNS first, extra keys after; sorted by stream, heads, layer, position.
+
+    Positions sort in first-appearance order of `rows` (an ordered categorical), not alphabetically.
+    Missing `heads` means a non-head cell and becomes ""; other missing values become NA.
+    """
+    extras = list(dict.fromkeys(key for row in rows for key in row if key not in COLUMNS))
+    frame = pd.DataFrame(list(rows)).reindex(columns=COLUMNS + extras)
+    frame["heads"] = frame["heads"].map(lambda v: "" if _missing(v) else v)
+    for column in TEXT_COLUMNS:
+        frame[column] = frame[column].map(lambda v: v if _missing(v) else str(v)).astype(object)
+    for column in INT_COLUMNS:
+        frame[column] = _integers(frame[column])
+    for column in FLOAT_COLUMNS:
+        frame[column] = pd.to_numeric(frame[column]).astype(float)
+    order = list(dict.fromkeys(frame["position"].dropna()))
+    frame["position"] = pd.Categorical(frame["position"], categories=order, ordered=True)
+    frame = frame.sort_values(["stream", "heads", "layer", "position"], kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """Read an iia.csv back into the frame `results_frame` makes (labels stay strings: "-2", "")."""
+    frame = pd.read_csv(path, dtype={column: str for column in TEXT_COLUMNS})
+    return results_frame(frame.to_dict("records"))
+
+
+def pivot(frame: pd.DataFrame, value: str = "iia") -> dict[tuple[str, str], pd.DataFrame]:
+    """One layer x position table of `value` per (stream, heads); duplicate rows are averaged.
+
+    Index: layers ascending. Columns: the positions of that group, in the frame's position order.
+    A cell whose rows are all NaN (failed) stays NaN.
+    """
+    order = _position_order(frame)
+    tables = {}
+    for (stream, heads), group in frame.groupby(["stream", "heads"], sort=True):
+        positions = group["position"].astype(object)
+        means = group[value].astype(float).groupby([group["layer"], positions]).mean()
+        table = means.unstack("position").sort_index()
+        present = [p for p in order if p in table.columns]
+        table = table.reindex(columns=present)
+        table.index.name, table.columns.name = "layer", "position"
+        tables[(str(stream), str(heads))] = table
+    return tables
+
+
+def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str) -> None:
+    """Write a layer (rows, layer 0 at the top) x position (columns) heatmap of IIA as PNG.
+
+    Colours span [0, 1]; every cell shows its value to 2 decimals, failed (NaN) cells are grey "—".
+    Uses a bare Agg-rendered `Figure` (no pyplot): no GUI, no global figure state to close.
+    """
+    from matplotlib.figure import Figure
+
+    values = table.to_numpy(dtype=float)
+    n_layers, n_positions = values.shape
+    width = 3.0 + 0.8 * n_positions
+    fig = Figure(figsize=(width, 1.8 + 0.4 * n_layers), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = _colormap()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for (row, col), v in np.ndenumerate(values):
+        label, colour = ("—", "black") if np.isnan(v) else (f"{v:.2f}", "black" if v > 0.5 else "white")
+        ax.text(col, row, label, ha="center", va="center", color=colour, fontsize=8)
+    ax.set_xticks(range(n_positions), [str(p) for p in table.columns])
+    ax.set_yticks(range(n_layers), [str(layer) for layer in table.index])
+    ax.set_xlabel("position")
+    ax.set_ylabel("layer")
+    ax.set_title(textwrap.fill(title, width=int(11 * width)), fontsize=9)
+    fig.colorbar(image, ax=ax, label="IIA")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", plots: bool = True) -> pd.DataFrame:
+    """Write folder/iia.csv and, per (stream, heads), pivot_<name>.csv and heatmap_<name>.png.
+
+    <name> is the stream, plus "_heads-<heads>" for head-level cells, sanitised to [A-Za-z0-9_.+-].
+    Floats are written in their shortest round-trip form. Returns the frame.
+    """
+    folder = Path(folder)
+    frame = results_frame(rows)
+    atomic_write(folder / "iia.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    for (stream, heads), table in pivot(frame).items():
+        name = _file_part(stream) + (f"_heads-{_file_part(heads)}" if heads else "")
+        atomic_write(folder / f"pivot_{name}.csv", lambda tmp, t=table: t.to_csv(tmp))
+        if plots:
+            heatmap(table, folder / f"heatmap_{name}.png", _plot_title(stream, heads, title))
+    return frame
+
+
+def format_summary(frame: pd.DataFrame) -> str:
+    """Compact terminal text: per (stream, heads) the IIA pivot (2 decimals, a `max` column of the
+    per-layer max over positions), the best cell, and the mean over layers of that max (MIB-style).
+    Failed (NaN) cells print as "—" and are left out of the best cell and the mean.
+    """
+    tables = pivot(frame)
+    if not tables:
+        return "no results"
+    return "\n\n".join(_group_summary(stream, heads, table) for (stream, heads), table in tables.items())
+
+
+def _group_summary(stream: str, heads: str, table: pd.DataFrame) -> str:
+    name = stream + (f" heads {heads}" if heads else "")
+    shown = table.copy()
+    shown.columns = [str(p) for p in shown.columns]
+    layer_max = table.max(axis=1, skipna=True)
+    shown["max"] = layer_max
+    lines = [name, shown.to_string(float_format=lambda v: f"{v:.2f}", na_rep="—")]
+    failed = int(table.isna().sum().sum())
+    if layer_max.isna().all():
+        return "\n".join(lines + [f"best: none ({failed} failed cells)"])
+    layer, position = table.stack().idxmax()
+    lines.append(f"best: {name} L{layer} @ {position}  IIA {table.loc[layer, position]:.2f}")
+    lines.append(f"mean over layers of the max over positions: {layer_max.mean():.2f}")
+    if failed:
+        lines.append(f"({failed} failed {'cell' if failed == 1 else 'cells'} skipped)")
+    return "\n".join(lines)
+
+
+def _position_order(frame: pd.DataFrame) -> list:
+    if isinstance(frame["position"].dtype, pd.CategoricalDtype):
+        return list(frame["position"].cat.categories)
+    return list(dict.fromkeys(frame["position"].dropna()))
+
+
+def _integers(column: pd.Series) -> pd.Series:
+    numbers = pd.to_numeric(column)
+    whole = numbers.dropna()
+    return numbers.astype("Int64") if (whole == whole.round()).all() else numbers
+
+
+def _missing(value: object) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA
+
+
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+def _plot_title(stream: str, heads: str, title: str) -> str:
+    name = stream + (f" heads {heads}" if heads else "")
+    return f"{name} · {title}" if title else name
+
+
+def _colormap():
+    import matplotlib
+
+    return matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")

@@ -1,0 +1,235 @@
+"""Sites: where an intervention reads and writes (stream, layer, heads), and the hooks that do it.
+
+A site is a module inside one block, a side of it (its input or its output), and a set of
+columns of that tensor's last dimension. Whole-vector streams use every column; q/k/v streams
+of fused projections (GPT-2's `c_attn`) use a slice; head-level streams use the slices of the
+chosen heads, concatenated. Token positions are chosen per example at intervention time.
+
+Streams (names follow pyvene), with the width d of their vector per position:
+
+| stream                       | tensor                                            | width           |
+|------------------------------|---------------------------------------------------|-----------------|
+| block_input                  | residual stream entering the block                | hidden          |
+| block_output                 | residual stream leaving the block                 | hidden          |
+| attention_input              | normed input of the attention module              | hidden          |
+| attention_output             | attention output after the out-projection         | hidden          |
+| attention_value_output       | concatenated head outputs, before out-projection  | heads*head_dim  |
+| head_attention_value_output  | the same, for a set of heads                      | |heads|*head_dim|
+| query_output / key_output / value_output | q, k, v projections (before RoPE)     | heads*head_dim (k, v: kv_heads*head_dim) |
+| head_query_output / head_key_output / head_value_output | the same, for a set of heads | |heads|*head_dim |
+| mlp_input                    | normed input of the MLP                           | hidden          |
+| mlp_activation               | MLP hidden after the non-linearity (gated: act(gate)*up) | intermediate |
+| mlp_output                   | MLP output                                        | hidden          |
+
+Key/value heads: with grouped-query attention, head indices of key/value streams range over
+the model's key/value heads.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DasError
+from .models import LoadedModel
+
+HEAD_STREAMS = {
+    "head_attention_value_output": "attention_value_output",
+    "head_query_output": "query_output",
+    "head_key_output": "key_output",
+    "head_value_output": "value_output",
+}
+STREAMS = (
+    "block_input",
+    "block_output",
+    "attention_input",
+    "attention_output",
+    "attention_value_output",
+    "query_output",
+    "key_output",
+    "value_output",
+    "mlp_input",
+    "mlp_activation",
+    "mlp_output",
+    *HEAD_STREAMS,
+)
+
+
+@dataclass(frozen=True)
+class Site:
+    stream: str
+    layer: int
+    module: nn.Module
+    side: str  # "input" | "output"
+    columns: Tensor  # indices into the hooked tensor's last dimension
+    heads: tuple[int, ...] | None = None
+
+    @property
+    def width(self) -> int:
+        return int(self.columns.numel())
+
+
+def _module_side(lm: LoadedModel, stream: str) -> tuple[str, str]:
+    fam = lm.family
+    table = {
+        "block_input": ("", "input"),
+        "block_output": ("", "output"),
+        "attention_input": (fam.attention, "input"),
+        "attention_output": (fam.attention, "output"),
+        "attention_value_output": (fam.attention_out_proj, "input"),
+        "mlp_input": (fam.mlp, "input"),
+        "mlp_activation": fam.mlp_activation,
+        "mlp_output": (fam.mlp, "output"),
+    }
+    if stream in ("query_output", "key_output", "value_output"):
+        which = ("query_output", "key_output", "value_output").index(stream)
+        path = fam.qkv[0] if len(fam.qkv) == 1 else fam.qkv[which]
+        return path, "output"
+    return table[stream]
+
+
+def head_counts(lm: LoadedModel, stream: str) -> tuple[int, int]:
+    """(number of heads, head dim) of a head-level stream's underlying tensor."""
+    config = lm.model.config
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    base = HEAD_STREAMS.get(stream, stream)
+    if base in ("key_output", "value_output"):
+        n_heads = getattr(config, "num_key_value_heads", None) or n_heads
+    return n_heads, head_dim
+
+
+def _stream_columns(lm: LoadedModel, stream: str, module: nn.Module, side: str) -> Tensor:
+    base = HEAD_STREAMS.get(stream, stream)
+    if base in ("query_output", "key_output", "value_output") and len(lm.family.qkv) == 1:
+        n_heads, head_dim = head_counts(lm, base)
+        width = n_heads * head_dim
+        which = ("query_output", "key_output", "value_output").index(base)
+        return torch.arange(which * width, (which + 1) * width)
+    return torch.arange(_tensor_width(lm, module, side))
+
+
+def _tensor_width(lm: LoadedModel, module: nn.Module, side: str) -> int:
+    """Last-dimension size of the hooked tensor, measured on a one-token forward."""
+    probe = Site(stream="probe", layer=0, module=module, side=side, columns=torch.arange(0))
+    sizes: list[int] = []
+
+    def grab(hidden: Tensor) -> None:
+        sizes.append(hidden.shape[-1])
+        raise _Stop
+
+    with torch.no_grad(), hooked(probe, grab):
+        try:
+            lm.model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=lm.device), use_cache=False)
+        except _Stop:
+            pass
+    return sizes[0]
+
+
+def resolve_site(lm: LoadedModel, stream: str, layer: int, heads: tuple[int, ...] | None = None) -> Site:
+    """The site of `stream` at `layer`, restricted to `heads` for head-level streams."""
+    if stream not in STREAMS:
+        raise DasError(f"stream={stream}: unknown stream; valid choices: {', '.join(STREAMS)}")
+    if not 0 <= layer < lm.n_layers:
+        raise DasError(f"layers: layer {layer} is out of range; valid layers: 0..{lm.n_layers - 1}")
+    path, side = _module_side(lm, HEAD_STREAMS.get(stream, stream))
+    block = lm.block(layer)
+    try:
+        module = block.get_submodule(path) if path else block
+    except AttributeError:
+        raise DasError(f"stream={stream}: not available for model family of {lm.name}") from None
+    columns = _stream_columns(lm, stream, module, side)
+    if stream in HEAD_STREAMS:
+        columns, heads = _head_columns(lm, stream, columns, heads)
+    elif heads is not None:
+        raise DasError(f"heads: stream={stream} is not head-level; head-level streams: {', '.join(HEAD_STREAMS)}")
+    return Site(stream=stream, layer=layer, module=module, side=side, columns=columns, heads=heads)
+
+
+def _head_columns(lm: LoadedModel, stream: str, columns: Tensor, heads) -> tuple[Tensor, tuple[int, ...]]:
+    n_heads, head_dim = head_counts(lm, stream)
+    heads = tuple(range(n_heads)) if heads is None else tuple(heads)
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad or not heads:
+        raise DasError(f"heads: {list(heads)} invalid for stream={stream}; valid heads: 0..{n_heads - 1}")
+    if len(set(heads)) != len(heads):
+        raise DasError(f"heads: {list(heads)} repeats a head for stream={stream}; give each head once")
+    per_head = columns.view(n_heads, head_dim)
+    return per_head[list(heads)].reshape(-1), heads
+
+
+def gather(hidden: Tensor, positions: Tensor, columns: Tensor) -> Tensor:
+    """hidden [B, T, D], positions [B, P], columns [C] -> [B, P*C] (positions concatenated)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None, None]
+    picked = hidden[rows, positions[:, :, None], columns.to(hidden.device)[None, None, :]]
+    return picked.reshape(hidden.shape[0], -1)
+
+
+def scatter(hidden: Tensor, positions: Tensor, columns: Tensor, values: Tensor) -> Tensor:
+    """A copy of `hidden` with `gather(hidden, positions, columns)` replaced by `values`."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None, None]
+    out = hidden.clone()
+    shape = (hidden.shape[0], positions.shape[1], columns.numel())
+    out[rows, positions[:, :, None], columns.to(hidden.device)[None, None, :]] = values.reshape(shape).to(out.dtype)
+    return out
+
+
+@contextmanager
+def hooked(site: Site, edit: Callable[[Tensor], Tensor | None]) -> Iterator[None]:
+    """Within the block, `edit` sees the site's full tensor [B, T, D]; a returned tensor replaces it."""
+    if site.side == "input":
+        handle = site.module.register_forward_pre_hook(_input_hook(edit), with_kwargs=True)
+    else:
+        handle = site.module.register_forward_hook(_output_hook(edit))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _input_hook(edit):
+    def hook(module, args, kwargs):
+        if args:
+            new = edit(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        key = "hidden_states" if "hidden_states" in kwargs else next(k for k, v in kwargs.items() if torch.is_tensor(v))
+        new = edit(kwargs[key])
+        return None if new is None else (args, {**kwargs, key: new})
+
+    return hook
+
+
+def _output_hook(edit):
+    def hook(module, args, output):
+        tensor = output[0] if isinstance(output, tuple) else output
+        new = edit(tensor)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def read_site(lm: LoadedModel, site: Site, input_ids: Tensor) -> Tensor:
+    """The site's columns at every position, [B, T, C]; the forward stops right after the site."""
+    captured: list[Tensor] = []
+
+    def grab(hidden: Tensor) -> None:
+        captured.append(hidden[..., site.columns.to(hidden.device)].detach())
+        raise _Stop
+
+    with hooked(site, grab):
+        try:
+            lm.model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+    return captured[0]

@@ -1,0 +1,35 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Small, fast settings every end-to-end run shares; each test adds its own grid.
+TINY = ["dataset.n_train=24", "dataset.n_test=12", "train.epochs=1", "train.batch_size=8", "progress=false"]
+
+
+def das_cli_command() -> list[str]:
+    exe = shutil.which("das-cli")
+    return [exe] if exe else [sys.executable, "-m", "das_cli.cli"]
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(das_cli_command() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)

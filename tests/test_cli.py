@@ -1,0 +1,114 @@
+"""`das-cli` end to end on tiny random models: the output contract, resume, determinism, errors."""
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import TINY, run_cli
+
+GRID = ["model=tiny_gpt2", "stream=[block_output,mlp_output]", "layers=[0,2]", "positions=[s2,last]"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    result = run_cli(GRID + TINY + [f"hydra.run.dir={out}"])
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def test_table_has_one_row_per_cell(sweep):
+    out, result = sweep
+    table = pd.read_csv(out / "iia.csv")
+    assert len(table) == 2 * 2 * 2
+    assert set(map(tuple, table[["stream", "layer", "position"]].values)) == {
+        (s, layer, p) for s in ("block_output", "mlp_output") for layer in (0, 2) for p in ("s2", "last")
+    }
+    for column in ("iia", "train_iia", "loss", "base_accuracy", "n_train", "n_test", "seconds", "dim"):
+        assert table[column].notna().all(), column
+    assert table["iia"].between(0, 1).all()
+    assert (table["n_train"] == 24).all() and (table["n_test"] == 12).all()
+    assert "results:" in result.stdout and "best:" in result.stdout
+
+
+def test_output_contract_files(sweep):
+    out, _ = sweep
+    for stream in ("block_output", "mlp_output"):
+        assert (out / f"pivot_{stream}.csv").exists()
+        assert (out / f"heatmap_{stream}.png").read_bytes()[:4] == b"\x89PNG"
+    cells = sorted((out / "cells").iterdir())
+    assert len(cells) == 8
+    for cell in cells:
+        metrics = json.loads((cell / "metrics.json").read_text())
+        assert metrics["cell"] == cell.name
+        assert (cell / "subspace.safetensors").stat().st_size > 0
+    assert (out / ".hydra" / "config.yaml").exists() and (out / "run.json").exists()
+
+
+def test_rerun_resumes_without_retraining(sweep):
+    out, _ = sweep
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.json")}
+    table = pd.read_csv(out / "iia.csv")
+    result = run_cli(GRID + TINY + [f"hydra.run.dir={out}"])
+    assert result.returncode == 0, result.stderr
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    pd.testing.assert_frame_equal(pd.read_csv(out / "iia.csv"), table)
+
+
+def test_resume_refuses_a_changed_config(sweep):
+    out, _ = sweep
+    result = run_cli(GRID + TINY + [f"hydra.run.dir={out}", "train.lr=0.5"])
+    assert result.returncode == 2
+    assert "changed: train" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fixed_seed_gives_identical_tables(sweep, tmp_path):
+    out, _ = sweep
+    result = run_cli(GRID + TINY + [f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    columns = ["stream", "layer", "position", "iia", "train_iia", "loss", "test_loss"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "iia.csv")[columns], pd.read_csv(out / "iia.csv")[columns])
+
+
+@pytest.mark.parametrize("intervention", ["vanilla", "boundless_das"])
+def test_other_interventions_run_on_tiny_llama(intervention, tmp_path):
+    args = ["model=tiny_llama", f"intervention={intervention}", "stream=attention_value_output", "layers=[1]", "positions=[last]"]
+    result = run_cli(args + TINY + [f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(tmp_path / "iia.csv").iloc[0]
+    assert row["intervention"] == intervention and 1 <= row["dim"] <= 64
+
+
+BAD = [
+    (["model=nope"], "model=nope", "tiny_gpt2"),
+    (["stream=nope"], "stream=nope", "block_output"),
+    (["intervention=nope"], "intervention=nope", "boundless_das"),
+    (["layers=[99]"], "layers", "0..3"),
+    (["positions=[-99]"], "positions", "-"),
+    (["positions=[nowhere]"], "positions", "last"),
+    (["train.engine=warp"], "train.engine=warp", "reference"),
+    (["dataset.variable=colour"], "dataset.variable=colour", "io_position"),
+    (["intervention.dim=999"], "intervention.dim=999", "64"),
+    (["train.epoch=3"], "train.epoch", ""),
+    (["dtype=float8"], "dtype=float8", "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("args,key,choice", BAD, ids=[b[1] for b in BAD])
+def test_bad_input_is_one_line(args, key, choice, tmp_path):
+    result = run_cli(["model=tiny_gpt2", "layers=[0]"] + args + TINY + [f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("das-cli: error:")]
+    assert len(lines) == 1, result.stderr
+    assert key in lines[0] and choice in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cuda_request_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    result = run_cli(["model=tiny_gpt2", "device=cuda"] + TINY + [f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 2
+    assert "device=cuda" in result.stderr and "cpu" in result.stderr and "Traceback" not in result.stderr

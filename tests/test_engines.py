@@ -1,0 +1,358 @@
+"""The fast engine (cached base prefix, forward from the earliest intervened position) gives the
+same logits, gradients and training run as the reference engine (full forward with a hook)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from das_cli.data import PairGroup, PairSet
+from das_cli import engines as engines_module
+from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, base_run, make_engine
+from das_cli.interventions import build_intervention
+from das_cli.models import load_model
+from das_cli.sites import HEAD_STREAMS, STREAMS, head_counts, read_site, resolve_site
+from das_cli.train import evaluate, fit, prepare
+
+CONF = Path(__file__).parents[1] / "conf" / "model"
+MODELS = ("tiny_gpt2", "tiny_llama")
+ATOL = 1e-4
+G = 4  # rows per group
+LENGTHS = (9, 6)  # base prompt length of each group (two groups: the engines index groups)
+SOURCE_LENGTHS = (7, 8)
+LAYER = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: a second intra-op thread only adds synchronisation (and stalls badly when
+    the CPU is shared), so these tests run single-threaded and restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def lm(request):
+    return load_model(OmegaConf.load(CONF / f"{request.param}.yaml"), "cpu", "float32")
+
+
+def base_prefixes(lm, pairs, batch_size):
+    return base_run(lm, pairs, batch_size, keep_prefix=True).prefixes
+
+
+def random_pairs(seed: int = 0) -> PairSet:
+    """Two groups of random prompts; a named position `s1` that varies by row on both sides."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for t, s in zip(LENGTHS, SOURCE_LENGTHS):
+        groups.append(
+            PairGroup(
+                base_ids=torch.randint(0, 1000, (G, t), generator=gen),
+                source_ids=torch.randint(0, 1000, (G, s), generator=gen),
+                labels=torch.randint(0, 1000, (G,), generator=gen),
+                base_labels=torch.randint(0, 1000, (G,), generator=gen),
+                base_positions={"s1": torch.tensor([1, 3, 2, t - 2]), "last": torch.full((G,), t - 1)},
+                source_positions={"s1": torch.tensor([4, 1, s - 2, 2]), "last": torch.full((G,), s - 1)},
+            )
+        )
+    return PairSet(groups=groups)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return random_pairs()
+
+
+SKIP_LAYERS = (0, 1, 3)
+
+
+@pytest.fixture(scope="module")
+def base(lm, pairs):
+    # 3 does not divide 4: the parts get concatenated
+    return base_run(lm, pairs, batch_size=3, keep_prefix=True, layers=SKIP_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def prefixes(base):
+    return base.prefixes
+
+
+@pytest.fixture(scope="module", params=["skip_blocks", "all_blocks"])
+def residuals(request, base):
+    """With the cached residual the fast engine skips the blocks before the site; without, it runs them."""
+    return base.residuals if request.param == "skip_blocks" else None
+
+
+def heads_for(lm, stream):
+    if stream not in HEAD_STREAMS:
+        return None
+    # tiny_llama has 2 key/value heads (GQA), 4 query heads
+    return (1,) if stream in ("head_key_output", "head_value_output") else (0, 2)
+
+
+def site_of(lm, stream, layer=LAYER):
+    return resolve_site(lm, stream, layer, heads_for(lm, stream))
+
+
+# position choices, per group of length t: [G, P] token indices
+POSITIONS = {
+    "first": lambda t: torch.zeros(G, 1, dtype=torch.long),
+    "middle": lambda t: torch.full((G, 1), t // 2),
+    "last": lambda t: torch.full((G, 1), t - 1),
+    "middle+last": lambda t: torch.tensor([[t // 2, t - 1]] * G),
+    "per_row": lambda t: torch.tensor([[t - 1], [1], [t // 2], [t - 2]]),
+    # the earliest position sits in the second column, and row 0's pair is not sorted
+    "per_row_pair": lambda t: torch.tensor([[t - 1, 1], [3, t - 1], [2, t - 3], [t - 2, 3]]),
+}
+
+
+def hand_groups(lm, site, pairs, prefixes, position: str, seed: int = 0, residuals=None) -> list[CellGroup]:
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for g, (group, prefix) in enumerate(zip(pairs.groups, prefixes)):
+        positions = POSITIONS[position](group.base_ids.shape[1])
+        groups.append(
+            CellGroup(
+                base_ids=group.base_ids,
+                base_positions=positions,
+                source_values=torch.randn(G, positions.shape[1] * site.width, generator=gen),
+                labels=torch.randint(0, 1000, (G,), generator=gen),
+                prefix=prefix,
+                residual=residuals[g][site.layer] if residuals else None,
+            )
+        )
+    return groups
+
+
+def orthonormal(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
+
+
+def das_swap(source: torch.Tensor, W: torch.Tensor):
+    return lambda b: b + ((source - b) @ W) @ W.T
+
+
+def unedited_last_logits(lm, ids):
+    with torch.no_grad():
+        return lm.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+
+
+# --- the prefix cache ------------------------------------------------------------------------
+
+
+def test_base_prefixes_shapes(lm, pairs, prefixes):
+    n_kv, head_dim = head_counts(lm, "key_output")
+    assert len(prefixes) == len(pairs.groups)
+    for group, prefix in zip(pairs.groups, prefixes):
+        assert len(prefix) == lm.n_layers
+        t = group.base_ids.shape[1]
+        for keys, values in prefix:
+            assert keys.shape == values.shape == (G, n_kv, t - 1, head_dim)
+            assert not keys.requires_grad
+    # batching does not change the prefix
+    one_batch = base_prefixes(lm, pairs, batch_size=100)
+    for a, b in zip(prefixes, one_batch):
+        for (ka, va), (kb, vb) in zip(a, b):
+            torch.testing.assert_close(ka, kb, atol=1e-6, rtol=0)
+            torch.testing.assert_close(va, vb, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not hasattr(engines_module, "base_run"), reason="engines.base_run not present")
+def test_base_run_predictions_and_accuracy(lm, pairs):
+    plain = engines_module.base_run(lm, pairs, batch_size=3, keep_prefix=False)
+    assert plain.prefixes is None
+    kept = engines_module.base_run(lm, pairs, batch_size=3, keep_prefix=True)
+    for group, p, q in zip(pairs.groups, plain.predictions, kept.predictions):
+        expected = unedited_last_logits(lm, group.base_ids).argmax(-1)
+        assert torch.equal(p, expected) and torch.equal(q, expected)
+    # base labels: right on rows 0 and 2 of the first group only
+    relabelled = PairSet(groups=[])
+    for i, (group, p) in enumerate(zip(pairs.groups, plain.predictions)):
+        base_labels = (p + 1) % 1000
+        if i == 0:
+            base_labels[[0, 2]] = p[[0, 2]]
+        relabelled.groups.append(PairGroup(**{**group.__dict__, "base_labels": base_labels}))
+    assert plain.accuracy(relabelled) == pytest.approx(2 / len(pairs))
+
+
+@pytest.mark.parametrize("position", list(POSITIONS))
+def test_identity_swap_equals_unedited_model(lm, pairs, prefixes, position):
+    """With a swap that changes nothing, both engines give the unedited model's last logits."""
+    site = site_of(lm, "block_output")
+    groups = hand_groups(lm, site, pairs, prefixes, position)
+    rows = torch.tensor([2, 0, 3])
+    for engine in (ReferenceEngine(lm, site, groups), FastEngine(lm, site, groups)):
+        for g, group in enumerate(groups):
+            expected = unedited_last_logits(lm, group.base_ids[rows])
+            with torch.no_grad():
+                got = engine.logits(g, rows, lambda b: b)
+            assert got.dtype == torch.float32 and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_fast_engine_starts(lm, pairs, prefixes):
+    site = site_of(lm, "block_input")
+    for position, expected in [("first", [0, 0]), ("last", [8, 5]), ("middle+last", [4, 3]), ("per_row", [1, 1]), ("per_row_pair", [1, 1])]:
+        engine = FastEngine(lm, site, hand_groups(lm, site, pairs, prefixes, position))
+        assert engine.starts == expected, position
+
+
+def test_make_engine(lm, pairs, prefixes):
+    site = site_of(lm, "block_input")
+    groups = hand_groups(lm, site, pairs, prefixes, "last")
+    assert set(ENGINES) == {"fast", "reference"}
+    assert type(make_engine("fast", lm, site, groups)) is FastEngine
+    assert type(make_engine("reference", lm, site, groups)) is ReferenceEngine
+
+
+# --- logits and gradients match, every stream and position -----------------------------------
+
+
+def compare_engines(lm, site, groups, rows, seed=0):
+    W0 = orthonormal(groups[0].source_values.shape[1], 2, seed)  # P positions: P * width columns
+    results = {}
+    for cls in (ReferenceEngine, FastEngine):
+        engine = cls(lm, site, groups)
+        out = []
+        for g, group in enumerate(groups):
+            W = W0.clone().requires_grad_(True)
+            logits = engine.logits(g, rows, das_swap(group.source_values[rows], W))
+            loss = F.cross_entropy(logits, group.labels[rows])
+            (grad,) = torch.autograd.grad(loss, W)
+            out.append((logits.detach(), grad))
+        results[cls.__name__] = out
+    for g, ((ref_logits, ref_grad), (fast_logits, fast_grad)) in enumerate(
+        zip(results["ReferenceEngine"], results["FastEngine"])
+    ):
+        assert fast_logits.shape == (len(rows), lm.model.config.vocab_size)
+        torch.testing.assert_close(fast_logits, ref_logits, atol=ATOL, rtol=0, msg=lambda m: f"group {g} logits: {m}")
+        torch.testing.assert_close(fast_grad, ref_grad, atol=ATOL, rtol=0, msg=lambda m: f"group {g} grad: {m}")
+    return results
+
+
+@pytest.mark.parametrize("position", list(POSITIONS))
+@pytest.mark.parametrize("stream", STREAMS)
+def test_fast_equals_reference(lm, pairs, prefixes, residuals, stream, position):
+    site = site_of(lm, stream)
+    groups = hand_groups(lm, site, pairs, prefixes, position, residuals=residuals)
+    results = compare_engines(lm, site, groups, rows=torch.tensor([2, 0]))
+    ref_logits, ref_grad = results["ReferenceEngine"][0]
+    change = (ref_logits - unedited_last_logits(lm, groups[0].base_ids[torch.tensor([2, 0])])).abs().amax()
+    if "query" in stream and position == "first":
+        # token 0 attends only to itself (softmax over one key is 1): its query has no effect
+        assert change < 1e-6
+        assert ref_grad.abs().amax() < 1e-6
+    else:
+        # the intervention really does something at this site (else the comparison is vacuous)
+        assert change > 1e-6
+        assert ref_grad.abs().amax() > 0
+
+
+@pytest.mark.parametrize("layer", [0, 3])
+@pytest.mark.parametrize("stream", ["block_input", "block_output", "head_key_output", "mlp_activation"])
+def test_fast_equals_reference_other_layers(lm, pairs, prefixes, residuals, stream, layer):
+    site = site_of(lm, stream, layer)
+    for position in ("middle", "per_row_pair"):
+        groups = hand_groups(lm, site, pairs, prefixes, position, seed=layer, residuals=residuals)
+        compare_engines(lm, site, groups, rows=torch.tensor([1, 3, 0]), seed=layer)
+
+
+def test_fast_engine_without_prefix_falls_back(lm, pairs, prefixes):
+    site = site_of(lm, "mlp_output")
+    groups = hand_groups(lm, site, pairs, prefixes, "middle+last")
+    bare = [CellGroup(g.base_ids, g.base_positions, g.source_values, g.labels, prefix=None) for g in groups]
+    rows = torch.tensor([3, 1])
+    W = orthonormal(2 * site.width, 2)
+    with torch.no_grad():
+        for g in range(len(groups)):
+            swap = das_swap(groups[g].source_values[rows], W)
+            torch.testing.assert_close(
+                FastEngine(lm, site, bare).logits(g, rows, swap),
+                FastEngine(lm, site, groups).logits(g, rows, swap),
+                atol=ATOL,
+                rtol=0,
+            )
+
+
+# --- a short training run is the same with either engine -------------------------------------
+
+
+TRAIN_CASES = [
+    ("block_output", ("s1",)),
+    ("head_value_output", (3, "last")),
+    ("attention_output", ("last",)),
+    ("mlp_activation", ("s1", "last")),
+]
+
+
+@pytest.mark.parametrize("stream,position", TRAIN_CASES)
+def test_training_is_engine_independent(lm, stream, position):
+    pairs = random_pairs(seed=1)
+    # labels: the base's own prediction on half the rows, the source's on the other half, so IIA is
+    # neither 0 nor 1 by construction
+    for group in pairs.groups:
+        base_pred = unedited_last_logits(lm, group.base_ids).argmax(-1)
+        source_pred = unedited_last_logits(lm, group.source_ids).argmax(-1)
+        group.labels = torch.where(torch.arange(G) % 2 == 0, base_pred, source_pred)
+    site = site_of(lm, stream)
+    source_acts = [read_site(lm, site, group.source_ids) for group in pairs.groups]
+    prefixes = base_prefixes(lm, pairs, batch_size=4)
+    outcomes = {}
+    for name in ENGINES:
+        groups = prepare(pairs, position, source_acts, lm.device, prefixes if name == "fast" else None)
+        engine = make_engine(name, lm, site, groups)
+        torch.manual_seed(123)
+        width = groups[0].source_values.shape[1]  # P positions concatenated
+        assert width == len(position) * site.width
+        intervention = build_intervention("das", width, dim=1)
+        result = fit(engine, intervention, epochs=2, lr=0.05, batch_size=3, lr_end_factor=0.5, seed=7, progress=False)
+        iia, loss = evaluate(engine, intervention, batch_size=3)
+        outcomes[name] = (result, iia, loss, intervention.W.detach().clone())
+    (fit_f, iia_f, loss_f, W_f), (fit_r, iia_r, loss_r, W_r) = outcomes["fast"], outcomes["reference"]
+    assert fit_f.steps == fit_r.steps == 2 * 4  # two groups of 4 rows in batches of 3: 2 + 2 per epoch
+    assert fit_f.loss == pytest.approx(fit_r.loss, abs=1e-4)
+    assert iia_f == iia_r
+    assert loss_f == pytest.approx(loss_r, abs=1e-4)
+    torch.testing.assert_close(W_f, W_r, atol=1e-4, rtol=0)
+    # training moved the basis away from its initial value
+    torch.manual_seed(123)
+    W0 = build_intervention("das", len(position) * site.width, dim=1).W.detach()
+    assert (W_f - W0).abs().amax() > 1e-3
+
+
+def test_prepare_gathers_source_values(lm):
+    pairs = random_pairs(seed=2)
+    site = site_of(lm, "head_query_output")
+    source_acts = [read_site(lm, site, group.source_ids) for group in pairs.groups]
+    groups = prepare(pairs, ("s1", -1), source_acts, lm.device)
+    for group, cell, acts in zip(pairs.groups, groups, source_acts):
+        t, s = group.base_ids.shape[1], group.source_ids.shape[1]
+        expected_pos = torch.stack([group.base_positions["s1"], torch.full((G,), t - 1)], dim=1)
+        assert torch.equal(cell.base_positions, expected_pos)
+        src_pos = torch.stack([group.source_positions["s1"], torch.full((G,), s - 1)], dim=1)
+        expected = torch.stack([torch.cat([acts[i, src_pos[i, 0]], acts[i, src_pos[i, 1]]]) for i in range(G)])
+        torch.testing.assert_close(cell.source_values, expected, atol=0, rtol=0)
+        assert cell.source_values.shape == (G, 2 * site.width)
+        assert cell.prefix is None
+
+
+def test_skipped_blocks_do_no_work(lm, pairs, base):
+    """With the cached residual, blocks before the site are never entered by the fast engine."""
+    site = site_of(lm, "block_output", 3)
+    groups = hand_groups(lm, site, pairs, base.prefixes, "last", residuals=base.residuals)
+    entered = []
+    attention = [lm.block(i).get_submodule(lm.family.attention) for i in range(4)]
+    handles = [m.register_forward_pre_hook(lambda m, a, i=i: entered.append(i)) for i, m in enumerate(attention)]
+    try:
+        FastEngine(lm, site, groups).logits(0, torch.tensor([0, 1]), lambda b: b)
+    finally:
+        for h in handles:
+            h.remove()
+    assert entered == [3]
+    for block in (lm.block(i) for i in range(4)):
+        assert "forward" not in vars(block)  # the class's forward is back

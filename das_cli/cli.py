@@ -2,6 +2,10 @@
 
 Mistakes in the command line end in one line on stderr naming the key and the valid choices,
 and exit status 2; a sweep with failed cells exits with status 1.
+
+In a multirun (`-m`) failures stay local: a job with failed cells, or one that fails outright,
+is logged and the other jobs go on; at the end `das_cli.callbacks.AggregateResults` merges every
+job's cells into one table in the sweep folder and lists the failures, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
 from .errors import DasError
 
+log = logging.getLogger(__name__)
 MULTIRUN_FLAGS = ("-m", "--multirun")
+JOB_PROBLEMS: list[str] = []  # multirun jobs of this process that failed or had failed cells
 NON_OVERRIDE_FLAGS = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--version", "--shell-completion", "-sc", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
 
 
@@ -44,6 +50,31 @@ def check_groups(overrides: list[str], multirun: bool) -> None:
                 fail(f"{key}={choice}: unknown {key}; valid choices: {', '.join(choices)}")
 
 
+def check_shards(overrides: list[str]) -> None:
+    """Multirun: every `sweep.shard` value must fit every `sweep.num_shards` value (one line, exit 2);
+    warn when the listed shards leave some out (their cells would be missing from the table)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra reports grammar errors itself
+        return
+    defaults = OmegaConf.load(C.conf_dir() / "config.yaml").get("sweep") or {}
+    values = {"sweep.shard": [defaults.get("shard", 0)], "sweep.num_shards": [defaults.get("num_shards", 1)]}
+    for o in parsed:
+        if o.key_or_group in values:
+            values[o.key_or_group] = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+    shards = [s for s in values["sweep.shard"] if isinstance(s, int)]
+    for n in (n for n in values["sweep.num_shards"] if isinstance(n, int)):
+        for s in shards:
+            for error in C.shard_errors(s, n):
+                fail(error)
+        left_out = sorted(set(range(n)) - set(shards))
+        if left_out and n > 1:
+            print(f"das-cli: warning: sweep.num_shards={n} but shards {left_out} are not in this multirun; "
+                  "their cells will be missing from the merged table", file=sys.stderr)
+
+
 def preflight(argv: list[str]) -> None:
     """Compose the config once before Hydra does, so composition errors fit on one line."""
     overrides = overrides_of(argv)
@@ -52,6 +83,7 @@ def preflight(argv: list[str]) -> None:
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     check_groups(overrides, multirun)
     if multirun:
+        check_shards(overrides)
         return
     try:
         cfg = C.compose([o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
@@ -66,20 +98,38 @@ def preflight(argv: list[str]) -> None:
 def _hydra_main(cfg: DictConfig) -> None:
     from .sweep import run
 
+    hc = HydraConfig.get()
+    multirun = hc.mode.name == "MULTIRUN"
     try:
-        frame = run(cfg, HydraConfig.get().runtime.output_dir)
+        frame = run(cfg, hc.runtime.output_dir)
     except DasError as e:
-        fail(str(e))
+        if not multirun:
+            fail(str(e))
+        print(f"das-cli: error: job {hc.job.num} ({' '.join(hc.overrides.task)}): {e}", file=sys.stderr)
+        log.error("job %s failed: %s", hc.job.num, e)  # also into the job's log file
+        JOB_PROBLEMS.append(f"job {hc.job.num}: {e}")
+        return
+    except Exception as e:  # a multirun job's crash stays local: the other jobs and the merged table go on
+        if not multirun:
+            raise
+        log.exception("job %s failed: %s", hc.job.num, e)
+        JOB_PROBLEMS.append(f"job {hc.job.num}: {type(e).__name__}: {e}")
+        return
     failed = int(frame["error"].notna().sum()) if "error" in frame else 0
     if failed:
-        logging.getLogger(__name__).error("%d cell(s) failed; see the error column of iia.csv", failed)
-        if HydraConfig.get().mode.name == "RUN":
+        log.error("%d cell(s) failed; see the error column of iia.csv", failed)
+        if not multirun:
             sys.exit(1)
+        JOB_PROBLEMS.append(f"job {hc.job.num}: {failed} cell(s) failed")
 
 
 def main() -> None:
     preflight(sys.argv[1:])
     _hydra_main()
+    from .callbacks import PROBLEMS
+
+    if JOB_PROBLEMS or PROBLEMS:  # a multirun with failures (a single run exits from _hydra_main)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

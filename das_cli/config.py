@@ -55,6 +55,14 @@ class OutputConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Sharding: this job runs shard `shard` of `num_shards` (whole sites round-robin; see sweep.shard_cells)."""
+
+    shard: int = 0
+    num_shards: int = 1
+
+
+@dataclass
 class RunSchema:
     """Types of every top-level key; group contents (model, dataset, intervention) are checked by their users."""
 
@@ -65,6 +73,7 @@ class RunSchema:
     layers: Any = "all"
     positions: Any = field(default_factory=lambda: ["last"])
     heads: Any = None
+    head_order: Any = None
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
@@ -72,6 +81,7 @@ class RunSchema:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -120,8 +130,18 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.batch_size < 1:
         errors.append(f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
     errors += _grid_errors(cfg)
+    errors += shard_errors(cfg.sweep.shard, cfg.sweep.num_shards)
     if errors:
         raise DasError("; ".join(errors))
+
+
+def shard_errors(shard: int, num_shards: int) -> list[str]:
+    """`sweep.shard` must name one of the `sweep.num_shards` shards."""
+    if num_shards < 1:
+        return [f"sweep.num_shards={num_shards}: must be >= 1"]
+    if not 0 <= shard < num_shards:
+        return [f"sweep.shard={shard}: must be in 0..{num_shards - 1} (sweep.num_shards={num_shards})"]
+    return []
 
 
 def _grid_errors(cfg: DictConfig) -> list[str]:
@@ -132,6 +152,7 @@ def _grid_errors(cfg: DictConfig) -> list[str]:
         errors.append(str(e))
     if cfg.heads is not None and not any(s in HEAD_STREAMS for s in streams(cfg)):
         errors.append(f"heads: set, but no stream is head-level; head-level streams: {', '.join(HEAD_STREAMS)}")
+    errors += _heads_errors(cfg)
     layers = cfg.layers
     if not (layers == "all" or isinstance(layers, int) or _is_list_of(layers, int)):
         errors.append(f"layers={layers}: must be a list of layer indices or 'all'")
@@ -180,15 +201,42 @@ def positions(cfg: DictConfig) -> list[tuple[int | str, ...]]:
     return out
 
 
-def head_sets(cfg: DictConfig) -> list[tuple[int, ...] | None]:
-    """None = all heads of a head-level stream; else one tuple of head indices per cell."""
+HEAD_MODES = ("each", "leave_one_out", "cumulative")
+
+
+def head_sets(cfg: DictConfig, n_heads: int, ranking: list[int] | None = None) -> list[tuple[int, ...] | None]:
+    """The head sets of one head-level stream with `n_heads` heads, one per cell.
+
+    null: all heads together; [0,3]: one set; [[0],[1,2]]: several sets; `each`: one cell per head;
+    `leave_one_out`: all heads but one, for each head; `cumulative`: the first 1, 2, ... heads of
+    `head_order` (a list, or `ranked` = by single-head IIA, passed here as `ranking`).
+    """
     value = cfg.heads
     if value is None:
         return [None]
+    if value == "each":
+        return [(h,) for h in range(n_heads)]
+    if value == "leave_one_out":
+        return [tuple(x for x in range(n_heads) if x != h) for h in range(n_heads)]
+    if value == "cumulative":
+        order = ranking if cfg.head_order == "ranked" else list(cfg.head_order or range(n_heads))
+        return [tuple(order[: i + 1]) for i in range(len(order))]
     items = list(value) if isinstance(value, (list, ListConfig)) else [value]
     if all(isinstance(v, int) for v in items):
         return [tuple(items)]
     return [tuple(v) if isinstance(v, (list, ListConfig)) else (v,) for v in items]
+
+
+def _heads_errors(cfg: DictConfig) -> list[str]:
+    value, order = cfg.heads, cfg.head_order
+    errors = []
+    if isinstance(value, str) and value not in HEAD_MODES:
+        errors.append(f"heads={value}: valid choices: null, a list of heads, a list of lists, {', '.join(HEAD_MODES)}")
+    if order is not None and value != "cumulative":
+        errors.append(f"head_order: only used with heads=cumulative (heads={value})")
+    if order is not None and order != "ranked" and not _is_list_of(order, int):
+        errors.append(f"head_order={order}: valid choices: null, a list of heads, ranked")
+    return errors
 
 
 def pick_device(name: str) -> torch.device:

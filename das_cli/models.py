@@ -27,7 +27,10 @@ class Family:
     `blocks` is relative to the model root; every other path is relative to one block.
     `mlp_activation` names (module, "input"|"output"): the tensor after the non-linearity
     (for gated MLPs, the input of the down projection, i.e. act(gate) * up).
-    `qkv` is either one fused projection (GPT-2's c_attn, chunked q|k|v) or three paths.
+    `qkv` is either one fused projection or three paths (q, k, v). A fused projection's output
+    columns are laid out per `qkv_layout`: "chunked" is q | k | v, each [heads, head_dim]
+    (GPT-2's c_attn); "per_head" is [heads, 3, head_dim], q k v interleaved per head
+    (GPT-NeoX's query_key_value).
     """
 
     blocks: str
@@ -37,8 +40,13 @@ class Family:
     mlp_activation: tuple[str, str]
     qkv: tuple[str, ...]
     final_norm: str
+    qkv_layout: str = "chunked"
 
 
+# Llama, Mistral, Qwen2, Qwen3 (q/k norms sit after q_proj/k_proj, so the q/k streams are
+# before them), Gemma (embeddings scaled by sqrt(hidden) inside the embedding module),
+# Gemma2 (extra norms after attention and MLP: the streams are the module outputs before
+# them) and OLMo2 (no norms before attention and MLP, norms after them) share these paths.
 _LLAMA_LIKE = Family(
     blocks="model.layers",
     attention="self_attn",
@@ -63,6 +71,21 @@ FAMILIES: dict[str, Family] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    # Pythia: attention and MLP both read the block input (parallel residual).
+    "gpt_neox": Family(
+        blocks="gpt_neox.layers",
+        attention="attention",
+        attention_out_proj="attention.dense",
+        mlp="mlp",
+        mlp_activation=("mlp.act", "output"),
+        qkv=("attention.query_key_value",),
+        final_norm="gpt_neox.final_layer_norm",
+        qkv_layout="per_head",
+    ),
 }
 
 

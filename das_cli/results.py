@@ -8,6 +8,8 @@ pivots keep it, heatmaps draw it grey with "—", the summary skips it.
 
 from __future__ import annotations
 
+import json
+
 import os
 import re
 import textwrap
@@ -109,6 +111,7 @@ def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", 
     folder = Path(folder)
     frame = results_frame(rows)
     atomic_write(folder / "iia.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    write_head_importance(frame, folder)
     for (stream, heads), table in pivot(frame).items():
         name = _file_part(stream) + (f"_heads-{_file_part(heads)}" if heads else "")
         atomic_write(folder / f"pivot_{name}.csv", lambda tmp, t=table: t.to_csv(tmp))
@@ -175,3 +178,34 @@ def _colormap():
     import matplotlib
 
     return matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+
+
+def bar_chart(values: dict, path: str | os.PathLike, title: str, ylabel: str = "share of subspace") -> None:
+    """One bar per key (e.g. head -> share), written atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(3.0, 0.45 * len(values) + 1.5), 2.8))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.bar([str(k) for k in values], list(values.values()), color="#3b6ea8")
+    axes.set_xlabel("head")
+    axes.set_ylabel(ylabel)
+    axes.set_ylim(0, max(1e-9, max(values.values(), default=0)) * 1.1)
+    axes.set_title(title, fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+
+
+def write_head_importance(frame: pd.DataFrame, folder: str | os.PathLike) -> None:
+    """head_importance.csv, long format (cell, stream, layer, position, heads, head, share), if any cell has one."""
+    if "head_importance" not in frame or frame["head_importance"].isna().all():
+        return
+    records = [
+        {"cell": row.cell, "stream": row.stream, "layer": row.layer, "position": row.position,
+         "heads": row.heads, "head": int(head), "share": share}
+        for row in frame.dropna(subset=["head_importance"]).itertuples()
+        for head, share in json.loads(row.head_importance).items()
+    ]
+    table = pd.DataFrame(records)
+    atomic_write(Path(folder) / "head_importance.csv", lambda tmp: table.to_csv(tmp, index=False))

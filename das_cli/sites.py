@@ -15,7 +15,7 @@ Streams (names follow pyvene), with the width d of their vector per position:
 | attention_output             | attention output after the out-projection         | hidden          |
 | attention_value_output       | concatenated head outputs, before out-projection  | heads*head_dim  |
 | head_attention_value_output  | the same, for a set of heads                      | |heads|*head_dim|
-| query_output / key_output / value_output | q, k, v projections (before RoPE)     | heads*head_dim (k, v: kv_heads*head_dim) |
+| query_output / key_output / value_output | q, k, v projections, before norm/RoPE  | heads*head_dim (k, v: kv_heads*head_dim) |
 | head_query_output / head_key_output / head_value_output | the same, for a set of heads | |heads|*head_dim |
 | mlp_input                    | normed input of the MLP                           | hidden          |
 | mlp_activation               | MLP hidden after the non-linearity (gated: act(gate)*up) | intermediate |
@@ -23,6 +23,11 @@ Streams (names follow pyvene), with the width d of their vector per position:
 
 Key/value heads: with grouped-query attention, head indices of key/value streams range over
 the model's key/value heads.
+
+Families whose norms sit elsewhere keep the module meaning: OLMo2 has no norm before attention
+or the MLP, so attention_input and mlp_input are un-normed residual streams there; Gemma2 and
+OLMo2 norm the attention and MLP outputs before adding them, and attention_output / mlp_output
+are before those norms; in GPT-NeoX (parallel residual) mlp_input is the normed block input.
 """
 
 from __future__ import annotations
@@ -104,11 +109,15 @@ def head_counts(lm: LoadedModel, stream: str) -> tuple[int, int]:
 
 
 def _stream_columns(lm: LoadedModel, stream: str, module: nn.Module, side: str) -> Tensor:
+    """The stream's columns of the hooked tensor, ordered head by head for q/k/v streams."""
     base = HEAD_STREAMS.get(stream, stream)
     if base in ("query_output", "key_output", "value_output") and len(lm.family.qkv) == 1:
         n_heads, head_dim = head_counts(lm, base)
-        width = n_heads * head_dim
         which = ("query_output", "key_output", "value_output").index(base)
+        if lm.family.qkv_layout == "per_head":  # [heads, 3, head_dim]: head h's q, k, v side by side
+            head_starts = torch.arange(n_heads)[:, None] * 3 * head_dim + which * head_dim
+            return (head_starts + torch.arange(head_dim)[None, :]).reshape(-1)
+        width = n_heads * head_dim  # chunked: q | k | v
         return torch.arange(which * width, (which + 1) * width)
     return torch.arange(_tensor_width(lm, module, side))
 

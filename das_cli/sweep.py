@@ -30,12 +30,17 @@ from .files import atomic_write, atomic_write_json
 from .interventions import build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
-from .results import format_summary, write_results
-from .sites import HEAD_STREAMS, Site, read_site, resolve_site
+from .analysis import head_importance
+from .results import bar_chart, format_summary, write_results
+from .sites import HEAD_STREAMS, Site, head_counts, read_site, resolve_site
 from .engines import BaseRun, base_run, make_engine
 from .train import evaluate, fit, prepare
 
 log = logging.getLogger(__name__)
+
+# A cell failing with one of these is recorded with its `error` and the sweep goes on
+# (torch.cuda.OutOfMemoryError is a RuntimeError; named for the reader).
+CELL_FAILURES = (torch.cuda.OutOfMemoryError, RuntimeError, FloatingPointError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -64,16 +69,42 @@ class Cell:
         return int.from_bytes(digest[:4], "little")
 
 
-def expand_grid(cfg: DictConfig, n_layers: int) -> list[Cell]:
-    """stream x layer x head set x position, in that nesting order."""
-    head_sets = C.head_sets(cfg)
-    return [
-        Cell(stream, layer, position, heads if stream in HEAD_STREAMS else None)
-        for stream in C.streams(cfg)
-        for layer in C.layers(cfg, n_layers)
-        for heads in (head_sets if stream in HEAD_STREAMS else [None])
-        for position in C.positions(cfg)
-    ]
+def expand_grid(cfg: DictConfig, lm: LoadedModel, rankings: dict | None = None) -> list[Cell]:
+    """stream x layer x head set x position, in that nesting order.
+
+    With `heads=cumulative head_order=ranked`, head sets depend on single-head results: without
+    `rankings` the grid holds the single-head cells; with them ((stream, layer, position) -> heads
+    by descending IIA) it holds the cumulative cells.
+    """
+    ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"
+    streams, positions = C.streams(cfg), C.positions(cfg)
+    cells = []
+    for stream in streams:
+        for layer in C.layers(cfg, lm.n_layers):
+            for position in positions:
+                ranking = (rankings or {}).get((stream, layer, position_label(position)))
+                cells += [Cell(stream, layer, position, heads) for heads in _stream_head_sets(cfg, lm, stream, ranked, ranking)]
+    # cells of one site (stream, layer, head set) next to each other: their sources are read once
+    return sorted(cells, key=lambda c: (streams.index(c.stream), c.layer, c.heads or (), positions.index(c.position)))
+
+
+def _stream_head_sets(cfg: DictConfig, lm: LoadedModel, stream: str, ranked: bool, ranking: list[int] | None):
+    if stream not in HEAD_STREAMS:
+        return [None]
+    n_heads = head_counts(lm, stream)[0]
+    if ranked and ranking is None:
+        return [(h,) for h in range(n_heads)]
+    return C.head_sets(cfg, n_heads, ranking)
+
+
+def head_rankings(rows: list[dict]) -> dict[tuple, list[int]]:
+    """(stream, layer, position) -> heads by descending single-head IIA (ties: lower head first)."""
+    singles: dict[tuple, list[tuple[float, int]]] = {}
+    for row in rows:
+        heads = str(row.get("heads") or "")
+        if heads and "+" not in heads and not math.isnan(row["iia"]):
+            singles.setdefault((row["stream"], row["layer"], row["position"]), []).append((-row["iia"], int(heads)))
+    return {key: [h for _, h in sorted(values)] for key, values in singles.items()}
 
 
 def build_pairs(cfg: DictConfig, lm: LoadedModel) -> tuple[PairSet, PairSet]:
@@ -156,17 +187,30 @@ class Sweep:
         if all(done.values()):
             return list(done.values())
         batch = int(self.cfg.eval.batch_size)
-        sources = {name: read_sources(self.lm, site, pairs, batch) for name, pairs in self.pairs.items()}
+        try:
+            sources = {name: read_sources(self.lm, site, pairs, batch) for name, pairs in self.pairs.items()}
+        except CELL_FAILURES as e:  # e.g. out of memory reading the site: every pending cell of it fails
+            return [done[cell] or self.save_failure(cell, e) for cell in cells]
         return [done[cell] or self.run_and_save(cell, site, sources) for cell in cells]
 
     def run_and_save(self, cell: Cell, site: Site, sources: dict) -> dict:
         try:
             row, tensors = self.run_cell(cell, site, sources)
-        except (RuntimeError, FloatingPointError, ValueError) as e:
-            log.error("cell %s failed: %s", cell.id, e)
-            row, tensors = _failed_row(cell, self.cfg, str(e).splitlines()[0]), {}
-            row.update(base_accuracy=self.accuracy, model=self.lm.name)
+        except CELL_FAILURES as e:
+            return self.save_failure(cell, e)
         save_cell(self.folder, cell, row, tensors, bool(self.cfg.output.save_subspaces))
+        return row
+
+    def save_failure(self, cell: Cell, error: BaseException) -> dict:
+        """Record the cell with its `error` (first line of the message) and let the sweep go on."""
+        text = (str(error).strip().splitlines() or [""])[0]
+        text = f"{type(error).__name__}: {text}" if isinstance(error, torch.cuda.OutOfMemoryError) or not text else text
+        log.error("cell %s failed: %s", cell.id, text)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # after an out-of-memory error the next cell starts from a clean cache
+        row = _failed_row(cell, self.cfg, text)
+        row.update(base_accuracy=self.accuracy, model=self.lm.name)
+        save_cell(self.folder, cell, row, {}, False)
         return row
 
     def engine(self, split: str, cell: Cell, site: Site, sources: dict):
@@ -199,7 +243,21 @@ class Sweep:
             "seconds": time.perf_counter() - start, "test_loss": test_loss, "width": width, "steps": result.steps,
             "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "engine": cfg.train.engine,
         }
-        return row, intervention.state_for_saving()
+        tensors = intervention.state_for_saving()
+        shares = _head_shares(self.lm, site, cell, tensors.get("basis"))
+        if shares is not None:
+            row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
+            if cfg.output.plots:
+                bar_chart(shares, self.folder / "cells" / cell.id / "head_importance.png", f"{cell.id}: share of the subspace per head")
+        return row, tensors
+
+
+def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, float] | None:
+    """Per-head shares of a learned basis, for head-level and attention_value_output cells."""
+    if basis is None or (site.heads is None and cell.stream != "attention_value_output"):
+        return None
+    n_heads, head_dim = head_counts(lm, cell.stream)
+    return head_importance(basis, len(cell.position), site.heads or tuple(range(n_heads)), head_dim)
 
 
 def save_cell(folder: Path, cell: Cell, row: dict, tensors: dict, save_subspace: bool) -> None:
@@ -224,21 +282,27 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     folder.mkdir(parents=True, exist_ok=True)
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
     train, test = build_pairs(cfg, lm)
-    cells = expand_grid(cfg, lm.n_layers)
-    sites = {key: resolve_site(lm, *key) for key in dict.fromkeys(_site_key(c) for c in cells)}
+    cells = expand_grid(cfg, lm)
+    sites = resolve_sites(lm, cells)
     check_positions(cells, train, test)
     check_intervention(cfg, cells, sites)
     check_resume(folder, cfg)
+    ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"  # phase 2 needs all single heads of a layer
+    shard, num_shards = int(cfg.sweep.shard), int(cfg.sweep.num_shards)
+    grid_size, cells = len(cells), shard_cells(cells, shard, num_shards, _layer_key if ranked else _site_key, not ranked)
+    if num_shards > 1:
+        log.info("shard %d of %d: %d of %d cells", shard, num_shards, len(cells), grid_size)
+    write_grid(folder, shard, num_shards, cells)
     pending = [c for c in cells if cell_row(c, folder) is None]
     sweep = _start(cfg, lm, folder, train, test, layers=tuple(sorted({c.layer for c in pending})))
     log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(test), sweep.accuracy)
-    rows = []
-    with tqdm(total=len(cells), desc="cells", disable=not cfg.progress) as bar:
-        for key, site_cells in groupby(cells, key=_site_key):
-            for row in sweep.run_site(sites[key], list(site_cells)):
-                rows.append(row)
-                bar.update()
-                bar.set_postfix_str(f"{row['cell']} iia={row['iia']:.2f}")
+    rows = run_cells(sweep, cells, sites)
+    if cfg.heads == "cumulative" and cfg.head_order == "ranked":  # second phase: heads added best first
+        mine = {_layer_key(c) for c in cells}  # this shard's (stream, layer)s
+        cumulative = [c for c in expand_grid(cfg, lm, head_rankings(rows)) if c not in set(cells) and _layer_key(c) in mine]
+        write_grid(folder, shard, num_shards, cells + cumulative)
+        sites = resolve_sites(lm, cumulative)
+        rows += run_cells(sweep, cumulative, sites)
     title = f"{lm.name} · {cfg.intervention.name} · {cfg.dataset.name} {cfg.dataset.get('variable', '')}".strip()
     frame = write_results(rows, folder, title, plots=bool(cfg.output.plots))
     print(format_summary(frame))
@@ -246,8 +310,52 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     return frame
 
 
+def resolve_sites(lm: LoadedModel, cells: list[Cell]) -> dict[tuple, Site]:
+    return {key: resolve_site(lm, *key) for key in dict.fromkeys(_site_key(c) for c in cells)}
+
+
+def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list[dict]:
+    rows = []
+    with tqdm(total=len(cells), desc="cells", disable=not sweep.cfg.progress) as bar:
+        for key, site_cells in groupby(cells, key=_site_key):
+            for row in sweep.run_site(sites[key], list(site_cells)):
+                rows.append(row)
+                bar.update()
+                bar.set_postfix_str(f"{row['cell']} iia={row['iia']:.2f}")
+    return rows
+
+
 def _site_key(cell: Cell) -> tuple:
     return (cell.stream, cell.layer, cell.heads)
+
+
+def write_grid(folder: Path, shard: int, num_shards: int, cells: list[Cell]) -> None:
+    """The ids of the cells this job means to run, before it runs them: `das-cli-report` names
+    cells listed here but finished nowhere (a job killed or timed out) as missing."""
+    name = "grid.json" if num_shards == 1 else f"grid.shard{shard}of{num_shards}.json"
+    atomic_write_json(folder / name, {"shard": shard, "num_shards": num_shards, "cells": [c.id for c in cells]})
+
+
+def _layer_key(cell: Cell) -> tuple:
+    return (cell.stream, cell.layer)
+
+
+def shard_cells(cells: list[Cell], shard: int, num_shards: int, unit=_site_key, split_units: bool = True) -> list[Cell]:
+    """The cells of shard `shard` (0-based) of `num_shards`, in grid order; the shards partition `cells`.
+
+    Whole units (sites: stream, layer, head set) go round-robin in grid order: unit j -> shard
+    j % num_shards, so every job reads a site's source activations once. With fewer units than
+    shards (and `split_units`), the grid is cut instead into `num_shards` contiguous, nearly equal
+    runs of cells (cells [shard*n//N, (shard+1)*n//N)), so a site spans at most a few neighbouring
+    shards. Depends only on the grid and the two numbers: rerunning a shard gets the same cells.
+    """
+    if num_shards <= 1:
+        return list(cells)
+    units = list(dict.fromkeys(map(unit, cells)))
+    if len(units) >= num_shards or not split_units:
+        mine = set(units[shard::num_shards])
+        return [c for c in cells if unit(c) in mine]
+    return list(cells[shard * len(cells) // num_shards : (shard + 1) * len(cells) // num_shards])
 
 
 def _start(cfg: DictConfig, lm: LoadedModel, folder: Path, train: PairSet, test: PairSet, layers: tuple[int, ...]) -> Sweep:

@@ -37,9 +37,9 @@ def test_layers_all_negative_and_out_of_range():
 
 
 def test_head_sets():
-    assert C.head_sets(grid(heads=None)) == [None]
-    assert C.head_sets(grid(heads=[0, 3])) == [(0, 3)]
-    assert C.head_sets(grid(heads=[[0], [1, 2]])) == [(0,), (1, 2)]
+    assert C.head_sets(grid(heads=None), 4) == [None]
+    assert C.head_sets(grid(heads=[0, 3]), 4) == [(0, 3)]
+    assert C.head_sets(grid(heads=[[0], [1, 2]]), 4) == [(0,), (1, 2)]
 
 
 def test_all_errors_reported_together():

@@ -23,6 +23,16 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> sub
     return subprocess.run(das_cli_command() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: a second intra-op thread only adds synchronisation (and stalls badly when
+    the CPU is shared); modules of tiny-model tests use this and get the setting restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

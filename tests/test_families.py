@@ -41,13 +41,7 @@ ENGINE_ATOL = 1e-4
 WHOLE_STREAMS = [s for s in STREAMS if s not in HEAD_STREAMS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: a second intra-op thread only adds synchronisation, so run single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(TINY))

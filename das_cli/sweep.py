@@ -133,6 +133,9 @@ def check_intervention(cfg: DictConfig, cells: list[Cell], sites: dict) -> None:
         neurons = options.get("neurons") or []
         if any(not 0 <= int(n) < width for n in neurons):
             raise DasError(f"intervention.neurons: indices must be in 0..{width - 1} (the width of cell {cell.id})")
+    if cells:  # unknown options and bad values fail now, not after the first cell's setup
+        narrowest = min(sites[_site_key(c)].width * len(c.position) for c in cells)
+        build_intervention(cfg.intervention.name, narrowest, **{k: v for k, v in options.items() if k != "name"})
 
 
 def check_resume(folder: Path, cfg: DictConfig) -> None:

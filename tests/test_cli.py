@@ -70,13 +70,14 @@ def test_fixed_seed_gives_identical_tables(sweep, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "iia.csv")[columns], pd.read_csv(out / "iia.csv")[columns])
 
 
-@pytest.mark.parametrize("intervention", ["vanilla", "boundless_das"])
+@pytest.mark.parametrize("intervention", ["vanilla", "boundless_das", "das intervention.orthogonal_map=cayley"])
 def test_other_interventions_run_on_tiny_llama(intervention, tmp_path):
-    args = ["model=tiny_llama", f"intervention={intervention}", "stream=attention_value_output", "layers=[1]", "positions=[last]"]
+    name, *options = intervention.split()
+    args = ["model=tiny_llama", f"intervention={name}", *options, "stream=attention_value_output", "layers=[1]", "positions=[last]"]
     result = run_cli(args + TINY + [f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr
     row = pd.read_csv(tmp_path / "iia.csv").iloc[0]
-    assert row["intervention"] == intervention and 1 <= row["dim"] <= 64
+    assert row["intervention"] == name and 1 <= row["dim"] <= 64
 
 
 BAD = [
@@ -91,6 +92,7 @@ BAD = [
     (["intervention.dim=999"], "intervention.dim=999", "64"),
     (["train.epoch=3"], "train.epoch", ""),
     (["dtype=float8"], "dtype=float8", "bfloat16"),
+    (["intervention.orthogonal_map=bogus"], "intervention.orthogonal_map", "cayley"),
 ]
 
 

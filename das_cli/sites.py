@@ -32,7 +32,7 @@ are before those norms; in GPT-NeoX (parallel residual) mlp_input is the normed 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -228,17 +228,28 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def read_site(lm: LoadedModel, site: Site, input_ids: Tensor) -> Tensor:
-    """The site's columns at every position, [B, T, C]; the forward stops right after the site."""
-    captured: list[Tensor] = []
+def read_sites(lm: LoadedModel, sites: list[Site], input_ids: Tensor) -> list[Tensor]:
+    """Each site's columns at every position, [B, T, C]; one forward, stopped after the last site."""
+    captured: dict[int, Tensor] = {}
 
-    def grab(hidden: Tensor) -> None:
-        captured.append(hidden[..., site.columns.to(hidden.device)].detach())
-        raise _Stop
+    def grabber(i: int, site: Site):
+        def grab(hidden: Tensor) -> None:
+            captured[i] = hidden[..., site.columns.to(hidden.device)].detach()
+            if len(captured) == len(sites):
+                raise _Stop
 
-    with hooked(site, grab):
+        return grab
+
+    with ExitStack() as stack:
+        for i, site in enumerate(sites):
+            stack.enter_context(hooked(site, grabber(i, site)))
         try:
             lm.model(input_ids=input_ids, use_cache=False)
         except _Stop:
             pass
-    return captured[0]
+    return [captured[i] for i in range(len(sites))]
+
+
+def read_site(lm: LoadedModel, site: Site, input_ids: Tensor) -> Tensor:
+    """The site's columns at every position, [B, T, C]; the forward stops right after the site."""
+    return read_sites(lm, [site], input_ids)[0]

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from .ioi import make_ioi
 from .models import LoadedModel, load_model
 from .analysis import head_importance
 from .results import bar_chart, format_summary, write_results
-from .sites import HEAD_STREAMS, Site, head_counts, read_site, resolve_site
+from .sites import HEAD_STREAMS, Site, head_counts, read_sites, resolve_site
 from .engines import BaseRun, base_run, make_engine
 from .train import evaluate, fit, prepare
 
@@ -155,13 +155,33 @@ def check_resume(folder: Path, cfg: DictConfig) -> None:
 
 
 @torch.no_grad()
-def read_sources(lm: LoadedModel, site: Site, pairs: PairSet, batch_size: int) -> list[torch.Tensor]:
-    """The site's tensor on every source prompt, [G, S, C] per group, kept on the model's device."""
-    out = []
+def read_sources(lm: LoadedModel, sites: list[Site], pairs: PairSet, batch_size: int) -> list[list[torch.Tensor]]:
+    """Every site's tensor on every source prompt, [G, S, C] per group, in one forward per batch."""
+    per_site: list[list[torch.Tensor]] = [[] for _ in sites]
     for group in pairs.groups:
         ids = group.source_ids.to(lm.device)
-        out.append(torch.cat([read_site(lm, site, ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]))
-    return out
+        parts = [read_sites(lm, sites, ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
+        for k in range(len(sites)):
+            per_site[k].append(torch.cat([part[k] for part in parts]))
+    return per_site
+
+
+SOURCE_BUDGET_BYTES = 1 << 30  # source activations read together in one pass, at most
+
+
+def source_chunks(sites: list[Site], pairs: list[PairSet], element_bytes: int) -> list[list[Site]]:
+    """Consecutive sites whose source tensors together stay within SOURCE_BUDGET_BYTES."""
+    tokens = sum(g.source_ids.numel() for p in pairs for g in p.groups)
+    chunks: list[list[Site]] = []
+    used = SOURCE_BUDGET_BYTES
+    for site in sites:
+        size = tokens * site.width * element_bytes
+        if used + size > SOURCE_BUDGET_BYTES:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(site)
+        used += size
+    return chunks
 
 
 def cell_row(cell: Cell, folder: Path) -> dict | None:
@@ -183,15 +203,31 @@ class Sweep:
     pairs: dict[str, PairSet]  # "train", "test"
     base: dict[str, BaseRun]
     accuracy: float  # base accuracy on the test prompts
+    upcoming: list[list[Site]] = field(default_factory=list)  # sites whose sources are still to be read, in chunks
+    sources: dict[int, dict] = field(default_factory=dict)  # id(site) -> {"train"|"test": [G, S, C] per group}
+
+    def read_ahead(self, sites: list[Site]) -> None:
+        """Source activations of the sites still to run, several sites per forward (within a memory budget)."""
+        self.upcoming = source_chunks(sites, list(self.pairs.values()), self.lm.model.dtype.itemsize)
+        self.sources = {}
+
+    def sources_of(self, site: Site) -> dict:
+        if id(site) not in self.sources:
+            chunk = next(c for c in self.upcoming if any(s is site for s in c))
+            self.upcoming.remove(chunk)
+            batch = int(self.cfg.eval.batch_size)
+            read = {name: read_sources(self.lm, chunk, pairs, batch) for name, pairs in self.pairs.items()}
+            for k, s in enumerate(chunk):
+                self.sources[id(s)] = {name: per_site[k] for name, per_site in read.items()}
+        return self.sources.pop(id(site))
 
     def run_site(self, site: Site, cells: list[Cell]) -> list[dict]:
         """All cells of one site; the sources' site tensors are read once for all of them."""
         done = {cell: cell_row(cell, self.folder) for cell in cells}
         if all(done.values()):
             return list(done.values())
-        batch = int(self.cfg.eval.batch_size)
         try:
-            sources = {name: read_sources(self.lm, site, pairs, batch) for name, pairs in self.pairs.items()}
+            sources = self.sources_of(site)
         except CELL_FAILURES as e:  # e.g. out of memory reading the site: every pending cell of it fails
             return [done[cell] or self.save_failure(cell, e) for cell in cells]
         return [done[cell] or self.run_and_save(cell, site, sources) for cell in cells]
@@ -318,6 +354,8 @@ def resolve_sites(lm: LoadedModel, cells: list[Cell]) -> dict[tuple, Site]:
 
 
 def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list[dict]:
+    pending = dict.fromkeys(_site_key(c) for c in cells if cell_row(c, sweep.folder) is None)
+    sweep.read_ahead([sites[key] for key in pending])
     rows = []
     with tqdm(total=len(cells), desc="cells", disable=not sweep.cfg.progress) as bar:
         for key, site_cells in groupby(cells, key=_site_key):

@@ -65,7 +65,7 @@ def iia_after_training(intervention_name: str, engine: str, **options) -> float:
     train, test = pairs(200, False, 0), pairs(100, True, 1)
     groups = {}
     for name, ps in (("train", train), ("test", test)):
-        groups[name] = prepare(ps, ("last",), read_sources(lm, site, ps, 50), lm.device, base_prefixes(lm, ps, 50))
+        groups[name] = prepare(ps, ("last",), read_sources(lm, [site], ps, 50)[0], lm.device, base_prefixes(lm, ps, 50))
     torch.manual_seed(0)
     intervention = build_intervention(intervention_name, D, **options)
     fit(make_engine(engine, lm, site, groups["train"]), intervention, 20, 0.05, 20, 0.1, seed=0, progress=False)

@@ -496,3 +496,28 @@ def test_head_index_out_of_range(lm):
 def test_repeated_heads_are_rejected(lm):
     with pytest.raises(DasError, match="heads"):
         resolve_site(lm, "head_query_output", 1, heads=(1, 1))
+
+
+def test_one_pass_reads_many_sites_like_single_reads(lm):
+    """read_sites hooks several sites in one forward (stopped after the deepest); each equals its own read."""
+    from das_cli.sites import read_sites
+
+    ids = torch.randint(0, 1000, (B, T), generator=torch.Generator().manual_seed(3))
+    sites = [resolve_site(lm, "block_output", 2), resolve_site(lm, "mlp_activation", 0),
+             resolve_site(lm, "head_value_output", 1, (1,)), resolve_site(lm, "block_input", 3)]
+    together = read_sites(lm, sites, ids)
+    for site, tensor in zip(sites, together):
+        torch.testing.assert_close(tensor, read_site(lm, site, ids), rtol=0, atol=0)
+
+
+def test_source_chunks_respect_the_budget(lm, monkeypatch):
+    from das_cli import sweep as sweep_module
+    from das_cli.data import PairGroup, PairSet
+
+    ids = torch.zeros(10, 5, dtype=torch.long)
+    pairs = PairSet([PairGroup(ids, ids, ids[:, 0], ids[:, 0], {}, {}, [])])
+    sites = [resolve_site(lm, "block_output", layer) for layer in range(4)]  # 50 tokens x 64 x 4 B each
+    monkeypatch.setattr(sweep_module, "SOURCE_BUDGET_BYTES", 2 * 50 * 64 * 4)
+    chunks = sweep_module.source_chunks(sites, [pairs], 4)
+    assert [len(c) for c in chunks] == [2, 2]
+    assert [s for c in chunks for s in c] == sites

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -249,7 +249,3 @@ def fingerprint(cfg: DictConfig) -> dict:
     """The config parts that change a cell's numbers; a resumed folder must match them."""
     keep = ("model", "dataset", "intervention", "train", "seed", "dtype")
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keep}
-
-
-def optional_int(value: Any) -> Optional[int]:
-    return None if value is None else int(value)

@@ -43,10 +43,6 @@ class PairSet:
     def sizes(self) -> list[int]:
         return [len(g) for g in self.groups]
 
-    @property
-    def position_names(self) -> list[str]:
-        return sorted(self.groups[0].base_positions) if self.groups else []
-
 
 def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
     """Encode every pair; labels must be single tokens (checked, with the offending example)."""

@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 from .data import PairSet, batches, resolve_positions
 from .interventions import Intervention
 from .engines import CellGroup, ReferenceEngine
-from .models import LoadedModel
 from .sites import gather
 
 

@@ -338,7 +338,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     rows = run_cells(sweep, cells, sites)
     if cfg.heads == "cumulative" and cfg.head_order == "ranked":  # second phase: heads added best first
         mine = {_layer_key(c) for c in cells}  # this shard's (stream, layer)s
-        cumulative = [c for c in expand_grid(cfg, lm, head_rankings(rows)) if c not in set(cells) and _layer_key(c) in mine]
+        first_phase = set(cells)
+        cumulative = [c for c in expand_grid(cfg, lm, head_rankings(rows)) if c not in first_phase and _layer_key(c) in mine]
         write_grid(folder, shard, num_shards, cells + cumulative)
         sites = resolve_sites(lm, cumulative)
         rows += run_cells(sweep, cumulative, sites)

@@ -15,7 +15,7 @@ from .errors import DasError
 from .sites import HEAD_STREAMS, STREAMS
 
 INTERVENTIONS = ("vanilla", "das", "boundless_das")
-DATASETS = ("ioi",)
+DATASETS = ("ioi", "file")
 
 
 def conf_dir() -> Path:

@@ -23,10 +23,12 @@ class PairGroup:
     base_ids: Tensor  # [G, T]
     source_ids: Tensor  # [G, S]
     labels: Tensor  # [G] counterfactual answer token ids
-    base_labels: Tensor  # [G] the base prompt's own answer token ids
+    base_labels: Tensor  # [G] the base prompt's own answer token ids (-1: not given)
     base_positions: dict[str, Tensor]  # name -> [G] token index
     source_positions: dict[str, Tensor]
-    kinds: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # per pair: "cause" | "isolate"
+    base_classes: list[str | None] = field(default_factory=list)  # the variable's value on each base prompt
+    source_classes: list[str | None] = field(default_factory=list)  # ... and on each source prompt
 
     def __len__(self) -> int:
         return self.base_ids.shape[0]
@@ -42,6 +44,12 @@ class PairSet:
     @property
     def sizes(self) -> list[int]:
         return [len(g) for g in self.groups]
+
+    @property
+    def kinds(self) -> list[str]:
+        """The kinds present, cause first."""
+        present = {k for g in self.groups for k in g.kinds}
+        return sorted(present, key=lambda k: (k != "cause", k))
 
 
 def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
@@ -68,10 +76,12 @@ def _group(tokenizer, rows, split: str) -> PairGroup:
         base_ids=torch.tensor([r[1] for r in rows]),
         source_ids=torch.tensor([r[2] for r in rows]),
         labels=torch.tensor([_label_id(tokenizer, e.label, split) for e in exs]),
-        base_labels=torch.tensor([_label_id(tokenizer, e.base_label, split) for e in exs]),
+        base_labels=torch.tensor([-1 if e.base_label is None else _label_id(tokenizer, e.base_label, split) for e in exs]),
         base_positions=_named(exs, "base_positions", last_base),
         source_positions=_named(exs, "source_positions", last_source),
         kinds=[e.kind for e in exs],
+        base_classes=[e.base_class for e in exs],
+        source_classes=[e.source_class for e in exs],
     )
 
 

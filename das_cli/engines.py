@@ -120,8 +120,10 @@ class BaseRun:
     residuals: list[dict[int, Tensor]] | None = None  # per group, layer -> [G, T, hidden] entering that block
 
     def accuracy(self, pairs: PairSet) -> float:
+        """Top-1 accuracy on the base prompts whose own answer is known (NaN when none is)."""
         hits = sum(int((p.cpu() == g.base_labels).sum()) for p, g in zip(self.predictions, pairs.groups))
-        return hits / max(len(pairs), 1)
+        known = sum(int((g.base_labels >= 0).sum()) for g in pairs.groups)
+        return hits / known if known else float("nan")
 
 
 @torch.no_grad()

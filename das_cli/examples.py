@@ -13,16 +13,37 @@ class Example:
     keyed by name (IOI: io, s1, s2, name1, name2, last). `group` ties together pairs whose
     base and source prompts have the same token length (IOI: the template), so they batch
     without padding.
+
+    `kind` is "cause" (the label is what the source's value of the variable calls for) or
+    "isolate" (the label is the base's own answer, which the edit must leave alone).
+    `base_value` / `source_value` name the variable's value on each prompt (IOI io_position:
+    "first" / "second"); class-based baselines (mean difference, probe) group activations by
+    them. When not given they default to the base label and the label of a cause pair.
     """
 
     base: str
     source: str
     label: str  # counterfactual answer token text, with its leading space, e.g. " Mary"
-    base_label: str  # the answer the base prompt itself calls for
+    base_label: str | None = None  # the answer the base prompt itself calls for (None: unknown)
     base_positions: dict[str, int] = field(default_factory=dict)
     source_positions: dict[str, int] = field(default_factory=dict)
     group: str = ""
     kind: str = "cause"
+    base_value: str | None = None
+    source_value: str | None = None
+
+    @property
+    def base_class(self) -> str | None:
+        return self.base_value if self.base_value is not None else self.base_label
+
+    @property
+    def source_class(self) -> str | None:
+        if self.source_value is not None:
+            return self.source_value
+        return self.label if self.kind == "cause" else None
+
+
+KINDS = ("cause", "isolate")
 
 
 def encode(tokenizer, text: str) -> list[int]:

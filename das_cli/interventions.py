@@ -15,6 +15,7 @@ See docs/reference.md §1 for the method and the identities the tests check.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -33,10 +34,34 @@ def project_swap(base: Tensor, source: Tensor, basis: Tensor) -> Tensor:
     return base + ((source - base) @ basis) @ basis.T
 
 
+@dataclass
+class SiteActivations:
+    """The unedited site vectors of the training prompts at a cell, for interventions estimated from data.
+
+    Rows are every train base prompt, then every train source prompt, at the cell's positions
+    (several positions concatenated, as the intervention sees them). `classes[i]` indexes
+    `names`, the variable's value on that prompt (IOI io_position: "first" / "second"; by
+    default the prompt's own answer); -1 where the value is unknown.
+    """
+
+    values: Tensor  # [N, n] float32
+    classes: Tensor  # [N] int64
+    names: list[str]
+
+
 class Intervention(nn.Module):
-    """Base class. Subclasses implement `forward` and `learned_dim`; the rest has defaults."""
+    """Base class. Subclasses implement `forward` and `learned_dim`; the rest has defaults.
+
+    `trainable`: fitted by gradient descent on the counterfactual loss (`fit` in train.py).
+    `needs_activations`: estimated from training activations instead; the sweep calls
+    `fit_activations` once before training and evaluation.
+    """
 
     trainable: bool = False
+    needs_activations: bool = False
+
+    def fit_activations(self, acts: SiteActivations) -> None:
+        """Estimate the intervention from the training prompts' site vectors (only if `needs_activations`)."""
 
     def forward(self, base: Tensor, source: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -177,7 +177,13 @@ def _position_pair(tokenizer, split: _Split, rng: random.Random, base_abb: bool,
         base_positions=_positions(tokenizer, base, a, b, group),
         source_positions=_positions(tokenizer, source, c, d, group),
         group=group, kind="cause",
+        base_value=_slot(base_abb), source_value=_slot(source_abb),
     )
+
+
+def _slot(abb: bool) -> str:
+    """The io_position variable's value: IO in the first name slot (ABB) or the second (BAB)."""
+    return "first" if abb else "second"
 
 
 def _name_pair(tokenizer, split: _Split, rng: random.Random) -> Example:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from . import config as C
 from .data import PairSet, position_label, resolve_positions, tokenize_pairs
-from .errors import DasError
+from .errors import DasError, choices_error
+from .examples import KINDS
 from .files import atomic_write, atomic_write_json
 from .interventions import build_intervention
 from .ioi import make_ioi
@@ -108,8 +109,22 @@ def head_rankings(rows: list[dict]) -> dict[tuple, list[int]]:
 
 
 def build_pairs(cfg: DictConfig, lm: LoadedModel) -> tuple[PairSet, PairSet]:
+    """Train and test pairs; training keeps the kinds `dataset.train_kinds` names (default: cause only)."""
     ds = cfg.dataset
-    train, test = make_ioi(lm.tokenizer, ds.variable, int(ds.n_train), int(ds.n_test), int(ds.seed))
+    if ds.name == "file":
+        from .filedata import load_file_dataset
+
+        train, test = load_file_dataset(ds, lm.tokenizer)
+    else:
+        train, test = make_ioi(lm.tokenizer, ds.variable, int(ds.n_train), int(ds.n_test), int(ds.seed))
+    kinds = list(ds.get("train_kinds") or ["cause"])
+    for kind in kinds:
+        if kind not in KINDS:
+            raise choices_error("dataset.train_kinds", kind, KINDS)
+    train = [e for e in train if e.kind in kinds]
+    if not train or not test:
+        empty = "train" if not train else "test"
+        raise DasError(f"dataset: the {empty} split has no pairs (dataset.train_kinds={kinds})")
     return tokenize_pairs(lm.tokenizer, train, "train"), tokenize_pairs(lm.tokenizer, test, "test")
 
 

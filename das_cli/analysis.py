@@ -1,8 +1,14 @@
-"""Analyses of a learned subspace."""
+"""Analyses of a learned subspace: per-head shares, and the rowspace / nullspace split of the illusion check."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+from transformers.pytorch_utils import Conv1D
+
+from .config import ILLUSION_STREAMS
+from .interventions import Intervention, project_swap
+from .models import LoadedModel
 
 
 def head_importance(basis: Tensor, n_positions: int, heads: tuple[int, ...], head_dim: int) -> dict[int, float]:
@@ -15,3 +21,54 @@ def head_importance(basis: Tensor, n_positions: int, heads: tuple[int, ...], hea
     per_head = basis.float().reshape(n_positions, len(heads), head_dim, k).pow(2).sum(dim=(0, 2, 3))
     total = float(per_head.sum())
     return {h: float(v) / total for h, v in zip(heads, per_head)}
+
+
+def downstream_weight(lm: LoadedModel, stream: str, layer: int) -> Tensor:
+    """[out, in] matrix of the projection that reads `stream` (MLP out-projection, attention out-projection)."""
+    if stream not in ILLUSION_STREAMS:
+        raise ValueError(f"no single downstream projection for stream {stream}; streams: {', '.join(ILLUSION_STREAMS)}")
+    path = lm.family.mlp_out_proj if stream == "mlp_activation" else lm.family.attention_out_proj
+    module = lm.block(layer).get_submodule(path)
+    return module.weight.T if isinstance(module, Conv1D) else module.weight  # GPT-2's Conv1D stores [in, out]
+
+
+def rowspace_split(basis: Tensor, weight: Tensor, n_positions: int) -> tuple[Tensor, Tensor]:
+    """basis = row + null, column by column: `row` in the rowspace of `weight` ([out, C]), `null` in its nullspace.
+
+    `basis` is [P*C, k] over P positions of a C-wide site; each position's slice is split alone.
+    `weight @ null_slice == 0`, so the null part alone changes nothing the weight passes on
+    (Makelov et al., arXiv 2311.17030).
+    """
+    _, singular, vh = torch.linalg.svd(weight.float(), full_matrices=False)
+    rank = int((singular > singular.max() * max(weight.shape) * torch.finfo(torch.float32).eps).sum())
+    rows = vh[:rank].T  # [C, rank] orthonormal basis of the rowspace
+    per_position = basis.float().reshape(n_positions, weight.shape[1], -1)
+    row = rows @ (rows.T @ per_position)
+    return row.reshape(basis.shape), (per_position - row).reshape(basis.shape)
+
+
+def span_basis(matrix: Tensor, tolerance: float = 1e-4) -> Tensor | None:
+    """Orthonormal columns spanning `matrix`'s columns (directions with singular value > tolerance); None if empty."""
+    u, singular, _ = torch.linalg.svd(matrix.float(), full_matrices=False)
+    keep = singular > tolerance
+    return u[:, keep] if bool(keep.any()) else None
+
+
+def illusion_parts(basis: Tensor, weight: Tensor, n_positions: int) -> tuple[Tensor | None, Tensor | None]:
+    """Orthonormal bases of the rowspace and the nullspace parts of a learned subspace (None: part is empty)."""
+    row, null = rowspace_split(basis, weight, n_positions)
+    return span_basis(row), span_basis(null)
+
+
+class FixedSubspace(Intervention):
+    """Swap a given subspace (orthonormal columns); nothing is trained."""
+
+    def __init__(self, basis: Tensor):
+        super().__init__()
+        self.register_buffer("basis", basis.float())
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        return project_swap(base.float(), source.float(), self.basis).to(base.dtype)
+
+    def learned_dim(self) -> int:
+        return self.basis.shape[1]

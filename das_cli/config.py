@@ -14,6 +14,8 @@ from .engines import ENGINES
 from .errors import DasError
 from .sites import HEAD_STREAMS, STREAMS
 
+ILLUSION_STREAMS = ("mlp_activation", "attention_value_output", "head_attention_value_output")
+
 INTERVENTIONS = ("vanilla", "das", "boundless_das")
 DATASETS = ("ioi", "file")
 
@@ -55,6 +57,11 @@ class OutputConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    illusion: bool = False  # IIA of the rowspace and nullspace parts of each mlp_activation / attention_value_output subspace
+
+
+@dataclass
 class SweepConfig:
     """Sharding: this job runs shard `shard` of `num_shards` (whole sites round-robin; see sweep.shard_cells)."""
 
@@ -75,12 +82,14 @@ class RunSchema:
     heads: Any = None
     head_order: Any = None
     seed: int = 0
+    seeds: Any = None
     device: str = "auto"
     dtype: str = "float32"
     progress: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -130,6 +139,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.eval.batch_size < 1:
         errors.append(f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
     errors += _grid_errors(cfg)
+    errors += _seeds_errors(cfg.seeds)
+    if cfg.analysis.illusion and not any(s in ILLUSION_STREAMS for s in streams(cfg)):
+        errors.append(f"analysis.illusion=true: applies to the streams {', '.join(ILLUSION_STREAMS)}; stream={cfg.stream} has none")
     errors += shard_errors(cfg.sweep.shard, cfg.sweep.num_shards)
     if errors:
         raise DasError("; ".join(errors))
@@ -239,6 +251,24 @@ def _heads_errors(cfg: DictConfig) -> list[str]:
     return errors
 
 
+def _seeds_errors(value: Any) -> list[str]:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return []
+    if _is_list_of(value, int) and len(set(value)) == len(value):
+        return []
+    return [f"seeds={value}: give a number of seeds (>= 1, counted up from `seed`) or a list of distinct integer seeds"]
+
+
+def replicates(cfg: DictConfig) -> list[int | None]:
+    """The seeds every cell runs with: [None] (just `seed`) unless `seeds` asks for several."""
+    value = cfg.seeds
+    if value is None:
+        return [None]
+    if isinstance(value, int):
+        return list(range(int(cfg.seed), int(cfg.seed) + value))
+    return [int(v) for v in value]
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,5 +277,5 @@ def pick_device(name: str) -> torch.device:
 
 def fingerprint(cfg: DictConfig) -> dict:
     """The config parts that change a cell's numbers; a resumed folder must match them."""
-    keep = ("model", "dataset", "intervention", "train", "seed", "dtype")
+    keep = ("model", "dataset", "intervention", "train", "seed", "dtype", "analysis")
     return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keep}

@@ -39,6 +39,7 @@ class CellGroup:
     labels: Tensor  # [G]
     prefix: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values) [G, heads, T-1, d] of the base run
     residual: Tensor | None = None  # [G, T, hidden] residual stream entering the site's block in the base run
+    kinds: list[str] | None = None  # per pair: "cause" | "isolate" (None: all cause)
 
     def __len__(self) -> int:
         return self.base_ids.shape[0]

@@ -27,6 +27,7 @@ class Family:
     `blocks` is relative to the model root; every other path is relative to one block.
     `mlp_activation` names (module, "input"|"output"): the tensor after the non-linearity
     (for gated MLPs, the input of the down projection, i.e. act(gate) * up).
+    `mlp_out_proj` is the MLP's output projection, which reads `mlp_activation`.
     `qkv` is either one fused projection or three paths (q, k, v). A fused projection's output
     columns are laid out per `qkv_layout`: "chunked" is q | k | v, each [heads, head_dim]
     (GPT-2's c_attn); "per_head" is [heads, 3, head_dim], q k v interleaved per head
@@ -40,6 +41,7 @@ class Family:
     mlp_activation: tuple[str, str]
     qkv: tuple[str, ...]
     final_norm: str
+    mlp_out_proj: str  # the projection that reads mlp_activation
     qkv_layout: str = "chunked"
 
 
@@ -55,6 +57,7 @@ _LLAMA_LIKE = Family(
     mlp_activation=("mlp.down_proj", "input"),
     qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     final_norm="model.norm",
+    mlp_out_proj="mlp.down_proj",
 )
 
 # One row per family, keyed by `config.model_type`. Adding a family is adding a row.
@@ -67,6 +70,7 @@ FAMILIES: dict[str, Family] = {
         mlp_activation=("mlp.act", "output"),
         qkv=("attn.c_attn",),
         final_norm="transformer.ln_f",
+        mlp_out_proj="mlp.c_proj",
     ),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -84,6 +88,7 @@ FAMILIES: dict[str, Family] = {
         mlp_activation=("mlp.act", "output"),
         qkv=("attention.query_key_value",),
         final_norm="gpt_neox.final_layer_norm",
+        mlp_out_proj="mlp.dense_4h_to_h",
         qkv_layout="per_head",
     ),
 }

@@ -56,8 +56,14 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     return results_frame(frame.to_dict("records"))
 
 
-def pivot(frame: pd.DataFrame, value: str = "iia") -> dict[tuple[str, str], pd.DataFrame]:
-    """One layer x position table of `value` per (stream, heads); duplicate rows are averaged.
+# Scores some runs add (isolation, illusion check); each present one gets its own pivot and heatmap.
+EXTRA_SCORES = ("iia_isolate", "iia_mean", "iia_row", "iia_null")
+CELL_KEY = ["stream", "heads", "layer", "position"]
+
+
+def pivot(frame: pd.DataFrame, value: str = "iia", agg: str = "mean") -> dict[tuple[str, str], pd.DataFrame]:
+    """One layer x position table of `value` per (stream, heads); duplicate rows (seeds) are
+    reduced with `agg` ("mean", or "std" for the spread over seeds).
 
     Index: layers ascending. Columns: the positions of that group, in the frame's position order.
     A cell whose rows are all NaN (failed) stays NaN.
@@ -66,7 +72,7 @@ def pivot(frame: pd.DataFrame, value: str = "iia") -> dict[tuple[str, str], pd.D
     tables = {}
     for (stream, heads), group in frame.groupby(["stream", "heads"], sort=True):
         positions = group["position"].astype(object)
-        means = group[value].astype(float).groupby([group["layer"], positions]).mean()
+        means = group[value].astype(float).groupby([group["layer"], positions]).agg(agg)
         table = means.unstack("position").sort_index()
         present = [p for p in order if p in table.columns]
         table = table.reindex(columns=present)
@@ -75,10 +81,23 @@ def pivot(frame: pd.DataFrame, value: str = "iia") -> dict[tuple[str, str], pd.D
     return tables
 
 
-def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str) -> None:
+def seed_spread(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """Per cell over its seeds: n_seeds, mean, std (ddof 1), min and max of IIA; None with one seed per cell."""
+    done = frame.dropna(subset=["iia"])
+    if done.empty or not done.duplicated(CELL_KEY).any():
+        return None
+    positions = done["position"].astype(object)
+    stats = done.groupby([done["stream"], done["heads"], done["layer"], positions], sort=False)["iia"]
+    table = stats.agg(n_seeds="count", iia_mean="mean", iia_std="std", iia_min="min", iia_max="max")
+    return table.reset_index()
+
+
+def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd.DataFrame | None = None,
+            label: str = "IIA") -> None:
     """Write a layer (rows, layer 0 at the top) x position (columns) heatmap of IIA as PNG.
 
-    Colours span [0, 1]; every cell shows its value to 2 decimals, failed (NaN) cells are grey "—".
+    Colours span [0, 1]; every cell shows its value to 2 decimals (and "±sd" when `spread`, a
+    table of the same shape, is given), failed (NaN) cells are grey "—".
     Uses a bare Agg-rendered `Figure` (no pyplot): no GUI, no global figure state to close.
     """
     from matplotlib.figure import Figure
@@ -90,15 +109,18 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str) -> None:
     ax = fig.add_subplot()
     cmap = _colormap()
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    spreads = None if spread is None else spread.reindex_like(table).to_numpy(dtype=float)
     for (row, col), v in np.ndenumerate(values):
-        label, colour = ("—", "black") if np.isnan(v) else (f"{v:.2f}", "black" if v > 0.5 else "white")
-        ax.text(col, row, label, ha="center", va="center", color=colour, fontsize=8)
+        text, colour = ("—", "black") if np.isnan(v) else (f"{v:.2f}", "black" if v > 0.5 else "white")
+        if spreads is not None and not np.isnan(v) and not np.isnan(spreads[row, col]):
+            text += f"\n±{spreads[row, col]:.2f}"
+        ax.text(col, row, text, ha="center", va="center", color=colour, fontsize=8 if spreads is None else 7)
     ax.set_xticks(range(n_positions), [str(p) for p in table.columns])
     ax.set_yticks(range(n_layers), [str(layer) for layer in table.index])
     ax.set_xlabel("position")
     ax.set_ylabel("layer")
     ax.set_title(textwrap.fill(title, width=int(11 * width)), fontsize=9)
-    fig.colorbar(image, ax=ax, label="IIA")
+    fig.colorbar(image, ax=ax, label=label)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
@@ -106,18 +128,39 @@ def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", 
     """Write folder/iia.csv and, per (stream, heads), pivot_<name>.csv and heatmap_<name>.png.
 
     <name> is the stream, plus "_heads-<heads>" for head-level cells, sanitised to [A-Za-z0-9_.+-].
-    Floats are written in their shortest round-trip form. Returns the frame.
+    With several seeds per cell, pivots and heatmaps show the mean; iia_seeds.csv and
+    pivot_<name>_std.csv give the spread. Extra scores (EXTRA_SCORES) get pivot_<name>_<score>.csv
+    and heatmap_<name>_<score>.png. Floats are written in their shortest round-trip form. Returns the frame.
     """
     folder = Path(folder)
     frame = results_frame(rows)
     atomic_write(folder / "iia.csv", lambda tmp: frame.to_csv(tmp, index=False))
     write_head_importance(frame, folder)
-    for (stream, heads), table in pivot(frame).items():
-        name = _file_part(stream) + (f"_heads-{_file_part(heads)}" if heads else "")
-        atomic_write(folder / f"pivot_{name}.csv", lambda tmp, t=table: t.to_csv(tmp))
+    spread = seed_spread(frame)
+    if spread is not None:
+        atomic_write(folder / "iia_seeds.csv", lambda tmp: spread.to_csv(tmp, index=False))
+    stds = pivot(frame, agg="std") if spread is not None else {}
+    extras = {score: pivot(frame, score) for score in EXTRA_SCORES if score in frame and frame[score].notna().any()}
+    for key, table in pivot(frame).items():
+        name = _file_part(key[0]) + (f"_heads-{_file_part(key[1])}" if key[1] else "")
+        _write_table(folder / f"pivot_{name}.csv", table)
+        if key in stds:
+            _write_table(folder / f"pivot_{name}_std.csv", stds[key])
+        for score, tables in extras.items():
+            if key in tables:
+                _write_table(folder / f"pivot_{name}_{score}.csv", tables[key])
         if plots:
-            heatmap(table, folder / f"heatmap_{name}.png", _plot_title(stream, heads, title))
+            seeds = f" · mean of {int(spread['n_seeds'].max())} seeds" if spread is not None else ""
+            heatmap(table, folder / f"heatmap_{name}.png", _plot_title(*key, title) + seeds, stds.get(key))
+            for score, tables in extras.items():
+                if key in tables:
+                    heatmap(tables[key], folder / f"heatmap_{name}_{score}.png", f"{score} · {_plot_title(*key, title)}",
+                            label=score)
     return frame
+
+
+def _write_table(path: Path, table: pd.DataFrame) -> None:
+    atomic_write(path, lambda tmp: table.to_csv(tmp))
 
 
 def format_summary(frame: pd.DataFrame) -> str:
@@ -128,7 +171,23 @@ def format_summary(frame: pd.DataFrame) -> str:
     tables = pivot(frame)
     if not tables:
         return "no results"
-    return "\n\n".join(_group_summary(stream, heads, table) for (stream, heads), table in tables.items())
+    text = "\n\n".join(_group_summary(stream, heads, table) for (stream, heads), table in tables.items())
+    spread = seed_spread(frame)
+    if spread is not None:
+        text += (f"\n\nIIA above is the mean of {int(spread['n_seeds'].max())} seeds per cell; standard deviation "
+                 f"median {spread['iia_std'].median():.3f}, max {spread['iia_std'].max():.3f} (iia_seeds.csv)")
+    for score in EXTRA_SCORES:
+        if score in frame and frame[score].notna().any():
+            best = max(
+                ((float(v), stream, heads, layer, position)
+                 for (stream, heads), table in pivot(frame, score).items()
+                 for (layer, position), v in table.stack().items()),
+                key=lambda item: item[0],
+            )
+            v, stream, heads, layer, position = best
+            name = stream + (f" heads {heads}" if heads else "")
+            text += f"\n{score}: best {name} L{layer} @ {position}  {v:.2f}"
+    return text
 
 
 def _group_summary(stream: str, heads: str, table: pd.DataFrame) -> str:

@@ -28,14 +28,14 @@ from .data import PairSet, position_label, resolve_positions, tokenize_pairs
 from .errors import DasError, choices_error
 from .examples import KINDS
 from .files import atomic_write, atomic_write_json
-from .interventions import build_intervention
+from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
-from .analysis import head_importance
+from .analysis import ILLUSION_STREAMS, FixedSubspace, downstream_weight, head_importance, illusion_parts
 from .results import bar_chart, format_summary, write_results
-from .sites import HEAD_STREAMS, Site, head_counts, read_sites, resolve_site
+from .sites import HEAD_STREAMS, Site, gather, head_counts, read_sites, resolve_site
 from .engines import BaseRun, base_run, make_engine
-from .train import evaluate, fit, prepare
+from .train import evaluate_kinds, fit, prepare
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class Cell:
     layer: int
     position: tuple[int | str, ...]
     heads: tuple[int, ...] | None
+    replicate: int | None = None  # the seed of this replicate when `seeds` asks for several
 
     @property
     def position_label(self) -> str:
@@ -62,31 +63,38 @@ class Cell:
     @property
     def id(self) -> str:
         heads = f"__H{self.heads_label}" if self.heads is not None else ""
-        return f"{self.stream}__L{self.layer:02d}__P{self.position_label}{heads}"
+        replicate = f"__S{self.replicate}" if self.replicate is not None else ""
+        return f"{self.stream}__L{self.layer:02d}__P{self.position_label}{heads}{replicate}"
+
+    def run_seed(self, run_seed: int) -> int:
+        """The seed this cell reports: its replicate's, else the run's."""
+        return run_seed if self.replicate is None else self.replicate
 
     def seed(self, run_seed: int) -> int:
         """Derived from the run seed and the cell alone: a cell's result does not depend on what ran before."""
-        digest = hashlib.sha256(f"{run_seed}|{self.id}".encode()).digest()
+        digest = hashlib.sha256(f"{self.run_seed(run_seed)}|{self.id}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
 
 def expand_grid(cfg: DictConfig, lm: LoadedModel, rankings: dict | None = None) -> list[Cell]:
-    """stream x layer x head set x position, in that nesting order.
+    """stream x layer x head set x position x seed, in that nesting order.
 
     With `heads=cumulative head_order=ranked`, head sets depend on single-head results: without
     `rankings` the grid holds the single-head cells; with them ((stream, layer, position) -> heads
     by descending IIA) it holds the cumulative cells.
     """
     ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"
-    streams, positions = C.streams(cfg), C.positions(cfg)
+    streams, positions, replicates = C.streams(cfg), C.positions(cfg), C.replicates(cfg)
     cells = []
     for stream in streams:
         for layer in C.layers(cfg, lm.n_layers):
             for position in positions:
                 ranking = (rankings or {}).get((stream, layer, position_label(position)))
-                cells += [Cell(stream, layer, position, heads) for heads in _stream_head_sets(cfg, lm, stream, ranked, ranking)]
+                for heads in _stream_head_sets(cfg, lm, stream, ranked, ranking):
+                    cells += [Cell(stream, layer, position, heads, seed) for seed in replicates]
     # cells of one site (stream, layer, head set) next to each other: their sources are read once
-    return sorted(cells, key=lambda c: (streams.index(c.stream), c.layer, c.heads or (), positions.index(c.position)))
+    return sorted(cells, key=lambda c: (streams.index(c.stream), c.layer, c.heads or (), positions.index(c.position),
+                                        replicates.index(c.replicate)))
 
 
 def _stream_head_sets(cfg: DictConfig, lm: LoadedModel, stream: str, ranked: bool, ranking: list[int] | None):
@@ -99,13 +107,17 @@ def _stream_head_sets(cfg: DictConfig, lm: LoadedModel, stream: str, ranked: boo
 
 
 def head_rankings(rows: list[dict]) -> dict[tuple, list[int]]:
-    """(stream, layer, position) -> heads by descending single-head IIA (ties: lower head first)."""
-    singles: dict[tuple, list[tuple[float, int]]] = {}
+    """(stream, layer, position) -> heads by descending single-head IIA, the mean over seeds (ties: lower head first)."""
+    singles: dict[tuple, dict[int, list[float]]] = {}
     for row in rows:
         heads = str(row.get("heads") or "")
         if heads and "+" not in heads and not math.isnan(row["iia"]):
-            singles.setdefault((row["stream"], row["layer"], row["position"]), []).append((-row["iia"], int(heads)))
-    return {key: [h for _, h in sorted(values)] for key, values in singles.items()}
+            key = (row["stream"], row["layer"], row["position"])
+            singles.setdefault(key, {}).setdefault(int(heads), []).append(row["iia"])
+    return {
+        key: [h for _, h in sorted((-sum(v) / len(v), h) for h, v in per_head.items())]
+        for key, per_head in singles.items()
+    }
 
 
 def build_pairs(cfg: DictConfig, lm: LoadedModel) -> tuple[PairSet, PairSet]:
@@ -170,11 +182,11 @@ def check_resume(folder: Path, cfg: DictConfig) -> None:
 
 
 @torch.no_grad()
-def read_sources(lm: LoadedModel, sites: list[Site], pairs: PairSet, batch_size: int) -> list[list[torch.Tensor]]:
-    """Every site's tensor on every source prompt, [G, S, C] per group, in one forward per batch."""
+def read_sources(lm: LoadedModel, sites: list[Site], pairs: PairSet, batch_size: int, side: str = "source") -> list[list[torch.Tensor]]:
+    """Every site's tensor on every source (or base) prompt, [G, S, C] per group, in one forward per batch."""
     per_site: list[list[torch.Tensor]] = [[] for _ in sites]
     for group in pairs.groups:
-        ids = group.source_ids.to(lm.device)
+        ids = (group.source_ids if side == "source" else group.base_ids).to(lm.device)
         parts = [read_sites(lm, sites, ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
         for k in range(len(sites)):
             per_site[k].append(torch.cat([part[k] for part in parts]))
@@ -275,7 +287,7 @@ class Sweep:
         return make_engine(self.cfg.train.engine, self.lm, site, groups)
 
     def run_cell(self, cell: Cell, site: Site, sources: dict) -> tuple[dict, dict]:
-        """Train and evaluate one cell; returns its table row and its learned tensors."""
+        """Train (or estimate) and evaluate one cell; returns its table row and its learned tensors."""
         cfg, start = self.cfg, time.perf_counter()
         seed = cell.seed(int(cfg.seed))
         torch.manual_seed(seed)
@@ -283,27 +295,60 @@ class Sweep:
         width = train.groups[0].source_values.shape[1]
         options = {k: v for k, v in OmegaConf.to_container(cfg.intervention).items() if k != "name"}
         intervention = build_intervention(cfg.intervention.name, width, **options).to(self.lm.device)
+        if intervention.needs_activations:
+            intervention.fit_activations(self.site_activations(cell, site, train))
         t = cfg.train
         result = fit(train, intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor), seed, bool(cfg.progress))
         if math.isnan(result.loss) and result.steps:
             raise FloatingPointError("training loss became NaN")
-        train_iia, _ = evaluate(train, intervention, int(cfg.eval.batch_size))
-        iia, test_loss = evaluate(test, intervention, int(cfg.eval.batch_size))
+        batch = int(cfg.eval.batch_size)
+        train_scores = evaluate_kinds(train, intervention, batch)
+        scores = evaluate_kinds(test, intervention, batch)
         row = {
             "stream": cell.stream, "layer": cell.layer, "position": cell.position_label, "heads": cell.heads_label,
-            "intervention": cfg.intervention.name, "dim": intervention.learned_dim(), "seed": int(cfg.seed),
-            "iia": iia, "train_iia": train_iia, "loss": result.loss, "base_accuracy": self.accuracy,
+            "intervention": cfg.intervention.name, "dim": intervention.learned_dim(), "seed": cell.run_seed(int(cfg.seed)),
+            **scores.scores(), "train_iia": train_scores.scores()["iia"], "loss": result.loss, "base_accuracy": self.accuracy,
             "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]),
-            "seconds": time.perf_counter() - start, "test_loss": test_loss, "width": width, "steps": result.steps,
+            "seconds": 0.0, "test_loss": scores.loss, "width": width, "steps": result.steps,
             "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "engine": cfg.train.engine,
         }
         tensors = intervention.state_for_saving()
+        if cfg.analysis.illusion and cell.stream in ILLUSION_STREAMS:
+            row.update(self.illusion_scores(cell, site, test, tensors.get("basis")))
         shares = _head_shares(self.lm, site, cell, tensors.get("basis"))
         if shares is not None:
             row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
             if cfg.output.plots:
                 bar_chart(shares, self.folder / "cells" / cell.id / "head_importance.png", f"{cell.id}: share of the subspace per head")
+        row["seconds"] = time.perf_counter() - start
         return row, tensors
+
+    def site_activations(self, cell: Cell, site: Site, train) -> SiteActivations:
+        """The train prompts' unedited site vectors at the cell's positions: base prompts, then sources."""
+        pairs = self.pairs["train"]
+        base_acts = read_sources(self.lm, [site], pairs, int(self.cfg.eval.batch_size), side="base")[0]
+        every_column = torch.arange(site.width)
+        base = [gather(acts, resolve_positions(g, cell.position, "base").to(acts.device), every_column.to(acts.device))
+                for g, acts in zip(pairs.groups, base_acts)]
+        values = torch.cat([v.float().cpu() for v in base] + [g.source_values.float().cpu() for g in train.groups])
+        names = [c for g in pairs.groups for c in g.base_classes] + [c for g in pairs.groups for c in g.source_classes]
+        vocabulary = sorted({n for n in names if n is not None})
+        classes = torch.tensor([-1 if n is None else vocabulary.index(n) for n in names])
+        return SiteActivations(values=values, classes=classes, names=vocabulary)
+
+    def illusion_scores(self, cell: Cell, site: Site, test, basis: torch.Tensor | None) -> dict:
+        """IIA when patching only the rowspace part or only the nullspace part of the learned subspace
+        (relative to the weight that reads the site); NaN for a part that is (numerically) empty."""
+        if basis is None:
+            return {"iia_row": math.nan, "iia_null": math.nan}
+        weight = downstream_weight(self.lm, cell.stream, cell.layer)[:, site.columns.to(self.lm.device)]
+        parts = illusion_parts(basis.to(self.lm.device), weight.float(), len(cell.position))
+        batch = int(self.cfg.eval.batch_size)
+        out = {}
+        for name, part in zip(("row", "null"), parts):
+            patch = FixedSubspace(part) if part is not None else None
+            out[f"iia_{name}"] = evaluate_kinds(test, patch, batch).scores()["iia"] if patch else math.nan
+        return out
 
 
 def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, float] | None:
@@ -324,7 +369,8 @@ def save_cell(folder: Path, cell: Cell, row: dict, tensors: dict, save_subspace:
 def _failed_row(cell: Cell, cfg: DictConfig, error: str) -> dict:
     return {
         "stream": cell.stream, "layer": cell.layer, "position": cell.position_label, "heads": cell.heads_label,
-        "intervention": cfg.intervention.name, "seed": int(cfg.seed), "iia": math.nan, "cell": cell.id, "error": error,
+        "intervention": cfg.intervention.name, "seed": cell.run_seed(int(cfg.seed)), "iia": math.nan, "cell": cell.id,
+        "error": error,
     }
 
 

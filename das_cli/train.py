@@ -40,6 +40,7 @@ def prepare(
                 labels=group.labels.to(device),
                 prefix=prefixes[g] if prefixes else None,
                 residual=residuals[g] if residuals else None,
+                kinds=group.kinds or None,
             )
         )
     return out
@@ -61,9 +62,14 @@ def fit(
     seed: int,
     progress: bool = True,
 ) -> Fit:
-    """Adam on the intervention's parameters only; CE on the counterfactual label token."""
+    """Adam on the intervention's parameters only; CE on the counterfactual label token.
+
+    The intervention is in train mode while fitting and left in eval mode (e.g. a hard mask).
+    """
+    intervention.eval()
     if not intervention.trainable or epochs == 0:
         return Fit(loss=math.nan, steps=0)
+    intervention.train()
     generator = torch.Generator().manual_seed(seed)
     sizes = [len(group) for group in engine.groups]
     steps_per_epoch = len(batches(sizes, batch_size))
@@ -88,18 +94,56 @@ def fit(
             bar.update()
     bar.close()
     intervention.set_progress(1.0)
+    intervention.eval()
     return Fit(loss=float(torch.stack(epoch_losses).mean()), steps=step)
 
 
+@dataclass
+class Evaluation:
+    """Accuracy of the intervened model's top-1 token against the pairs' labels, per kind of pair."""
+
+    hits: dict[str, int]
+    counts: dict[str, int]
+    loss: float  # mean CE over all pairs
+
+    def iia(self, kind: str | None = None) -> float:
+        """IIA over the pairs of one kind, or over all pairs (NaN when there are none)."""
+        kinds = [kind] if kind else list(self.counts)
+        n = sum(self.counts.get(k, 0) for k in kinds)
+        return sum(self.hits.get(k, 0) for k in kinds) / n if n else math.nan
+
+    def scores(self) -> dict[str, float]:
+        """`iia`: cause pairs (all pairs if there are none). With isolate pairs too, RAVEL's scores:
+        `iia_cause`, `iia_isolate` and `iia_mean` (their mean, "disentangle")."""
+        main = self.iia("cause") if "cause" in self.counts else self.iia()
+        if len(self.counts) < 2:
+            return {"iia": main}
+        per_kind = {f"iia_{k}": self.iia(k) for k in sorted(self.counts, key=lambda k: (k != "cause", k))}
+        return {"iia": main, **per_kind, "iia_mean": sum(per_kind.values()) / len(per_kind)}
+
+
 @torch.no_grad()
-def evaluate(engine: ReferenceEngine, intervention: Intervention, batch_size: int) -> tuple[float, float]:
-    """(IIA, mean CE): top-1 of the intervened model equals the counterfactual label."""
-    correct, loss_sum, n = 0, 0.0, 0
+def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int) -> Evaluation:
+    """Per kind of pair: how often the intervened model's top-1 token equals the pair's label."""
+    hits: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    loss_sum, n = 0.0, 0
     for g, rows in batches([len(group) for group in engine.groups], batch_size):
-        source = engine.groups[g].source_values[rows.to(engine.groups[g].source_values.device)]
+        group = engine.groups[g]
+        source = group.source_values[rows.to(group.source_values.device)]
         logits = engine.logits(g, rows, lambda base: intervention(base, source))
-        labels = engine.groups[g].labels[rows]
-        correct += int((logits.argmax(-1) == labels).sum())
+        labels = group.labels[rows]
+        correct = (logits.argmax(-1) == labels).tolist()
+        kinds = [group.kinds[i] for i in rows.tolist()] if group.kinds else ["cause"] * len(rows)
+        for kind, ok in zip(kinds, correct):
+            hits[kind] = hits.get(kind, 0) + int(ok)
+            counts[kind] = counts.get(kind, 0) + 1
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         n += len(rows)
-    return correct / max(n, 1), loss_sum / max(n, 1)
+    return Evaluation(hits, counts, loss_sum / max(n, 1))
+
+
+def evaluate(engine: ReferenceEngine, intervention, batch_size: int) -> tuple[float, float]:
+    """(IIA over all pairs, mean CE): top-1 of the intervened model equals the pair's label."""
+    result = evaluate_kinds(engine, intervention, batch_size)
+    return result.iia(), result.loss

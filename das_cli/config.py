@@ -14,7 +14,7 @@ from .engines import ENGINES
 from .errors import DasError
 from .sites import HEAD_STREAMS, STREAMS
 
-INTERVENTIONS = ("vanilla", "das", "boundless_das")
+INTERVENTIONS = ("vanilla", "das", "boundless_das", "mean_diff", "pca", "probe", "random", "dbm", "oblique_das")
 DATASETS = ("ioi", "file")
 
 

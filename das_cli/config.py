@@ -16,7 +16,7 @@ from .sites import HEAD_STREAMS, STREAMS
 
 ILLUSION_STREAMS = ("mlp_activation", "attention_value_output", "head_attention_value_output")
 
-INTERVENTIONS = ("vanilla", "das", "boundless_das")
+INTERVENTIONS = ("vanilla", "das", "boundless_das", "mean_diff", "pca", "probe", "random", "dbm", "oblique_das")
 DATASETS = ("ioi", "file")
 
 

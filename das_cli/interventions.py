@@ -6,8 +6,12 @@ shape. Inputs may be bfloat16; the maths runs in float32 (the parameters are flo
 the result comes back in the input dtype.
 
     vanilla         h = s                          (or s on the listed neurons, b elsewhere)
-    das             h = b + (s - b) W Wᵀ           W: n × k, orthonormal columns
+    das             h = b + (s - b) W Wᵀ           W: n × k, orthonormal columns (optionally the first k of a rotation)
     boundless_das   h = b + (m ⊙ (s - b) R) Rᵀ     R: n × n rotation, m: soft mask from β, T
+    mean_diff, pca, h = b + (s - b) W Wᵀ           W estimated from training activations (directions.py), or random
+      probe, random
+    dbm             h = b + m ⊙ (s - b)            m: per-neuron sigmoid mask (hard 0/1 in eval mode)
+    oblique_das     h = b + P (s - b)              P = A (BᵀA)⁻¹ Bᵀ: read basis B, write basis A, idempotent
 
 See docs/reference.md §1 for the method and the identities the tests check.
 """
@@ -21,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from das_cli import directions
 from das_cli.errors import DasError, choices_error
 
 ORTHOGONAL_MAPS = ("cayley", "householder", "matrix_exp")
@@ -94,6 +99,11 @@ class Intervention(nn.Module):
         return torch.device("cpu")
 
 
+def _check_dim(dim: int, n: int) -> None:
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= n:
+        raise DasError(f"intervention.dim={dim}: must be between 1 and {n} (the site width)")
+
+
 def _check_shapes(base: Tensor, source: Tensor, n: int) -> None:
     if base.shape != source.shape or base.shape[-1] != n:
         raise ValueError(f"base {tuple(base.shape)} and source {tuple(source.shape)} must both be [..., {n}]")
@@ -152,26 +162,37 @@ class VanillaIntervention(Intervention):
 
 
 class DASIntervention(Intervention):
-    """Low-rank DAS: swap the k-dimensional subspace span(W) of base for that of source."""
+    """Low-rank DAS: swap the k-dimensional subspace span(W) of base for that of source.
+
+    By default W is an n × k matrix kept orthonormal by itself (no n × n matrix exists).
+    `full_rotation=True` instead learns a full n × n rotation R and uses its first k columns,
+    as pyvene's RotatedSpaceIntervention does: the same forward for the same W, but a
+    different parametrisation, so training can take another path (and costs n² parameters).
+    """
 
     trainable = True
 
-    def __init__(self, n: int, dim: int, orthogonal_map: str | None = None):
+    def __init__(self, n: int, dim: int, orthogonal_map: str | None = None, full_rotation: bool = False):
         super().__init__()
-        if isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= n:
-            raise DasError(f"intervention.dim={dim}: must be between 1 and {n} (the site width)")
+        _check_dim(dim, n)
         if orthogonal_map is not None and orthogonal_map not in ORTHOGONAL_MAPS:
             raise choices_error("intervention.orthogonal_map", orthogonal_map, ORTHOGONAL_MAPS)
-        self.n, self.dim = n, dim
-        self.basis = OrthonormalColumns(n, dim, orthogonal_map)
+        if not isinstance(full_rotation, bool):
+            raise DasError(f"intervention.full_rotation={full_rotation}: must be true or false")
+        self.n, self.dim, self.full_rotation = n, dim, full_rotation
+        self.basis = OrthonormalColumns(n, n if full_rotation else dim, orthogonal_map)
 
     @property
     def W(self) -> Tensor:
-        return self.basis.weight
+        return self.basis.weight[:, : self.dim]
 
     def set_basis(self, W: Tensor) -> None:
-        """Load a given n × k matrix with orthonormal columns (e.g. a saved basis)."""
-        self.basis.weight = W.to(self.W.device, torch.float32)
+        """Load a given n × k matrix with orthonormal columns (e.g. a saved basis).
+
+        With a full rotation, W is completed to an n × n orthogonal matrix whose first k columns are W.
+        """
+        W = W.to(self.basis.weight.device, torch.float32)
+        self.basis.weight = _complete_rotation(W) if self.full_rotation else W
 
     def forward(self, base: Tensor, source: Tensor) -> Tensor:
         _check_shapes(base, source, self.n)
@@ -182,6 +203,17 @@ class DASIntervention(Intervention):
 
     def state_for_saving(self) -> dict[str, Tensor]:
         return {"basis": _saved(self.W)}
+
+
+def _complete_rotation(W: Tensor) -> Tensor:
+    """An n × n orthogonal matrix whose first k columns are W (W: n × k, orthonormal columns).
+
+    QR of [W | I] gives Q with Q[:, :k] = W up to column signs; putting W back keeps Q orthogonal.
+    """
+    n, k = W.shape
+    Q = torch.linalg.qr(torch.cat([W, torch.eye(n, dtype=W.dtype, device=W.device)], dim=1)).Q
+    Q[:, :k] = W
+    return Q
 
 
 class BoundlessDASIntervention(Intervention):
@@ -269,11 +301,238 @@ class BoundlessDASIntervention(Intervention):
         }
 
 
+class FixedSubspaceIntervention(Intervention):
+    """Swap a k-dimensional subspace that is set once rather than trained: h = b + (s − b) W Wᵀ.
+
+    Subclasses set W (`basis`, a buffer, so it follows `.to(device)`) at construction or in
+    `fit_activations`. Until then `forward` refuses to run: a zero basis would silently return
+    the base vector and report an IIA for a subspace that was never estimated.
+    """
+
+    trainable = False
+    method = ""  # the name in INTERVENTIONS, for messages
+
+    def __init__(self, n: int, dim: int = 1):
+        super().__init__()
+        _check_dim(dim, n)
+        self.n, self.dim = n, dim
+        self.register_buffer("basis", torch.zeros(n, dim))
+        self.estimated = False
+
+    def set_basis(self, W: Tensor) -> None:
+        """Use the n × k matrix W (orthonormal columns) from now on, on the module's device."""
+        self.basis = W.to(self.basis.device, torch.float32).contiguous()
+        self.estimated = True
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        if not self.estimated:
+            raise RuntimeError(
+                f"intervention={self.method}: its directions are estimated from the training activations; "
+                "call fit_activations before using it"
+            )
+        _check_shapes(base, source, self.n)
+        return project_swap(base.float(), source.float(), self.basis).to(base.dtype)
+
+    def learned_dim(self) -> int:
+        return self.dim
+
+    def state_for_saving(self) -> dict[str, Tensor]:
+        return {"basis": _saved(self.basis)}
+
+    def _values(self, acts: SiteActivations) -> Tensor:
+        """The activations as float32 on the module's device (the sweep may hand them over on the CPU)."""
+        return acts.values.to(self.basis.device, torch.float32)
+
+    def _labelled(self, acts: SiteActivations) -> tuple[Tensor, Tensor]:
+        """Rows whose variable value is known, with labels renumbered 0..C-1 over the values present.
+
+        Checks that there are two values at least and that `dim` ≤ C − 1, the rank of C centred class vectors.
+        """
+        known = acts.classes >= 0
+        present, labels = torch.unique(acts.classes[known], return_inverse=True)
+        names = [acts.names[i] for i in present.tolist()]
+        if len(names) < 2:
+            raise DasError(
+                f"intervention={self.method} needs at least two values of the variable among the training prompts; "
+                f"found {len(names)}{' (' + ', '.join(names) + ')' if names else ''}"
+            )
+        if self.dim > len(names) - 1:
+            raise DasError(
+                f"intervention.dim={self.dim}: intervention={self.method} gives at most {len(names) - 1} direction(s) "
+                f"from {len(names)} values of the variable ({', '.join(names)})"
+            )
+        return self._values(acts)[known.to(self.basis.device)], labels.to(self.basis.device)
+
+
+class MeanDiffIntervention(FixedSubspaceIntervention):
+    """Difference of class means (two values of the variable), or the top-`dim` between-class directions."""
+
+    method = "mean_diff"
+    needs_activations = True
+
+    def fit_activations(self, acts: SiteActivations) -> None:
+        values, labels = self._labelled(acts)
+        self.set_basis(directions.mean_diff_basis(values, labels, self.dim))
+
+
+class PCAIntervention(FixedSubspaceIntervention):
+    """Top-`dim` principal components of all training activations, whatever the variable's value."""
+
+    method = "pca"
+    needs_activations = True
+
+    def fit_activations(self, acts: SiteActivations) -> None:
+        values = self._values(acts)
+        if self.dim > len(values) - 1:
+            raise DasError(
+                f"intervention.dim={self.dim}: intervention=pca gives at most {len(values) - 1} direction(s) "
+                f"from {len(values)} training vectors"
+            )
+        self.set_basis(directions.pca_basis(values, self.dim))
+
+
+class ProbeIntervention(FixedSubspaceIntervention):
+    """Decision directions of a multinomial logistic probe for the variable (L2 weight `probe_l2`)."""
+
+    method = "probe"
+    needs_activations = True
+
+    def __init__(self, n: int, dim: int = 1, probe_l2: float = 1e-3):
+        super().__init__(n, dim)
+        if not probe_l2 >= 0:
+            raise DasError(f"intervention.probe_l2={probe_l2}: must be >= 0")
+        self.probe_l2 = float(probe_l2)
+
+    def fit_activations(self, acts: SiteActivations) -> None:
+        values, labels = self._labelled(acts)
+        self.set_basis(directions.probe_basis(values, labels, self.dim, self.probe_l2))
+
+
+class RandomIntervention(FixedSubspaceIntervention):
+    """`dim` random orthonormal directions, drawn at construction from torch's global RNG.
+
+    Needs no activations: under the sweep's per-cell torch.manual_seed it is reproducible.
+    """
+
+    method = "random"
+
+    def __init__(self, n: int, dim: int = 1):
+        super().__init__(n, dim)
+        self.set_basis(directions.random_basis(n, dim))
+
+
+class DBMIntervention(Intervention):
+    """Differentiable binary mask over neurons (the MIB localist baseline; De Cao et al.): h = b + m ⊙ (s − b).
+
+    m = σ(l / T) per neuron in train mode; in eval mode the hard mask m = [l > 0]. Logits start
+    at 0 (m = ½, no neuron favoured) so a neuron is kept only if training pushes its logit up.
+    T falls log-linearly (geometrically) from temperature_start to temperature_end with
+    `set_progress`: a linear schedule from 1 to 0.01 would stay above 0.5 for half of training
+    and only sharpen the mask in the last steps. The loss adds l1_weight · mean(m).
+    """
+
+    trainable = True
+
+    def __init__(self, n: int, temperature_start: float = 1.0, temperature_end: float = 0.01, l1_weight: float = 1e-2):
+        super().__init__()
+        for key, value in [("temperature_start", temperature_start), ("temperature_end", temperature_end)]:
+            if not value > 0:
+                raise DasError(f"intervention.{key}={value}: must be > 0")
+        if not l1_weight >= 0:
+            raise DasError(f"intervention.l1_weight={l1_weight}: must be >= 0")
+        self.n = n
+        self.temperature_start, self.temperature_end = float(temperature_start), float(temperature_end)
+        # The penalty is at most l1_weight nats (mean(m) ≤ 1): 0.01 is far below the loss a useful
+        # neuron saves (chance-level CE on a binary variable is 0.69), so it does not trade IIA for
+        # sparsity; it turns off the neurons whose swap does not change the loss.
+        self.l1_weight = float(l1_weight)
+        self.logits = nn.Parameter(torch.zeros(n))
+        self.register_buffer("temperature", torch.tensor(self.temperature_start))
+
+    def soft_mask(self) -> Tensor:
+        return torch.sigmoid(self.logits / self.temperature)
+
+    def hard_mask(self) -> Tensor:
+        return (self.logits > 0).float()
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        _check_shapes(base, source, self.n)
+        if not self.training:  # an exact neuron swap, like vanilla with `neurons`
+            return torch.where(self.logits > 0, source.to(base.dtype), base)
+        b, s = base.float(), source.float()
+        return (b + self.soft_mask() * (s - b)).to(base.dtype)
+
+    def set_progress(self, fraction: float) -> None:
+        f = min(max(float(fraction), 0.0), 1.0)
+        self.temperature.fill_(self.temperature_start * (self.temperature_end / self.temperature_start) ** f)
+
+    def extra_loss(self) -> Tensor:
+        return self.l1_weight * self.soft_mask().mean()
+
+    def learned_dim(self) -> int:
+        """Neurons the hard mask keeps (0 when none is)."""
+        return int((self.logits > 0).sum())
+
+    def state_for_saving(self) -> dict[str, Tensor]:
+        return {"mask": _saved(self.hard_mask()), "logits": _saved(self.logits)}
+
+
+class ObliqueDASIntervention(Intervention):
+    """Oblique ("stretch") DAS: read the source along B, write along A (docs/reference.md §1).
+
+    h = b + P (s − b) with P = A (BᵀA)⁻¹ Bᵀ, A and B free n × k matrices. P is idempotent (P² = P)
+    but not symmetric, so the subspace written, span(A), may differ from the one read, span(B):
+    Bᵀ h = Bᵀ s and h − b ∈ span(A). A and B start as the same random orthonormal matrix, i.e.
+    as the orthogonal projection of DAS. P depends only on span(A) and span(B), not on the scale
+    of the columns, so no constraint is needed; BᵀA must stay invertible.
+    """
+
+    trainable = True
+
+    def __init__(self, n: int, dim: int = 1):
+        super().__init__()
+        _check_dim(dim, n)
+        self.n, self.dim = n, dim
+        start = nn.init.orthogonal_(torch.empty(n, dim))
+        self.write_basis = nn.Parameter(start.clone())  # A
+        self.read_basis = nn.Parameter(start.clone())  # B
+
+    def projection(self) -> Tensor:
+        """P = A (BᵀA)⁻¹ Bᵀ as an n × n matrix (for inspection; `forward` never forms it)."""
+        A, B = self.write_basis, self.read_basis
+        return A @ torch.linalg.solve(B.T @ A, B.T)
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        _check_shapes(base, source, self.n)
+        b, s = base.float(), source.float()
+        A, B = self.write_basis, self.read_basis
+        read = (s - b).reshape(-1, self.n) @ B  # one row per vector: Bᵀ(s − b)
+        coords = torch.linalg.solve(B.T @ A, read.T)  # one column per vector: (BᵀA)⁻¹ Bᵀ(s − b)
+        return (b + (A @ coords).T.reshape(b.shape)).to(base.dtype)
+
+    def learned_dim(self) -> int:
+        return self.dim
+
+    def state_for_saving(self) -> dict[str, Tensor]:
+        return {
+            "read_basis": _saved(self.read_basis),
+            "write_basis": _saved(self.write_basis),
+            "basis": _saved(torch.linalg.qr(self.write_basis.detach()).Q),
+        }
+
+
 INTERVENTIONS: dict[str, type[Intervention]] = {
     "vanilla": VanillaIntervention,
     "das": DASIntervention,
     "boundless_das": BoundlessDASIntervention,
+    "mean_diff": MeanDiffIntervention,
+    "pca": PCAIntervention,
+    "probe": ProbeIntervention,
+    "random": RandomIntervention,
+    "dbm": DBMIntervention,
+    "oblique_das": ObliqueDASIntervention,
 }
+
 
 def build_intervention(name: str, n: int, **options) -> Intervention:
     """Build the intervention `name` for a site of width n; `options` are its constructor arguments (None = default)."""

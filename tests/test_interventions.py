@@ -10,6 +10,7 @@ from das_cli.interventions import (
     INTERVENTIONS,
     BoundlessDASIntervention,
     DASIntervention,
+    SiteActivations,
     VanillaIntervention,
     build_intervention,
     project_swap,
@@ -19,8 +20,12 @@ N = 8
 
 
 def make(name: str, n: int = N):
+    """The intervention with its default options (dim 3 for das); those estimated from data are fitted on random vectors."""
     options = {"das": {"dim": 3}}.get(name, {})
-    return build_intervention(name, n, **options)
+    module = build_intervention(name, n, **options)
+    if module.needs_activations:
+        module.fit_activations(SiteActivations(torch.randn(30, n), torch.arange(30) % 3, ["x", "y", "z"]))
+    return module
 
 
 def train_a_little(module, steps: int = 5):
@@ -316,9 +321,11 @@ def test_build_intervention_types_and_options():
 def test_build_intervention_errors():
     with pytest.raises(DasError) as err:
         build_intervention("lora", 4)
-    assert str(err.value) == "intervention=lora: not a valid choice; valid choices: boundless_das, das, vanilla"
+    assert str(err.value) == (
+        "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, mean_diff, oblique_das, pca, probe, random, vanilla"
+    )
 
-    with pytest.raises(DasError, match=r"intervention\.rank.*valid options: dim, orthogonal_map"):
+    with pytest.raises(DasError, match=r"intervention\.rank.*valid options: dim, full_rotation, orthogonal_map"):
         build_intervention("das", 4, dim=1, rank=2)
 
     for dim in (0, 5):

@@ -18,9 +18,10 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def test_wheel_ships_every_config(wheel):
+    """Every config and every example dataset file (conf/examples/) is in the wheel."""
     names = zipfile.ZipFile(wheel).namelist()
-    shipped = {n.split("das_cli/conf/", 1)[1] for n in names if n.startswith("das_cli/conf/") and n.endswith(".yaml")}
-    in_repo = {str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*.yaml")}
+    shipped = {n.split("das_cli/conf/", 1)[1] for n in names if n.startswith("das_cli/conf/")}
+    in_repo = {str(p.relative_to(ROOT / "conf")) for p in (ROOT / "conf").rglob("*") if p.is_file()}
     assert shipped == in_repo
 
 

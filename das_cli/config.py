@@ -123,6 +123,8 @@ def validate(cfg: DictConfig) -> None:
         errors.append(f"intervention={cfg.intervention.get('name')}: valid choices: {', '.join(INTERVENTIONS)}")
     if cfg.dataset.get("name") not in DATASETS:
         errors.append(f"dataset={cfg.dataset.get('name')}: valid choices: {', '.join(DATASETS)}")
+    elif cfg.dataset.name == "file" and OmegaConf.is_missing(cfg.dataset, "path"):
+        errors.append("dataset.path: missing; give the pairs file, e.g. dataset.path=pairs.jsonl (JSONL, CSV or Parquet)")
     if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         errors.append(f"device={cfg.device}: valid choices: auto, cpu, cuda (or cuda:N)")
     elif str(cfg.device).startswith("cuda") and not torch.cuda.is_available():

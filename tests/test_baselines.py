@@ -2,6 +2,8 @@
 identities of docs/reference.md §1, and tiny training problems with a known solution (no model)."""
 
 import math
+
+import pandas as pd
 from pathlib import Path
 
 import pytest
@@ -554,3 +556,15 @@ def test_every_shipped_intervention_config_builds(path):
     name = options.pop("name")
     assert name == path.stem and name in INTERVENTIONS
     assert isinstance(build_intervention(name, N, **options), INTERVENTIONS[name])
+
+
+@pytest.mark.parametrize("name", ["probe", "dbm", "oblique_das"])
+def test_cli_runs_each_new_intervention(name, tmp_path):
+    from conftest import TINY, run_cli
+
+    result = run_cli([f"intervention={name}", "model=tiny_llama", "layers=[1]", f"hydra.run.dir={tmp_path}"] + TINY)
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(tmp_path / "iia.csv").iloc[0]
+    assert row["intervention"] == name and 0 <= row["iia"] <= 1
+    assert (row["steps"] > 0) == (name != "probe")
+    assert (tmp_path / "cells" / row["cell"] / "subspace.safetensors").exists()

@@ -10,7 +10,8 @@ from das_cli.errors import DasError
 @pytest.mark.parametrize("group", C.CONFIG_GROUPS)
 def test_every_shipped_config_composes(group):
     for choice in C.group_choices(group):
-        cfg = C.compose([f"{group}={choice}"])
+        path = ["dataset.path=ravel_cities.csv"] if (group, choice) == ("dataset", "file") else []
+        cfg = C.compose([f"{group}={choice}"] + path)
         C.validate(C.typed(cfg))
         assert cfg[group].name == choice or (group == "dataset" and cfg.dataset.name == "file")  # file-backed presets
 
@@ -63,3 +64,8 @@ def test_python_api_returns_the_table(tmp_path):
                            "dataset.n_test=8", "train.epochs=1", "progress=false"])
     table = das_cli.run(cfg, tmp_path)
     assert list(table["layer"]) == [1] and (tmp_path / "iia.csv").exists()
+
+
+def test_file_dataset_without_a_path_fails_before_loading_the_model():
+    with pytest.raises(DasError, match=r"dataset.path: missing"):
+        C.validate(C.typed(C.compose(["model=tiny_gpt2", "dataset=file"])))

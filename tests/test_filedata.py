@@ -250,3 +250,14 @@ def test_cli_names_the_bad_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert errors == [f"das-cli: error: dataset.path={path} line 2: label ' New York' is not one token (it is ['ĠNew', 'ĠYork'])"]
     assert "Traceback" not in result.stderr
+
+
+def test_cli_isolation_scores_with_an_estimated_baseline(tmp_path):
+    args = ["dataset=ravel_cities", "dataset.train_kinds=[cause,isolate]", "intervention=mean_diff", "positions=[city]",
+            "model=tiny_llama", "layers=[1]", "progress=false"]
+    result = run_cli(args + [f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(tmp_path / "iia.csv").iloc[0]
+    assert row["n_train"] == 56 and row["steps"] == 0  # both kinds train; nothing is trained by gradient
+    assert row["iia"] == row["iia_cause"] and row["iia_mean"] == pytest.approx((row["iia_cause"] + row["iia_isolate"]) / 2)
+    assert (tmp_path / "pivot_block_output_iia_mean.csv").exists() and "iia_mean: best" in result.stdout

@@ -1,8 +1,10 @@
 """From Examples to tensors: token ids grouped by prompt length, positions resolved per example.
 
-Pairs are grouped so that every base prompt of a group has one length and every source prompt
-has one length; batches never mix groups, so no padding is ever needed and a position index means
-the same token for every row of a batch.
+Pairs are grouped so that every base prompt of a group has one length; batches never mix groups,
+so base prompts are never padded and a base position index means the same token for every row of
+a batch. Source prompts of a group are right-padded to the longest: with causal attention a token's
+activations never depend on tokens after it, so padding changes no source vector the swap reads,
+and each row keeps its own length for positions counted from the end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class PairGroup:
     """Pairs whose base prompts share one length and whose source prompts share one length."""
 
     base_ids: Tensor  # [G, T]
-    source_ids: Tensor  # [G, S]
+    source_ids: Tensor  # [G, S] right-padded to the longest source prompt of the group
     labels: Tensor  # [G] counterfactual answer token ids
     base_labels: Tensor  # [G] the base prompt's own answer token ids (-1: not given)
     base_positions: dict[str, Tensor]  # name -> [G] token index
@@ -29,6 +31,7 @@ class PairGroup:
     kinds: list[str] = field(default_factory=list)  # per pair: "cause" | "isolate"
     base_classes: list[str | None] = field(default_factory=list)  # the variable's value on each base prompt
     source_classes: list[str | None] = field(default_factory=list)  # ... and on each source prompt
+    source_lengths: Tensor | None = None  # [G] tokens of each source prompt before padding (None: no padding)
 
     def __len__(self) -> int:
         return self.base_ids.shape[0]
@@ -53,11 +56,11 @@ class PairSet:
 
 
 def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
-    """Encode every pair; labels must be single tokens (checked, with the offending example)."""
-    buckets: dict[tuple[int, int], list[tuple[Example, list[int], list[int]]]] = {}
-    for i, ex in enumerate(examples):
+    """Encode every pair, grouped by base length; labels must be single tokens (checked, with the offending example)."""
+    buckets: dict[int, list[tuple[Example, list[int], list[int]]]] = {}
+    for ex in examples:
         base, source = encode(tokenizer, ex.base), encode(tokenizer, ex.source)
-        buckets.setdefault((len(base), len(source)), []).append((ex, base, source))
+        buckets.setdefault(len(base), []).append((ex, base, source))
     return PairSet(groups=[_group(tokenizer, rows, split) for _, rows in sorted(buckets.items())])
 
 
@@ -71,24 +74,27 @@ def _label_id(tokenizer, text: str, split: str) -> int:
 
 def _group(tokenizer, rows, split: str) -> PairGroup:
     exs = [r[0] for r in rows]
-    last_base, last_source = len(rows[0][1]) - 1, len(rows[0][2]) - 1
+    source_lengths = torch.tensor([len(r[2]) for r in rows])
+    width = int(source_lengths.max())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # never read: it follows every real token
     return PairGroup(
         base_ids=torch.tensor([r[1] for r in rows]),
-        source_ids=torch.tensor([r[2] for r in rows]),
+        source_ids=torch.tensor([r[2] + [pad] * (width - len(r[2])) for r in rows]),
         labels=torch.tensor([_label_id(tokenizer, e.label, split) for e in exs]),
         base_labels=torch.tensor([-1 if e.base_label is None else _label_id(tokenizer, e.base_label, split) for e in exs]),
-        base_positions=_named(exs, "base_positions", last_base),
-        source_positions=_named(exs, "source_positions", last_source),
+        base_positions=_named(exs, "base_positions", torch.full((len(exs),), len(rows[0][1]) - 1)),
+        source_positions=_named(exs, "source_positions", source_lengths - 1),
         kinds=[e.kind for e in exs],
         base_classes=[e.base_class for e in exs],
         source_classes=[e.source_class for e in exs],
+        source_lengths=source_lengths,
     )
 
 
-def _named(exs: list[Example], attr: str, last: int) -> dict[str, Tensor]:
+def _named(exs: list[Example], attr: str, last: Tensor) -> dict[str, Tensor]:
     names = set.intersection(*(set(getattr(e, attr)) for e in exs)) if exs else set()
     named = {n: torch.tensor([getattr(e, attr)[n] for e in exs]) for n in sorted(names)}
-    named["last"] = torch.full((len(exs),), last)
+    named["last"] = last
     return named
 
 
@@ -103,7 +109,8 @@ def resolve_positions(group: PairGroup, position: tuple[Position, ...], side: st
     """[G, P] token indices of `position` (ints count from the end when negative) on one side."""
     ids = group.base_ids if side == "base" else group.source_ids
     named = group.base_positions if side == "base" else group.source_positions
-    length = ids.shape[1]
+    padded = side == "source" and group.source_lengths is not None
+    lengths = group.source_lengths if padded else torch.full((len(group),), ids.shape[1])
     columns = []
     for p in position:
         if isinstance(p, str):
@@ -111,10 +118,12 @@ def resolve_positions(group: PairGroup, position: tuple[Position, ...], side: st
                 raise DasError(f"positions: unknown position '{p}'; valid names: {', '.join(sorted(named))}, or integers")
             columns.append(named[p])
         else:
-            index = p + length if p < 0 else p
-            if not 0 <= index < length:
+            index = p + lengths if p < 0 else torch.full((len(group),), p)
+            outside = (index < 0) | (index >= lengths)
+            if bool(outside.any()):
+                length = int(lengths[outside.nonzero()[0, 0]])
                 raise DasError(f"positions: {p} is outside a {side} prompt of {length} tokens; valid: {-length}..{length - 1}")
-            columns.append(torch.full((len(group),), index))
+            columns.append(index)
     stacked = torch.stack(columns, dim=1)
     if len(position) > 1 and (stacked.sort(dim=1).values.diff(dim=1) == 0).any():
         raise DasError(f"positions: {list(position)} names one token twice in a {side} prompt; give each token once")

@@ -50,3 +50,28 @@ def test_batches_cover_every_row_once_and_shuffle_deterministically():
     assert seen == [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
     again = batches([5, 3], 2, torch.Generator().manual_seed(0))
     assert [(g, r.tolist()) for g, r in chunks] == [(g, r.tolist()) for g, r in again]
+
+
+def test_pairs_group_by_base_length_and_padded_sources_read_exactly(tokenizer, one_thread):
+    from omegaconf import OmegaConf
+
+    from das_cli.config import conf_dir
+    from das_cli.models import load_model
+    from das_cli.sites import resolve_site
+    from das_cli.sweep import read_sources
+
+    base = "Paris is a city in the country of"
+    sources = ["Rome is a city in the country of", "Ouagadougou is a city in the country of"]
+    examples = [Example(base=base, source=s, label=" Japan", source_positions={"city": i + 1}) for i, s in enumerate(sources)]
+    pairs = tokenize_pairs(tokenizer, examples, "train")
+    (group,) = pairs.groups  # one base length: one group, though the sources differ in length
+    lengths = [len(tokenizer(s).input_ids) for s in sources]
+    assert group.source_lengths.tolist() == lengths and group.source_ids.shape[1] == max(lengths)
+    assert resolve_positions(group, ("last", -2), "source").tolist() == [[n - 1, n - 2] for n in lengths]
+    lm = load_model(OmegaConf.load(conf_dir() / "model" / "tiny_llama.yaml"), "cpu", "float32")
+    site = resolve_site(lm, "block_output", 2)
+    padded = read_sources(lm, [site], pairs, 8)[0][0]
+    for row, source in enumerate(sources):
+        alone = read_sources(lm, [site], tokenize_pairs(tokenizer, [examples[row]], "train"), 8)[0][0][0]
+        n = lengths[row]
+        assert torch.allclose(padded[row, :n], alone[:n], atol=1e-5)  # padding after the prompt changes nothing

@@ -7,7 +7,7 @@ from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
 from .config import ILLUSION_STREAMS
-from .interventions import Intervention, project_swap
+from .interventions import FixedSubspaceIntervention
 from .models import LoadedModel
 
 
@@ -60,15 +60,8 @@ def illusion_parts(basis: Tensor, weight: Tensor, n_positions: int) -> tuple[Ten
     return span_basis(row), span_basis(null)
 
 
-class FixedSubspace(Intervention):
-    """Swap a given subspace (orthonormal columns); nothing is trained."""
-
-    def __init__(self, basis: Tensor):
-        super().__init__()
-        self.register_buffer("basis", basis.float())
-
-    def forward(self, base: Tensor, source: Tensor) -> Tensor:
-        return project_swap(base.float(), source.float(), self.basis).to(base.dtype)
-
-    def learned_dim(self) -> int:
-        return self.basis.shape[1]
+def fixed_subspace(basis: Tensor) -> FixedSubspaceIntervention:
+    """An intervention that swaps span(basis) (orthonormal columns); nothing is trained."""
+    patch = FixedSubspaceIntervention(basis.shape[0], basis.shape[1])
+    patch.set_basis(basis)
+    return patch

@@ -31,7 +31,7 @@ from .files import atomic_write, atomic_write_json
 from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
-from .analysis import ILLUSION_STREAMS, FixedSubspace, downstream_weight, head_importance, illusion_parts
+from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .results import bar_chart, format_summary, write_results
 from .sites import HEAD_STREAMS, Site, gather, head_counts, read_sites, resolve_site
 from .engines import BaseRun, base_run, make_engine
@@ -346,7 +346,7 @@ class Sweep:
         batch = int(self.cfg.eval.batch_size)
         out = {}
         for name, part in zip(("row", "null"), parts):
-            patch = FixedSubspace(part) if part is not None else None
+            patch = fixed_subspace(part).to(self.lm.device) if part is not None else None
             out[f"iia_{name}"] = evaluate_kinds(test, patch, batch).scores()["iia"] if patch else math.nan
         return out
 

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, run_cli
 from torch import nn
 
-from das_cli.analysis import FixedSubspace, downstream_weight, illusion_parts, rowspace_split, span_basis
+from das_cli.analysis import downstream_weight, fixed_subspace, illusion_parts, rowspace_split, span_basis
 from das_cli.interventions import project_swap
 from das_cli.models import load_model
 from omegaconf import OmegaConf
@@ -24,7 +24,7 @@ def test_a_purely_null_direction_changes_no_output():
     row_basis, null_basis = illusion_parts(v, W_OUT, 1)
     assert row_basis is None and null_basis.shape == (4, 1)
     base, source = torch.randn(5, 4), torch.randn(5, 4)
-    patched = FixedSubspace(null_basis)(base, source)
+    patched = fixed_subspace(null_basis)(base, source)
     assert not torch.allclose(patched, base)  # the hidden vector does change ...
     assert torch.allclose(patched @ W_OUT.T, base @ W_OUT.T, atol=1e-6)  # ... the MLP's output does not
 

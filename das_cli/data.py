@@ -20,7 +20,7 @@ from .examples import Example, encode, single_token_id
 
 @dataclass
 class PairGroup:
-    """Pairs whose base prompts share one length and whose source prompts share one length."""
+    """Pairs whose base prompts share one length (sources right-padded to the longest of the group)."""
 
     base_ids: Tensor  # [G, T]
     source_ids: Tensor  # [G, S] right-padded to the longest source prompt of the group

@@ -10,9 +10,8 @@ class Example:
     """One interchange-intervention pair.
 
     Positions are token indices (0-based, non-negative) into `encode(tokenizer, prompt)`,
-    keyed by name (IOI: io, s1, s2, name1, name2, last). `group` ties together pairs whose
-    base and source prompts have the same token length (IOI: the template), so they batch
-    without padding.
+    keyed by name (IOI: io, s1, s2, name1, name2, last). `group` names where a pair comes
+    from (IOI: the template); batching groups pairs by base-prompt length (data.tokenize_pairs).
 
     `kind` is "cause" (the label is what the source's value of the variable calls for) or
     "isolate" (the label is the base's own answer, which the edit must leave alone).

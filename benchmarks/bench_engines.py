@@ -10,6 +10,10 @@ engines alternate (fast, reference, fast, reference...) so drift in machine load
 Single cells: block_output at the middle layer, at an early (`name1`), a middle (`s2`) and the last
 position. Sweep: the default grid (or --layers) run through `das_cli.run`. Writes a Markdown table
 to --out and prints it.
+
+With --pyvene-python (the python of a virtualenv holding pyvene, see pyvene_peer.py), every single
+cell is also trained by pyvene on the same pairs, in the same batch order, with the same
+hyperparameters and seed; the table then adds pyvene's seconds per cell, IIA and peak memory.
 """
 
 from __future__ import annotations
@@ -92,11 +96,55 @@ def measure(overrides: list[str], engine: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def alternate(overrides: list[str], repeats: int) -> dict[str, list[dict]]:
+def export_cell(overrides: list[str], path: Path) -> None:
+    """Everything pyvene_peer.py needs to train the one cell `overrides` names exactly as das-cli does."""
+    import torch
+
+    import das_cli
+    from das_cli import config as C
+    from das_cli.data import batches, resolve_positions
+    from das_cli.models import _converted_embedded_dir, load_model
+    from das_cli.sweep import build_pairs, expand_grid
+
+    cfg = C.typed(das_cli.compose(overrides))
+    lm = load_model(cfg.model, "cpu", "float32")
+    (cell,) = expand_grid(cfg, lm)
+    seed = cell.seed(int(cfg.seed))
+    train, test = build_pairs(cfg, lm)
+
+    def groups(pairs):
+        return [{"base_ids": g.base_ids, "source_ids": g.source_ids, "labels": g.labels,
+                 "base_pos": resolve_positions(g, cell.position, "base")[:, 0],
+                 "source_pos": resolve_positions(g, cell.position, "source")[:, 0]} for g in pairs.groups]
+
+    generator = torch.Generator().manual_seed(seed)  # the order fit() draws for this cell
+    steps = [step for _ in range(int(cfg.train.epochs)) for step in batches(train.sizes, int(cfg.train.batch_size), generator)]
+    model_dir = str(_converted_embedded_dir()) if cfg.model.get("embedded") else str(cfg.model.name_or_path)
+    torch.save({"model_dir": model_dir, "layer": cell.layer, "dim": int(cfg.intervention.dim), "seed": seed,
+                "lr": float(cfg.train.lr), "lr_end_factor": float(cfg.train.lr_end_factor), "steps": steps,
+                "eval_batch": int(cfg.eval.batch_size), "train": groups(train), "test": groups(test)}, path)
+
+
+def measure_pyvene(overrides: list[str], python: str) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "cell.pt"
+        export_cell(overrides, path)
+        peer = Path(__file__).with_name("pyvene_peer.py")
+        out = subprocess.run([python, str(peer), str(path)], capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"pyvene peer failed ({' '.join(overrides)}):\n{out.stderr[-2000:]}")
+    result = json.loads(lines[-1][len("RESULT "):])
+    return {"cell_seconds": result["seconds"], "cells": 1, "iia": [result["iia"]], "peak_rss_mb": result["peak_rss_mb"]}
+
+
+def alternate(overrides: list[str], repeats: int, pyvene: str | None = None) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    if pyvene:
+        runs["pyvene"] = []
     for _ in range(repeats):
-        for engine in ENGINES:
-            runs[engine].append(measure(overrides, engine))
+        for engine in runs:
+            runs[engine].append(measure_pyvene(overrides, pyvene) if engine == "pyvene" else measure(overrides, engine))
             print(f"  {engine:9s} {runs[engine][-1]['cell_seconds']:8.1f} s  {' '.join(overrides)}", flush=True)
     return runs
 
@@ -107,11 +155,16 @@ def row(name: str, runs: dict[str, list[dict]]) -> str:
     iia_gap = max(abs(a - b) for a, b in zip(first["fast"]["iia"], first["reference"]["iia"]))
     mean_iia = {e: sum(first[e]["iia"]) / len(first[e]["iia"]) for e in ENGINES}
     mem = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in ENGINES}
-    return (
+    line = (
         f"| {name} | {first['fast']['cells']} | {fast:.2f} | {ref:.2f} | **{ref / fast:.1f}×** | "
         f"{mem['fast']:.0f} | {mem['reference']:.0f} | {first['fast']['cache_mb']:.0f} | "
         f"{mean_iia['fast']:.3f} | {mean_iia['reference']:.3f} | {iia_gap:.3f} |"
     )
+    if "pyvene" not in runs:
+        return line
+    peer = min(r["cell_seconds"] for r in runs["pyvene"])
+    pv = runs["pyvene"][0]
+    return line + f" {peer:.2f} | **{peer / fast:.1f}×** | {max(r['peak_rss_mb'] for r in runs['pyvene']):.0f} | {pv['iia'][0]:.3f} |"
 
 
 HEADER = (
@@ -119,6 +172,7 @@ HEADER = (
     "reference peak RSS MB | fast caches MB | fast mean IIA | reference mean IIA | max abs IIA gap |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|"
 )
+PEER_HEADER = (" pyvene s/cell | fast vs pyvene | pyvene peak RSS MB | pyvene IIA |", "---|---|---|---|")
 
 
 def main() -> None:
@@ -132,21 +186,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--out", default="benchmarks/results.md")
+    parser.add_argument("--pyvene-python", default=None, help="python of a virtualenv with pyvene (see pyvene_peer.py)")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     base = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs is not None else [])
     n_layers = _n_layers(base)
     cell_layer = args.cell_layer if args.cell_layer is not None else n_layers // 2
-    lines = [HEADER]
+    header = HEADER
+    if args.pyvene_python:
+        top, rule = HEADER.split("\n")
+        header = f"{top}{PEER_HEADER[0]}\n{rule}{PEER_HEADER[1]}"
+    lines = [header]
     for name, position in CELL_POSITIONS.items():
         print(f"single cell, {name} position ({position}), layer {cell_layer}")
-        runs = alternate(base + [f"layers=[{cell_layer}]", f"positions=[{position}]"], args.repeats)
+        runs = alternate(base + [f"layers=[{cell_layer}]", f"positions=[{position}]"], args.repeats, args.pyvene_python)
         lines.append(row(f"one cell, layer {cell_layer}, {name} position (`{position}`)", runs))
     if not args.skip_sweep:
         sweep = base + ([f"layers=[{args.layers}]"] if args.layers else [])
         print("sweep:", " ".join(sweep))
-        lines.append(row("sweep " + (" ".join(f"`{o}`" for o in sweep) or "(default grid)"), alternate(sweep, args.repeats)))
+        peer_gap = " — | — | — | — |" if args.pyvene_python else ""  # pyvene runs single cells only
+        lines.append(row("sweep " + (" ".join(f"`{o}`" for o in sweep) or "(default grid)"), alternate(sweep, args.repeats)) + peer_gap)
     table = "\n".join(lines)
     note = f"\n\n{platform.processor() or platform.machine()}, {_device()}; overrides: {' '.join(base) or 'none'}\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """File-backed datasets (`dataset=file dataset.path=...`): one (base, source) pair per row.
 
 A JSONL, CSV or Parquet file holds the prompts, the counterfactual label and named positions
-(README_filedata.md has the column table). Files are written by hand or by other tools, so
+(README "File datasets" has the column table). Files are written by hand or by other tools, so
 every problem is reported on one line naming the file and the line (or Parquet row) it is on:
 "label is not one token" alone is useless in a file of a thousand rows.
 

@@ -104,7 +104,8 @@ def export_cell(overrides: list[str], path: Path) -> None:
     from das_cli import config as C
     from das_cli.data import batches, resolve_positions
     from das_cli.models import _converted_embedded_dir, load_model
-    from das_cli.sweep import build_pairs, expand_grid
+    from das_cli.grid import expand_grid
+    from das_cli.sweep import build_pairs
 
     cfg = C.typed(das_cli.compose(overrides))
     lm = load_model(cfg.model, "cpu", "float32")
@@ -185,6 +186,7 @@ def main() -> None:
     parser.add_argument("--cell-layer", type=int, default=None, help="layer of the single cells (default: middle)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--skip-cells", action="store_true", help="time the sweep only")
     parser.add_argument("--out", default="benchmarks/results.md")
     parser.add_argument("--pyvene-python", default=None, help="python of a virtualenv with pyvene (see pyvene_peer.py)")
     args = parser.parse_args()
@@ -198,7 +200,7 @@ def main() -> None:
         top, rule = HEADER.split("\n")
         header = f"{top}{PEER_HEADER[0]}\n{rule}{PEER_HEADER[1]}"
     lines = [header]
-    for name, position in CELL_POSITIONS.items():
+    for name, position in ({} if args.skip_cells else CELL_POSITIONS).items():
         print(f"single cell, {name} position ({position}), layer {cell_layer}")
         runs = alternate(base + [f"layers=[{cell_layer}]", f"positions=[{position}]"], args.repeats, args.pyvene_python)
         lines.append(row(f"one cell, layer {cell_layer}, {name} position (`{position}`)", runs))

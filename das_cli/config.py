@@ -63,7 +63,7 @@ class AnalysisConfig:
 
 @dataclass
 class SweepConfig:
-    """Sharding: this job runs shard `shard` of `num_shards` (whole sites round-robin; see sweep.shard_cells)."""
+    """Sharding: this job runs shard `shard` of `num_shards` (whole sites round-robin; see grid.shard_cells)."""
 
     shard: int = 0
     num_shards: int = 1

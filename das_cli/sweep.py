@@ -8,7 +8,6 @@ folder skips finished cells.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -24,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import config as C
-from .data import PairSet, position_label, resolve_positions, tokenize_pairs
+from .data import PairSet, resolve_positions, tokenize_pairs
 from .errors import DasError, choices_error
 from .examples import KINDS
 from .files import atomic_write, atomic_write_json
@@ -33,8 +32,9 @@ from .ioi import make_ioi
 from .models import LoadedModel, load_model
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .results import bar_chart, format_summary, write_results
-from .sites import HEAD_STREAMS, Site, gather, head_counts, read_sites, resolve_site
+from .sites import Site, gather, head_counts, read_sites, resolve_site
 from .engines import BaseRun, base_run, make_engine
+from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
 from .train import evaluate_kinds, fit, prepare
 
 log = logging.getLogger(__name__)
@@ -42,82 +42,6 @@ log = logging.getLogger(__name__)
 # A cell failing with one of these is recorded with its `error` and the sweep goes on
 # (torch.cuda.OutOfMemoryError is a RuntimeError; named for the reader).
 CELL_FAILURES = (torch.cuda.OutOfMemoryError, RuntimeError, FloatingPointError, ValueError)
-
-
-@dataclass(frozen=True)
-class Cell:
-    stream: str
-    layer: int
-    position: tuple[int | str, ...]
-    heads: tuple[int, ...] | None
-    replicate: int | None = None  # the seed of this replicate when `seeds` asks for several
-
-    @property
-    def position_label(self) -> str:
-        return position_label(self.position)
-
-    @property
-    def heads_label(self) -> str:
-        return "" if self.heads is None else "+".join(map(str, self.heads))
-
-    @property
-    def id(self) -> str:
-        heads = f"__H{self.heads_label}" if self.heads is not None else ""
-        replicate = f"__S{self.replicate}" if self.replicate is not None else ""
-        return f"{self.stream}__L{self.layer:02d}__P{self.position_label}{heads}{replicate}"
-
-    def run_seed(self, run_seed: int) -> int:
-        """The seed this cell reports: its replicate's, else the run's."""
-        return run_seed if self.replicate is None else self.replicate
-
-    def seed(self, run_seed: int) -> int:
-        """Derived from the run seed and the cell alone: a cell's result does not depend on what ran before."""
-        digest = hashlib.sha256(f"{self.run_seed(run_seed)}|{self.id}".encode()).digest()
-        return int.from_bytes(digest[:4], "little")
-
-
-def expand_grid(cfg: DictConfig, lm: LoadedModel, rankings: dict | None = None) -> list[Cell]:
-    """stream x layer x head set x position x seed, in that nesting order.
-
-    With `heads=cumulative head_order=ranked`, head sets depend on single-head results: without
-    `rankings` the grid holds the single-head cells; with them ((stream, layer, position) -> heads
-    by descending IIA) it holds the cumulative cells.
-    """
-    ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"
-    streams, positions, replicates = C.streams(cfg), C.positions(cfg), C.replicates(cfg)
-    cells = []
-    for stream in streams:
-        for layer in C.layers(cfg, lm.n_layers):
-            for position in positions:
-                ranking = (rankings or {}).get((stream, layer, position_label(position)))
-                for heads in _stream_head_sets(cfg, lm, stream, ranked, ranking):
-                    cells += [Cell(stream, layer, position, heads, seed) for seed in replicates]
-    # cells of one site (stream, layer, head set) next to each other: their sources are read once
-    return sorted(cells, key=lambda c: (streams.index(c.stream), c.layer, c.heads or (), positions.index(c.position),
-                                        replicates.index(c.replicate)))
-
-
-def _stream_head_sets(cfg: DictConfig, lm: LoadedModel, stream: str, ranked: bool, ranking: list[int] | None):
-    if stream not in HEAD_STREAMS:
-        return [None]
-    n_heads = head_counts(lm, stream)[0]
-    if ranked and ranking is None:
-        return [(h,) for h in range(n_heads)]
-    return C.head_sets(cfg, n_heads, ranking)
-
-
-def head_rankings(rows: list[dict]) -> dict[tuple, list[int]]:
-    """(stream, layer, position) -> heads by descending single-head IIA, the mean over seeds (ties: lower head first)."""
-    singles: dict[tuple, dict[int, list[float]]] = {}
-    for row in rows:
-        heads = str(row.get("heads") or "")
-        if heads and "+" not in heads and not math.isnan(row["iia"]):
-            key = (row["stream"], row["layer"], row["position"])
-            singles.setdefault(key, {}).setdefault(int(heads), []).append(row["iia"])
-    return {
-        key: [h for _, h in sorted((-sum(v) / len(v), h) for h, v in per_head.items())]
-        for key, per_head in singles.items()
-    }
 
 
 def build_pairs(cfg: DictConfig, lm: LoadedModel) -> tuple[PairSet, PairSet]:
@@ -161,7 +85,7 @@ def check_intervention(cfg: DictConfig, cells: list[Cell], sites: dict) -> None:
         if any(not 0 <= int(n) < width for n in neurons):
             raise DasError(f"intervention.neurons: indices must be in 0..{width - 1} (the width of cell {cell.id})")
     if cells:  # unknown options and bad values fail now, not after the first cell's setup
-        narrowest = min(sites[_site_key(c)].width * len(c.position) for c in cells)
+        narrowest = min(sites[site_key(c)].width * len(c.position) for c in cells)
         build_intervention(cfg.intervention.name, narrowest, **{k: v for k, v in options.items() if k != "name"})
 
 
@@ -389,7 +313,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     check_resume(folder, cfg)
     ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"  # phase 2 needs all single heads of a layer
     shard, num_shards = int(cfg.sweep.shard), int(cfg.sweep.num_shards)
-    grid_size, cells = len(cells), shard_cells(cells, shard, num_shards, _layer_key if ranked else _site_key, not ranked)
+    grid_size, cells = len(cells), shard_cells(cells, shard, num_shards, layer_key if ranked else site_key, not ranked)
     if num_shards > 1:
         log.info("shard %d of %d: %d of %d cells", shard, num_shards, len(cells), grid_size)
     write_grid(folder, shard, num_shards, cells)
@@ -398,9 +322,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(test), sweep.accuracy)
     rows = run_cells(sweep, cells, sites)
     if cfg.heads == "cumulative" and cfg.head_order == "ranked":  # second phase: heads added best first
-        mine = {_layer_key(c) for c in cells}  # this shard's (stream, layer)s
+        mine = {layer_key(c) for c in cells}  # this shard's (stream, layer)s
         first_phase = set(cells)
-        cumulative = [c for c in expand_grid(cfg, lm, head_rankings(rows)) if c not in first_phase and _layer_key(c) in mine]
+        cumulative = [c for c in expand_grid(cfg, lm, head_rankings(rows)) if c not in first_phase and layer_key(c) in mine]
         write_grid(folder, shard, num_shards, cells + cumulative)
         sites = resolve_sites(lm, cumulative)
         rows += run_cells(sweep, cumulative, sites)
@@ -412,53 +336,20 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
 
 
 def resolve_sites(lm: LoadedModel, cells: list[Cell]) -> dict[tuple, Site]:
-    return {key: resolve_site(lm, *key) for key in dict.fromkeys(_site_key(c) for c in cells)}
+    return {key: resolve_site(lm, *key) for key in dict.fromkeys(site_key(c) for c in cells)}
 
 
 def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list[dict]:
-    pending = dict.fromkeys(_site_key(c) for c in cells if cell_row(c, sweep.folder) is None)
+    pending = dict.fromkeys(site_key(c) for c in cells if cell_row(c, sweep.folder) is None)
     sweep.read_ahead([sites[key] for key in pending])
     rows = []
     with tqdm(total=len(cells), desc="cells", disable=not sweep.cfg.progress) as bar:
-        for key, site_cells in groupby(cells, key=_site_key):
+        for key, site_cells in groupby(cells, key=site_key):
             for row in sweep.run_site(sites[key], list(site_cells)):
                 rows.append(row)
                 bar.update()
                 bar.set_postfix_str(f"{row['cell']} iia={row['iia']:.2f}")
     return rows
-
-
-def _site_key(cell: Cell) -> tuple:
-    return (cell.stream, cell.layer, cell.heads)
-
-
-def write_grid(folder: Path, shard: int, num_shards: int, cells: list[Cell]) -> None:
-    """The ids of the cells this job means to run, before it runs them: `das-cli-report` names
-    cells listed here but finished nowhere (a job killed or timed out) as missing."""
-    name = "grid.json" if num_shards == 1 else f"grid.shard{shard}of{num_shards}.json"
-    atomic_write_json(folder / name, {"shard": shard, "num_shards": num_shards, "cells": [c.id for c in cells]})
-
-
-def _layer_key(cell: Cell) -> tuple:
-    return (cell.stream, cell.layer)
-
-
-def shard_cells(cells: list[Cell], shard: int, num_shards: int, unit=_site_key, split_units: bool = True) -> list[Cell]:
-    """The cells of shard `shard` (0-based) of `num_shards`, in grid order; the shards partition `cells`.
-
-    Whole units (sites: stream, layer, head set) go round-robin in grid order: unit j -> shard
-    j % num_shards, so every job reads a site's source activations once. With fewer units than
-    shards (and `split_units`), the grid is cut instead into `num_shards` contiguous, nearly equal
-    runs of cells (cells [shard*n//N, (shard+1)*n//N)), so a site spans at most a few neighbouring
-    shards. Depends only on the grid and the two numbers: rerunning a shard gets the same cells.
-    """
-    if num_shards <= 1:
-        return list(cells)
-    units = list(dict.fromkeys(map(unit, cells)))
-    if len(units) >= num_shards or not split_units:
-        mine = set(units[shard::num_shards])
-        return [c for c in cells if unit(c) in mine]
-    return list(cells[shard * len(cells) // num_shards : (shard + 1) * len(cells) // num_shards])
 
 
 def _start(cfg: DictConfig, lm: LoadedModel, folder: Path, train: PairSet, test: PairSet, layers: tuple[int, ...]) -> Sweep:

@@ -176,7 +176,7 @@ def test_failures_stay_local_in_a_multirun(tmp_path):
 
 
 def test_shard_cells_partition_every_grid():
-    from das_cli.sweep import Cell, _layer_key, shard_cells
+    from das_cli.grid import Cell, layer_key, shard_cells
 
     grid = [Cell("block_output", layer, (p,), None) for layer in range(5) for p in ("s2", "last", -1)]
     for n in range(1, 20):
@@ -186,7 +186,7 @@ def test_shard_cells_partition_every_grid():
             assert all(len(s) == 3 * len({c.layer for c in s}) for s in shards)
         else:  # more shards than sites: contiguous runs of the grid
             assert [c for s in shards for c in s] == grid
-    assert shard_cells(grid, 1, 2, _layer_key, split_units=False) == [c for c in grid if c.layer in (1, 3)]
+    assert shard_cells(grid, 1, 2, layer_key, split_units=False) == [c for c in grid if c.layer in (1, 3)]
 
 
 def test_report_errors_are_one_line(tmp_path, capsys):

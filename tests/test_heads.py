@@ -11,7 +11,7 @@ import das_cli
 from das_cli import config as C
 from das_cli.analysis import head_importance
 from das_cli.errors import DasError
-from das_cli.sweep import head_rankings
+from das_cli.grid import head_rankings
 
 TINY = ["dataset.n_train=16", "dataset.n_test=8", "train.epochs=1", "train.batch_size=8", "progress=false"]
 

@@ -220,7 +220,7 @@ class Sweep:
         options = {k: v for k, v in OmegaConf.to_container(cfg.intervention).items() if k != "name"}
         intervention = build_intervention(cfg.intervention.name, width, **options).to(self.lm.device)
         if intervention.needs_activations:
-            intervention.fit_activations(self.site_activations(cell, site, train))
+            intervention.fit_activations(self.site_activations(cell, site, sources, train))
         t = cfg.train
         result = fit(train, intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor), seed, bool(cfg.progress))
         if math.isnan(result.loss) and result.steps:
@@ -247,10 +247,15 @@ class Sweep:
         row["seconds"] = time.perf_counter() - start
         return row, tensors
 
-    def site_activations(self, cell: Cell, site: Site, train) -> SiteActivations:
-        """The train prompts' unedited site vectors at the cell's positions: base prompts, then sources."""
+    def site_activations(self, cell: Cell, site: Site, sources: dict, train) -> SiteActivations:
+        """The train prompts' unedited site vectors at the cell's positions: base prompts, then sources.
+
+        The base prompts' site tensors are read once per site and kept with its sources for its other cells.
+        """
         pairs = self.pairs["train"]
-        base_acts = read_sources(self.lm, [site], pairs, int(self.cfg.eval.batch_size), side="base")[0]
+        if "train_base" not in sources:
+            sources["train_base"] = read_sources(self.lm, [site], pairs, int(self.cfg.eval.batch_size), side="base")[0]
+        base_acts = sources["train_base"]
         every_column = torch.arange(site.width)
         base = [gather(acts, resolve_positions(g, cell.position, "base").to(acts.device), every_column.to(acts.device))
                 for g, acts in zip(pairs.groups, base_acts)]

@@ -12,11 +12,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .engines import ENGINES
 from .errors import DasError
+from .interventions import INTERVENTIONS as INTERVENTION_TYPES
 from .sites import HEAD_STREAMS, STREAMS
 
 ILLUSION_STREAMS = ("mlp_activation", "attention_value_output", "head_attention_value_output")
 
-INTERVENTIONS = ("vanilla", "das", "boundless_das", "mean_diff", "pca", "probe", "random", "dbm", "oblique_das")
+INTERVENTIONS = tuple(INTERVENTION_TYPES)
 DATASETS = ("ioi", "file")
 
 

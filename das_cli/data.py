@@ -48,12 +48,6 @@ class PairSet:
     def sizes(self) -> list[int]:
         return [len(g) for g in self.groups]
 
-    @property
-    def kinds(self) -> list[str]:
-        """The kinds present, cause first."""
-        present = {k for g in self.groups for k in g.kinds}
-        return sorted(present, key=lambda k: (k != "cause", k))
-
 
 def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
     """Encode every pair, grouped by base length; labels must be single tokens (checked, with the offending example)."""

@@ -8,7 +8,8 @@
   the cached prefix, and starts at block l: the blocks before it hand on the cached residual
   instead of computing it. A last-token cell at layer l is a one-token forward through L - l blocks.
 
-Both return float32 logits [B, vocab] for the last position only (`logits_to_keep=1`).
+Both give float32 logits [B, vocab] for the last position only, never the whole sequence's, and
+the training loss on them; the fast engine's loss reads the vocabulary weight once (`readout.py`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
 from .data import PairSet
 from .models import LoadedModel
+from .readout import Readout
 from .sites import Site, gather, hooked, scatter
 
 Swap = Callable[[Tensor], Tensor]
@@ -37,7 +40,8 @@ class CellGroup:
     base_positions: Tensor  # [G, P]
     source_values: Tensor  # [G, P*C] the source's vector at the site, computed once without gradients
     labels: Tensor  # [G]
-    prefix: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values) [G, heads, T-1, d] of the base run
+    prefix: list[tuple[Tensor, Tensor] | None] | None = None  # per layer (keys, values) [G, heads, T-1, d] of the base
+    #   run; None for layers before the earliest swept one (their blocks are skipped)
     residual: Tensor | None = None  # [G, T, hidden] residual stream entering the site's block in the base run
     kinds: list[str] | None = None  # per pair: "cause" | "isolate" (None: all cause)
 
@@ -52,39 +56,68 @@ class ReferenceEngine:
         self.lm, self.site, self.groups = lm, site, groups
         self.columns = site.columns.to(lm.device)
 
-    def _forward(self, ids: Tensor, positions: Tensor, swap: Swap, cache: DynamicCache | None = None) -> Tensor:
+    def _edit(self, positions: Tensor, swap: Swap) -> Callable[[Tensor], Tensor]:
         def edit(hidden: Tensor) -> Tensor:
             return scatter(hidden, positions, self.columns, swap(gather(hidden, positions, self.columns)))
 
-        with hooked(self.site, edit):
-            out = self.lm.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return edit
 
     def logits(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
+        """Float32 logits [B, vocab] at the last position of the edited base prompts `rows` of group g."""
         group = self.groups[g]
-        return self._forward(group.base_ids[rows], group.base_positions[rows], swap)
+        with hooked(self.site, self._edit(group.base_positions[rows], swap)):
+            out = self.lm.model(input_ids=group.base_ids[rows], logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    def loss(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
+        """Mean cross-entropy of those logits against the pairs' labels."""
+        return F.cross_entropy(self.logits(g, rows, swap), self.groups[g].labels[rows])
 
 
 class FastEngine(ReferenceEngine):
     """Feeds only tokens from the group's earliest intervened position on, over the cached base prefix,
-    and only through the blocks from the site's layer on."""
+    and only through the blocks from the site's layer on; the loss reads the vocabulary weight once."""
 
     def __init__(self, lm: LoadedModel, site: Site, groups: list[CellGroup]):
         super().__init__(lm, site, groups)
         self.starts = [int(group.base_positions.min()) for group in groups]
+        self.readout = Readout(lm)
 
     def logits(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
-        group, start = self.groups[g], self.starts[g]
-        if group.prefix is None:
+        if self.groups[g].prefix is None:
             return super().logits(g, rows, swap)
-        cache = None
-        if start > 0:
-            cache = DynamicCache(config=self.lm.model.config)
-            for layer, (keys, values) in enumerate(group.prefix):
-                cache.update(keys[rows, :, :start], values[rows, :, :start], layer)
-        residual = group.residual[rows, start:] if group.residual is not None else None
-        with skip_blocks_before(self.lm, self.site.layer, residual):
-            return self._forward(group.base_ids[rows, start:], group.base_positions[rows] - start, swap, cache)
+        return self.readout.logits(self.final_hidden(g, rows, swap))
+
+    def loss(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
+        if self.groups[g].prefix is None:
+            return super().loss(g, rows, swap)
+        return self.readout.loss(self.final_hidden(g, rows, swap), self.groups[g].labels[rows])
+
+    def final_hidden(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
+        """The edited base run's final hidden state at the last position, [B, hidden]."""
+        group, start = self.groups[g], self.starts[g]
+        skipping = group.residual is not None and self.site.layer > 0
+        cache = self._prefix_cache(group, rows, start, self.site.layer if skipping else 0) if start > 0 else None
+        residual = group.residual[rows, start:] if skipping else None
+        edit = self._edit(group.base_positions[rows] - start, swap)
+        with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, edit):
+            out = self.lm.model.base_model(input_ids=group.base_ids[rows, start:], past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state[:, -1]
+
+    def _prefix_cache(self, group: CellGroup, rows: Tensor, start: int, first_block: int) -> DynamicCache:
+        """The base run's keys and values before `start`, for the blocks from `first_block` on.
+
+        Skipped blocks read nothing from the cache, but the model reads the prefix length from
+        their layers (layer 0, the first sliding-window layer), so they hold a placeholder of that length.
+        """
+        cache = DynamicCache(config=self.lm.model.config)
+        placeholder = group.base_ids.new_zeros(1, 1, start, 1, dtype=self.lm.model.dtype)
+        for layer, kv in enumerate(group.prefix):
+            if kv is None and layer >= first_block:
+                raise ValueError(f"the base run kept no keys and values for layer {layer}, which block {first_block} on needs")
+            keys, values = (placeholder, placeholder) if layer < first_block else (t[rows, :, :start] for t in kv)
+            cache.update(keys, values, layer)
+        return cache
 
 
 @contextmanager
@@ -117,7 +150,7 @@ class BaseRun:
     """The unedited base run, computed once per run: its top-1 answers, keys and values, residuals."""
 
     predictions: list[Tensor]  # per group [G] top-1 token id at the answer position
-    prefixes: list[list[tuple[Tensor, Tensor]]] | None = None  # per group, per layer (keys, values) [G, heads, T-1, d]
+    prefixes: list[list[tuple[Tensor, Tensor] | None]] | None = None  # per group, per layer (keys, values) [G, heads, T-1, d]
     residuals: list[dict[int, Tensor]] | None = None  # per group, layer -> [G, T, hidden] entering that block
 
     def accuracy(self, pairs: PairSet) -> float:
@@ -132,8 +165,11 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
     """One forward over every base prompt; keeps what the fast engine reuses if asked.
 
     Cache cost per pair of T tokens, in the model's dtype: 2 x layers x kv_heads x head_dim x (T - 1)
-    numbers of keys and values, plus hidden x T per swept layer of residual stream.
+    numbers of keys and values, plus hidden x T per swept layer of residual stream. With `layers`
+    given, the fast engine skips the blocks before the earliest of them, so their keys and values
+    are not kept (None).
     """
+    first = min(layers, default=0)
     run = BaseRun(predictions=[], prefixes=[] if keep_prefix else None, residuals=[] if keep_prefix else None)
     for group in pairs.groups:
         ids = group.base_ids.to(lm.device)
@@ -146,10 +182,12 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
             caches = [out.past_key_values.layers for out in outs]
             run.prefixes.append([
                 tuple(torch.cat([getattr(c[i], kind)[:, :, :-1] for c in caches]) for kind in ("keys", "values"))
+                if i >= first else None
                 for i in range(len(caches[0]))
             ])
             run.residuals.append({layer: torch.cat([out.hidden_states[layer] for out in outs]) for layer in layers})
     return run
+
 
 def base_prefixes(lm: LoadedModel, pairs: PairSet, batch_size: int) -> list[list[tuple[Tensor, Tensor]]]:
     """Only the prefix cache of `base_run`."""

@@ -83,8 +83,7 @@ def fit(
         for g, rows in batches(sizes, batch_size, generator):
             intervention.set_progress(step / total)
             source = engine.groups[g].source_values[rows.to(engine.groups[g].source_values.device)]
-            logits = engine.logits(g, rows, lambda base: intervention(base, source))
-            loss = F.cross_entropy(logits, engine.groups[g].labels[rows]) + intervention.extra_loss()
+            loss = engine.loss(g, rows, lambda base: intervention(base, source)) + intervention.extra_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

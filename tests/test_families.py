@@ -272,6 +272,12 @@ def test_fast_equals_reference(lm, pairs, base, stream, position):
     torch.testing.assert_close(fast, ref, atol=ENGINE_ATOL, rtol=0)
     assert (ref - last_logits(lm, group.base_ids[rows])).abs().amax() > 1e-6  # the swap does something
 
+    W.requires_grad_(True)  # the training loss and its gradient (the fast engine's reads the vocabulary once)
+    losses = [engine(lm, site, [cell]).loss(0, rows, swap) for engine in (ReferenceEngine, FastEngine)]
+    grads = [torch.autograd.grad(loss, W)[0] for loss in losses]
+    torch.testing.assert_close(losses[1], losses[0], atol=ENGINE_ATOL, rtol=0)
+    torch.testing.assert_close(grads[1], grads[0], atol=ENGINE_ATOL, rtol=0)
+
 
 # --- 4. heads split and join back --------------------------------------------------------------
 

@@ -75,9 +75,10 @@ def main(path: str) -> None:
     total = max(1, len(cell["steps"]))
     decay = cell["lr_end_factor"]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (decay - 1) * min(s / total, 1.0))
-    for g, rows in cell["steps"]:
-        group = cell["train"][g]
-        loss = F.cross_entropy(logits(intervenable, group, rows), group["labels"][rows])
+    for batch in cell["steps"]:  # a batch's pieces: rows of groups of different prompt lengths
+        pieces = [(cell["train"][g], rows) for g, rows in batch]
+        batch_logits = torch.cat([logits(intervenable, group, rows) for group, rows in pieces])
+        loss = F.cross_entropy(batch_logits, torch.cat([group["labels"][rows] for group, rows in pieces]))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,8 +1,10 @@
 """From Examples to tensors: token ids grouped by prompt length, positions resolved per example.
 
-Pairs are grouped so that every base prompt of a group has one length; batches never mix groups,
-so base prompts are never padded and a base position index means the same token for every row of
-a batch. Source prompts of a group are right-padded to the longest: with causal attention a token's
+Pairs are grouped so that every base prompt of a group has one length, and a base position index
+means the same token for every row of a group. A batch may span groups: `batches` sorts rows by
+length and cuts full batches across group boundaries (each batch is a list of (group, rows)
+pieces), so a dataset of many lengths still trains on full batches; the engines join the pieces.
+Source prompts of a group are right-padded to the longest: with causal attention a token's
 activations never depend on tokens after it, so padding changes no source vector the swap reads,
 and each row keeps its own length for positions counted from the end.
 """
@@ -124,15 +126,33 @@ def resolve_positions(group: PairGroup, position: tuple[Position, ...], side: st
     return stacked
 
 
-def batches(sizes: list[int], batch_size: int, generator: torch.Generator | None = None) -> list[tuple[int, Tensor]]:
-    """(group index, row indices) chunks over groups of the given sizes.
+Piece = tuple[int, Tensor]  # (group index, row indices in that group)
+Batch = list[Piece]
 
-    Shuffled within groups and across chunks when a generator is given, in order otherwise.
+
+def batches(sizes: list[int], batch_size: int, generator: torch.Generator | None = None) -> list[Batch]:
+    """Every row of groups of the given sizes once, in batches of `batch_size` (the last may be smaller).
+
+    Rows are taken group by group (groups are sorted by base length), so a batch spans as few
+    groups, and as few lengths, as possible. With a generator, rows are shuffled within each group
+    and the batches' order is shuffled; without, everything is in order.
     """
-    chunks = []
-    for g, size in enumerate(sizes):
-        order = torch.randperm(size, generator=generator) if generator is not None else torch.arange(size)
-        chunks += [(g, order[i : i + batch_size]) for i in range(0, size, batch_size)]
+    orders = [torch.randperm(n, generator=generator) if generator is not None else torch.arange(n) for n in sizes]
+    owners = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)] + [torch.zeros(0, dtype=torch.long)])
+    flat_rows = torch.cat(orders + [torch.zeros(0, dtype=torch.long)])
+    out = []
+    for first in range(0, len(flat_rows), batch_size):
+        groups, members = owners[first : first + batch_size], flat_rows[first : first + batch_size]
+        out.append([(int(g), members[groups == g]) for g in groups.unique_consecutive().tolist()])
     if generator is not None:
-        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator).tolist()]
-    return chunks
+        out = [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+    return out
+
+
+def to_device(plan: list[Batch], device: torch.device) -> list[Batch]:
+    """The batches' row indices on `device`, moved in one copy (none inside a training loop)."""
+    if torch.device(device).type == "cpu" or not plan:
+        return plan
+    rows = torch.cat([r for batch in plan for _, r in batch]).to(device)
+    parts = iter(rows.split([len(r) for batch in plan for _, r in batch]))
+    return [[(g, next(parts)) for g, _ in batch] for batch in plan]

@@ -7,6 +7,7 @@
   run. Each step feeds only the tokens from the earliest intervened position on, attending to
   the cached prefix, and starts at block l: the blocks before it hand on the cached residual
   instead of computing it. A last-token cell at layer l is a one-token forward through L - l blocks.
+  A batch may hold prompts of several lengths; they are joined into one left-padded forward.
 
 Both give float32 logits [B, vocab] for the last position only, never the whole sequence's, and
 the training loss on them; the fast engine's loss reads the vocabulary weight once (`readout.py`).
@@ -23,12 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
-from .data import PairSet
+from .data import Batch, PairSet
 from .models import LoadedModel
 from .readout import Readout
 from .sites import Site, gather, hooked, scatter
 
-Swap = Callable[[Tensor], Tensor]
+Intervene = Callable[[Tensor, Tensor], Tensor]  # (base's site values, source's) -> the edited values
 ENGINES = ("fast", "reference")
 
 
@@ -50,74 +51,130 @@ class CellGroup:
 
 
 class ReferenceEngine:
-    """The plain path: a full forward of the base prompt with the site edited by a hook."""
+    """The plain path: a full forward of each base prompt with the site edited by a hook.
+
+    A batch's pieces (rows of groups of different lengths) run as separate forwards.
+    """
 
     def __init__(self, lm: LoadedModel, site: Site, groups: list[CellGroup]):
         self.lm, self.site, self.groups = lm, site, groups
         self.columns = site.columns.to(lm.device)
 
-    def _edit(self, positions: Tensor, swap: Swap) -> Callable[[Tensor], Tensor]:
+    def _edit(self, positions: Tensor, source: Tensor, intervene: Intervene) -> Callable[[Tensor], Tensor]:
         def edit(hidden: Tensor) -> Tensor:
-            return scatter(hidden, positions, self.columns, swap(gather(hidden, positions, self.columns)))
+            return scatter(hidden, positions, self.columns, intervene(gather(hidden, positions, self.columns), source))
 
         return edit
 
-    def logits(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
-        """Float32 logits [B, vocab] at the last position of the edited base prompts `rows` of group g."""
-        group = self.groups[g]
-        with hooked(self.site, self._edit(group.base_positions[rows], swap)):
+    def labels(self, batch: Batch) -> Tensor:
+        return torch.cat([self.groups[g].labels[rows] for g, rows in batch])
+
+    def logits(self, batch: Batch, intervene: Intervene) -> Tensor:
+        """Float32 logits [B, vocab] at the last position of the batch's edited base prompts."""
+        return torch.cat([self._piece_logits(self.groups[g], rows, intervene) for g, rows in batch])
+
+    def loss(self, batch: Batch, intervene: Intervene) -> Tensor:
+        """Mean cross-entropy of those logits against the pairs' labels."""
+        return F.cross_entropy(self.logits(batch, intervene), self.labels(batch))
+
+    def _piece_logits(self, group: CellGroup, rows: Tensor, intervene: Intervene) -> Tensor:
+        edit = self._edit(group.base_positions[rows], group.source_values[rows], intervene)
+        with hooked(self.site, edit):
             out = self.lm.model(input_ids=group.base_ids[rows], logits_to_keep=1)
         return out.logits[:, -1].float()
 
-    def loss(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
-        """Mean cross-entropy of those logits against the pairs' labels."""
-        return F.cross_entropy(self.logits(g, rows, swap), self.groups[g].labels[rows])
-
 
 class FastEngine(ReferenceEngine):
-    """Feeds only tokens from the group's earliest intervened position on, over the cached base prefix,
-    and only through the blocks from the site's layer on; the loss reads the vocabulary weight once."""
+    """Feeds only tokens from the batch's earliest intervened position on, over the cached base prefix,
+    and only through the blocks from the site's layer on; the loss reads the vocabulary weight once.
+
+    Pieces of different lengths are joined into one forward, left-padded: their prefixes are
+    left-padded with masked zeros and each row keeps its own position ids. That needs every fed
+    token to be a real one (the earliest intervened position, counted in the padded batch, lies
+    after every row's padding) and no sliding window shorter than the batch; otherwise the pieces
+    run one by one.
+    """
 
     def __init__(self, lm: LoadedModel, site: Site, groups: list[CellGroup]):
         super().__init__(lm, site, groups)
         self.starts = [int(group.base_positions.min()) for group in groups]
+        self.cached = all(group.prefix is not None for group in groups)
         self.readout = Readout(lm)
+        self.window = getattr(lm.model.config, "sliding_window", None)
 
-    def logits(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
-        if self.groups[g].prefix is None:
-            return super().logits(g, rows, swap)
-        return self.readout.logits(self.final_hidden(g, rows, swap))
+    def logits(self, batch: Batch, intervene: Intervene) -> Tensor:
+        if not self.cached:
+            return super().logits(batch, intervene)
+        return self.readout.logits(self.final_hidden(batch, intervene))
 
-    def loss(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
-        if self.groups[g].prefix is None:
-            return super().loss(g, rows, swap)
-        return self.readout.loss(self.final_hidden(g, rows, swap), self.groups[g].labels[rows])
+    def loss(self, batch: Batch, intervene: Intervene) -> Tensor:
+        if not self.cached:
+            return super().loss(batch, intervene)
+        return self.readout.loss(self.final_hidden(batch, intervene), self.labels(batch))
 
-    def final_hidden(self, g: int, rows: Tensor, swap: Swap) -> Tensor:
-        """The edited base run's final hidden state at the last position, [B, hidden]."""
-        group, start = self.groups[g], self.starts[g]
-        skipping = group.residual is not None and self.site.layer > 0
-        cache = self._prefix_cache(group, rows, start, self.site.layer if skipping else 0) if start > 0 else None
-        residual = group.residual[rows, start:] if skipping else None
-        edit = self._edit(group.base_positions[rows] - start, swap)
-        with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, edit):
-            out = self.lm.model.base_model(input_ids=group.base_ids[rows, start:], past_key_values=cache, use_cache=cache is not None)
+    def final_hidden(self, batch: Batch, intervene: Intervene) -> Tensor:
+        """The edited base runs' final hidden state at their last position, [B, hidden]."""
+        if len(batch) == 1 or self._joinable(batch):
+            return self._run(batch, intervene)
+        return torch.cat([self._run([piece], intervene) for piece in batch])
+
+    def _layout(self, batch: Batch) -> tuple[int, list[int], int]:
+        """(padded length, left padding per piece, first fed column) of the batch joined."""
+        lengths = [self.groups[g].base_ids.shape[1] for g, _ in batch]
+        length = max(lengths)
+        pads = [length - t for t in lengths]
+        return length, pads, min(self.starts[g] + pad for (g, _), pad in zip(batch, pads))
+
+    def _joinable(self, batch: Batch) -> bool:
+        length, pads, start = self._layout(batch)
+        return start >= max(pads) and (self.window is None or length <= self.window)
+
+    def _run(self, batch: Batch, intervene: Intervene) -> Tensor:
+        length, pads, start = self._layout(batch)
+        # per piece: its group, rows, left padding, and the first fed column in its own coordinates
+        pieces = [(self.groups[g], rows, pad, start - pad) for (g, rows), pad in zip(batch, pads)]
+        skipping = self.site.layer > 0 and all(group.residual is not None for group, *_ in pieces)
+        ids = torch.cat([group.base_ids[rows, own:] for group, rows, _, own in pieces])
+        positions = torch.cat([group.base_positions[rows] - own for group, rows, _, own in pieces])
+        source = torch.cat([group.source_values[rows] for group, rows, *_ in pieces])
+        residual = torch.cat([group.residual[rows, own:] for group, rows, _, own in pieces]) if skipping else None
+        cache = self._prefix_cache(pieces, start, self.site.layer if skipping else 0) if start > 0 else None
+        mask = position_ids = None
+        if any(pads):
+            device = ids.device
+            mask = torch.cat([torch.arange(length, device=device).expand(len(rows), -1) >= pad for _, rows, pad, _ in pieces]).long()
+            position_ids = torch.cat([torch.arange(own, own + length - start, device=device).expand(len(rows), -1) for _, rows, _, own in pieces])
+        with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, self._edit(positions, source, intervene)):
+            out = self.lm.model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=cache is not None
+            )
         return out.last_hidden_state[:, -1]
 
-    def _prefix_cache(self, group: CellGroup, rows: Tensor, start: int, first_block: int) -> DynamicCache:
-        """The base run's keys and values before `start`, for the blocks from `first_block` on.
+    def _prefix_cache(self, pieces: list, start: int, first_block: int) -> DynamicCache:
+        """The base runs' keys and values before `start` (left-padded per piece), for blocks from `first_block` on.
 
         Skipped blocks read nothing from the cache, but the model reads the prefix length from
         their layers (layer 0, the first sliding-window layer), so they hold a placeholder of that length.
         """
         cache = DynamicCache(config=self.lm.model.config)
-        placeholder = group.base_ids.new_zeros(1, 1, start, 1, dtype=self.lm.model.dtype)
-        for layer, kv in enumerate(group.prefix):
-            if kv is None and layer >= first_block:
+        placeholder = pieces[0][0].base_ids.new_zeros(1, 1, start, 1, dtype=self.lm.model.dtype)
+        for layer in range(len(pieces[0][0].prefix)):
+            if layer < first_block:
+                cache.update(placeholder, placeholder, layer)
+                continue
+            if any(group.prefix[layer] is None for group, *_ in pieces):
                 raise ValueError(f"the base run kept no keys and values for layer {layer}, which block {first_block} on needs")
-            keys, values = (placeholder, placeholder) if layer < first_block else (t[rows, :, :start] for t in kv)
+            keys, values = (
+                torch.cat([_left_pad(group.prefix[layer][i][rows, :, :own], pad) for group, rows, pad, own in pieces])
+                for i in (0, 1)
+            )
             cache.update(keys, values, layer)
         return cache
+
+
+def _left_pad(kv: Tensor, pad: int) -> Tensor:
+    """[B, heads, t, d] -> [B, heads, pad + t, d], zeros first (masked out by the attention mask)."""
+    return F.pad(kv, (0, 0, pad, 0)) if pad else kv
 
 
 @contextmanager

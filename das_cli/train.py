@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import PairSet, batches, resolve_positions
+from .data import PairSet, batches, resolve_positions, to_device
 from .interventions import Intervention
 from .engines import CellGroup, ReferenceEngine
 from .sites import gather
@@ -72,18 +72,17 @@ def fit(
     intervention.train()
     generator = torch.Generator().manual_seed(seed)
     sizes = [len(group) for group in engine.groups]
-    steps_per_epoch = len(batches(sizes, batch_size))
-    total = max(1, epochs * steps_per_epoch)
+    plan = [to_device(batches(sizes, batch_size, generator), engine.lm.device) for _ in range(epochs)]
+    total = max(1, sum(len(epoch) for epoch in plan))
     optimizer = torch.optim.Adam(intervention.param_groups(lr))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (lr_end_factor - 1) * min(s / total, 1.0))
     bar = tqdm(total=total, desc="steps", leave=False, disable=not progress, mininterval=1.0)
     step, epoch_losses = 0, []
-    for _ in range(epochs):
+    for epoch in plan:
         epoch_losses = []
-        for g, rows in batches(sizes, batch_size, generator):
+        for batch in epoch:
             intervention.set_progress(step / total)
-            source = engine.groups[g].source_values[rows.to(engine.groups[g].source_values.device)]
-            loss = engine.loss(g, rows, lambda base: intervention(base, source)) + intervention.extra_loss()
+            loss = engine.loss(batch, intervention) + intervention.extra_loss()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -127,18 +126,16 @@ def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int) -> Ev
     hits: dict[str, int] = {}
     counts: dict[str, int] = {}
     loss_sum, n = 0.0, 0
-    for g, rows in batches([len(group) for group in engine.groups], batch_size):
-        group = engine.groups[g]
-        source = group.source_values[rows.to(group.source_values.device)]
-        logits = engine.logits(g, rows, lambda base: intervention(base, source))
-        labels = group.labels[rows]
+    for batch in batches([len(group) for group in engine.groups], batch_size):
+        logits = engine.logits(batch, intervention)
+        labels = engine.labels(batch)
         correct = (logits.argmax(-1) == labels).tolist()
-        kinds = [group.kinds[i] for i in rows.tolist()] if group.kinds else ["cause"] * len(rows)
+        kinds = [engine.groups[g].kinds[i] if engine.groups[g].kinds else "cause" for g, rows in batch for i in rows.tolist()]
         for kind, ok in zip(kinds, correct):
             hits[kind] = hits.get(kind, 0) + int(ok)
             counts[kind] = counts.get(kind, 0) + 1
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        n += len(rows)
+        n += len(labels)
     return Evaluation(hits, counts, loss_sum / max(n, 1))
 
 

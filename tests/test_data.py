@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from das_cli.data import batches, resolve_positions, tokenize_pairs
+from das_cli.data import batches, resolve_positions, to_device, tokenize_pairs
 from das_cli.errors import DasError
 from das_cli.examples import Example
 from das_cli.models import embedded_tokenizer
@@ -45,11 +45,27 @@ def test_positions_ints_names_and_errors(tokenizer):
 
 
 def test_batches_cover_every_row_once_and_shuffle_deterministically():
-    chunks = batches([5, 3], 2, torch.Generator().manual_seed(0))
-    seen = sorted((g, int(i)) for g, rows in chunks for i in rows)
+    plan = batches([5, 3], 2, torch.Generator().manual_seed(0))
+    seen = sorted((g, int(i)) for batch in plan for g, rows in batch for i in rows)
     assert seen == [(0, i) for i in range(5)] + [(1, i) for i in range(3)]
     again = batches([5, 3], 2, torch.Generator().manual_seed(0))
-    assert [(g, r.tolist()) for g, r in chunks] == [(g, r.tolist()) for g, r in again]
+    assert [[(g, r.tolist()) for g, r in b] for b in plan] == [[(g, r.tolist()) for g, r in b] for b in again]
+
+
+def test_batches_are_full_and_span_groups_in_order():
+    """Batches cut across groups (sorted by length): all full but the last, each piece one group."""
+    plan = batches([5, 3, 1], 4)
+    assert [[(g, r.tolist()) for g, r in b] for b in plan] == [
+        [(0, [0, 1, 2, 3])],
+        [(0, [4]), (1, [0, 1, 2])],
+        [(2, [0])],
+    ]
+    shuffled = batches([5, 3, 1, 7], 4, torch.Generator().manual_seed(3))
+    assert sorted(sum(len(r) for _, r in b) for b in shuffled) == [4, 4, 4, 4]
+    for batch in shuffled:
+        groups = [g for g, _ in batch]
+        assert groups == sorted(set(groups))  # consecutive groups, each once
+    assert batches([], 4) == []
 
 
 def test_pairs_group_by_base_length_and_padded_sources_read_exactly(tokenizer, one_thread):
@@ -75,3 +91,11 @@ def test_pairs_group_by_base_length_and_padded_sources_read_exactly(tokenizer, o
         alone = read_sources(lm, [site], tokenize_pairs(tokenizer, [examples[row]], "train"), 8)[0][0][0]
         n = lengths[row]
         assert torch.allclose(padded[row, :n], alone[:n], atol=1e-5)  # padding after the prompt changes nothing
+
+
+def test_to_device_keeps_the_plan():
+    plan = batches([5, 3], 3, torch.Generator().manual_seed(1))
+    assert to_device(plan, torch.device("cpu")) is plan
+    moved = to_device(plan, torch.device("meta"))  # any non-CPU device: one copy, same structure
+    assert [[(g, len(r)) for g, r in b] for b in moved] == [[(g, len(r)) for g, r in b] for b in plan]
+    assert all(r.device.type == "meta" for b in moved for _, r in b)

@@ -126,8 +126,9 @@ def orthonormal(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, k, generator=gen))[0]
 
 
-def das_swap(source: torch.Tensor, W: torch.Tensor):
-    return lambda b: b + ((source - b) @ W) @ W.T
+def das_swap(W: torch.Tensor):
+    """DAS with a fixed basis: (base values, source values) -> edited values."""
+    return lambda b, s: b + ((s - b) @ W) @ W.T
 
 
 def unedited_last_logits(lm, ids):
@@ -183,7 +184,7 @@ def test_identity_swap_equals_unedited_model(lm, pairs, prefixes, position):
         for g, group in enumerate(groups):
             expected = unedited_last_logits(lm, group.base_ids[rows])
             with torch.no_grad():
-                got = engine.logits(g, rows, lambda b: b)
+                got = engine.logits([(g, rows)], lambda b, s: b)
             assert got.dtype == torch.float32 and got.shape == expected.shape
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
@@ -215,8 +216,8 @@ def compare_engines(lm, site, groups, rows, seed=0):
         for g, group in enumerate(groups):
             W = W0.clone().requires_grad_(True)
             with torch.no_grad():
-                logits = engine.logits(g, rows, das_swap(group.source_values[rows], W))
-            loss = engine.loss(g, rows, das_swap(group.source_values[rows], W))  # the fast one reads logits once
+                logits = engine.logits([(g, rows)], das_swap(W))
+            loss = engine.loss([(g, rows)], das_swap(W))  # the fast one reads logits once
             torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, group.labels[rows]), atol=ATOL, rtol=0)
             (grad,) = torch.autograd.grad(loss, W)
             out.append((logits, grad))
@@ -257,6 +258,41 @@ def test_fast_equals_reference_other_layers(lm, pairs, prefixes, residuals, stre
         compare_engines(lm, site, groups, rows=torch.tensor([1, 3, 0]), seed=layer)
 
 
+# --- batches spanning groups of different lengths -----------------------------------------------
+
+MIXED = [(0, torch.tensor([2, 0])), (1, torch.tensor([3, 1, 0]))]  # rows of the 9-token and the 6-token group
+# joined into one left-padded forward when the earliest intervened column (padded) follows the 3 pad columns
+JOINED = {"first": False, "middle": True, "last": True, "middle+last": True, "per_row": False, "per_row_pair": False}
+
+
+@pytest.mark.parametrize("position", list(POSITIONS))
+@pytest.mark.parametrize("stream", STREAMS)
+def test_mixed_length_batch_equals_reference(lm, pairs, prefixes, residuals, stream, position):
+    site = site_of(lm, stream)
+    groups = hand_groups(lm, site, pairs, prefixes, position, residuals=residuals)
+    fast, reference = FastEngine(lm, site, groups), ReferenceEngine(lm, site, groups)
+    assert fast._joinable(MIXED) is JOINED[position]
+    calls = []
+    hook = lm.model.base_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    W0 = orthonormal(groups[0].source_values.shape[1], 2)
+    out = {}
+    try:
+        for engine in (reference, fast):
+            W = W0.clone().requires_grad_(True)
+            calls.clear()
+            with torch.no_grad():
+                logits = engine.logits(MIXED, das_swap(W))
+            forwards = len(calls)
+            loss = engine.loss(MIXED, das_swap(W))
+            out[engine] = (logits, loss.detach(), torch.autograd.grad(loss, W)[0], forwards)
+    finally:
+        hook.remove()
+    assert out[fast][3] == (1 if JOINED[position] else 2) and out[reference][3] == 2
+    for name, got, expected in zip(("logits", "loss", "grad"), out[fast][:3], out[reference][:3]):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(fast.labels(MIXED), torch.cat([groups[0].labels[MIXED[0][1]], groups[1].labels[MIXED[1][1]]]))
+
+
 def test_fast_engine_without_prefix_falls_back(lm, pairs, prefixes):
     site = site_of(lm, "mlp_output")
     groups = hand_groups(lm, site, pairs, prefixes, "middle+last")
@@ -265,10 +301,9 @@ def test_fast_engine_without_prefix_falls_back(lm, pairs, prefixes):
     W = orthonormal(2 * site.width, 2)
     with torch.no_grad():
         for g in range(len(groups)):
-            swap = das_swap(groups[g].source_values[rows], W)
             torch.testing.assert_close(
-                FastEngine(lm, site, bare).logits(g, rows, swap),
-                FastEngine(lm, site, groups).logits(g, rows, swap),
+                FastEngine(lm, site, bare).logits([(g, rows)], das_swap(W)),
+                FastEngine(lm, site, groups).logits([(g, rows)], das_swap(W)),
                 atol=ATOL,
                 rtol=0,
             )
@@ -309,7 +344,7 @@ def test_training_is_engine_independent(lm, stream, position):
         iia, loss = evaluate(engine, intervention, batch_size=3)
         outcomes[name] = (result, iia, loss, intervention.W.detach().clone())
     (fit_f, iia_f, loss_f, W_f), (fit_r, iia_r, loss_r, W_r) = outcomes["fast"], outcomes["reference"]
-    assert fit_f.steps == fit_r.steps == 2 * 4  # two groups of 4 rows in batches of 3: 2 + 2 per epoch
+    assert fit_f.steps == fit_r.steps == 2 * 3  # 8 rows in batches of 3 (one spans both groups), 3 per epoch
     assert fit_f.loss == pytest.approx(fit_r.loss, abs=1e-4)
     assert iia_f == iia_r
     assert loss_f == pytest.approx(loss_r, abs=1e-4)
@@ -344,7 +379,7 @@ def test_skipped_blocks_do_no_work(lm, pairs, base):
     attention = [lm.block(i).get_submodule(lm.family.attention) for i in range(4)]
     handles = [m.register_forward_pre_hook(lambda m, a, i=i: entered.append(i)) for i, m in enumerate(attention)]
     try:
-        FastEngine(lm, site, groups).logits(0, torch.tensor([0, 1]), lambda b: b)
+        FastEngine(lm, site, groups).logits([(0, torch.tensor([0, 1]))], lambda b, s: b)
     finally:
         for h in handles:
             h.remove()

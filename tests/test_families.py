@@ -267,16 +267,62 @@ def test_fast_equals_reference(lm, pairs, base, stream, position):
         return b + ((source - b) @ W) @ W.T
 
     with torch.no_grad():
-        ref = ReferenceEngine(lm, site, [cell]).logits(0, rows, swap)
-        fast = FastEngine(lm, site, [cell]).logits(0, rows, swap)
+        ref = ReferenceEngine(lm, site, [cell]).logits([(0, rows)], lambda b, s: swap(b))
+        fast = FastEngine(lm, site, [cell]).logits([(0, rows)], lambda b, s: swap(b))
     torch.testing.assert_close(fast, ref, atol=ENGINE_ATOL, rtol=0)
     assert (ref - last_logits(lm, group.base_ids[rows])).abs().amax() > 1e-6  # the swap does something
 
     W.requires_grad_(True)  # the training loss and its gradient (the fast engine's reads the vocabulary once)
-    losses = [engine(lm, site, [cell]).loss(0, rows, swap) for engine in (ReferenceEngine, FastEngine)]
+    losses = [engine(lm, site, [cell]).loss([(0, rows)], lambda b, s: swap(b)) for engine in (ReferenceEngine, FastEngine)]
     grads = [torch.autograd.grad(loss, W)[0] for loss in losses]
     torch.testing.assert_close(losses[1], losses[0], atol=ENGINE_ATOL, rtol=0)
     torch.testing.assert_close(grads[1], grads[0], atol=ENGINE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["middle", "last"])
+@pytest.mark.parametrize("stream", WHOLE_STREAMS)
+def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):
+    """A batch of two prompt lengths: the fast engine's one left-padded forward (masked prefix,
+    each row's own position ids) gives each row's own logits."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = (T, T - 3)
+    pairs = PairSet(groups=[
+        PairGroup(
+            base_ids=torch.randint(0, 1000, (B, t), generator=gen),
+            source_ids=torch.randint(0, 1000, (B, t), generator=gen),
+            labels=torch.randint(0, 1000, (B,), generator=gen),
+            base_labels=torch.randint(0, 1000, (B,), generator=gen),
+            base_positions={},
+            source_positions={},
+        )
+        for t in lengths
+    ])
+    base = base_run(lm, pairs, batch_size=2, keep_prefix=True, layers=(LAYER,))
+    site = resolve_site(lm, stream, LAYER)
+    cells = [
+        CellGroup(
+            base_ids=group.base_ids,
+            base_positions=torch.full((B, 1), t // 2 if position == "middle" else t - 1),
+            source_values=torch.randn(B, site.width, generator=gen),
+            labels=group.labels,
+            prefix=base.prefixes[i],
+            residual=base.residuals[i][LAYER],
+        )
+        for i, (group, t) in enumerate(zip(pairs.groups, lengths))
+    ]
+    batch = [(0, torch.tensor([2, 0])), (1, torch.tensor([1, 2, 0]))]
+    fast = FastEngine(lm, site, cells)
+    assert fast._joinable(batch)
+    W = torch.linalg.qr(torch.randn(site.width, 2, generator=gen))[0]
+
+    def intervene(b, s):
+        return b + ((s - b) @ W) @ W.T
+
+    with torch.no_grad():
+        expected = ReferenceEngine(lm, site, cells).logits(batch, intervene)
+        torch.testing.assert_close(fast.logits(batch, intervene), expected, atol=ENGINE_ATOL, rtol=0)
+        unedited = torch.cat([last_logits(lm, cells[g].base_ids[rows]) for g, rows in batch])
+    assert (expected - unedited).abs().amax() > 1e-6  # the swap does something
 
 
 # --- 4. heads split and join back --------------------------------------------------------------

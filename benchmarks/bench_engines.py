@@ -81,7 +81,7 @@ def _cache_mb(cfg, load_model, build_pairs, base_run) -> float:
     for pairs in build_pairs(cfg, lm):
         run = base_run(lm, pairs, int(cfg.eval.batch_size), True, layers)
         for group_prefix, group_residuals in zip(run.prefixes, run.residuals):
-            total += sum(k.nbytes + v.nbytes for k, v in group_prefix)
+            total += sum(k.nbytes + v.nbytes for k, v in filter(None, group_prefix))
             total += sum(r.nbytes for r in group_residuals.values())
     return total / 2**20
 
@@ -120,7 +120,7 @@ def export_cell(overrides: list[str], path: Path) -> None:
 
     generator = torch.Generator().manual_seed(seed)  # the order fit() draws for this cell
     steps = [step for _ in range(int(cfg.train.epochs)) for step in batches(train.sizes, int(cfg.train.batch_size), generator)]
-    model_dir = str(_converted_embedded_dir()) if cfg.model.get("embedded") else str(cfg.model.name_or_path)
+    model_dir = str(_converted_embedded_dir()) if cfg.model.get("embedded") else str(cfg.model.get("name_or_path", cfg.model.name))
     torch.save({"model_dir": model_dir, "layer": cell.layer, "dim": int(cfg.intervention.dim), "seed": seed,
                 "lr": float(cfg.train.lr), "lr_end_factor": float(cfg.train.lr_end_factor), "steps": steps,
                 "eval_batch": int(cfg.eval.batch_size), "train": groups(train), "test": groups(test)}, path)

@@ -1,0 +1,40 @@
+"""The engine benchmark runs end to end on a tiny model, and the cell it hands to the pyvene peer
+holds the same batches das-cli trains on."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT
+
+BENCH = ROOT / "benchmarks" / "bench_engines.py"
+TINY = ["model=tiny_gpt2", "dataset.n_train=24", "dataset.n_test=12", "train.batch_size=8"]
+
+
+def test_benchmark_sweep_row(tmp_path):
+    out = tmp_path / "results.md"
+    args = ["--skip-cells", "--epochs", "1", "--layers", "0,2", "--out", str(out), "--overrides", *TINY]
+    result = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    header, rule, row = out.read_text().splitlines()[:3]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert header.startswith("| measurement | cells | fast s/cell") and cells[1] == "2"
+    assert cells[4].startswith("**") and cells[4].endswith("×**")  # the speed-up
+    assert float(cells[-1]) <= 0.01  # IIA gap between engines
+
+
+def test_exported_cell_has_das_clis_batches(tmp_path):
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import bench_engines
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    path = tmp_path / "cell.pt"
+    bench_engines.export_cell(TINY + ["train.epochs=2", "layers=[1]", "positions=[last]"], path)
+    cell = torch.load(path, weights_only=False)
+    assert cell["layer"] == 1 and cell["dim"] == 1
+    assert len(cell["steps"]) == 2 * 3  # 24 pairs in batches of 8, two epochs
+    rows = sorted((g, int(i)) for batch in cell["steps"][:3] for g, r in batch for i in r)
+    assert rows == sorted((g, i) for g, group in enumerate(cell["train"]) for i in range(len(group["labels"])))

@@ -15,7 +15,7 @@ the training loss on them; the fast engine's loss reads the vocabulary weight on
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -27,7 +27,7 @@ from transformers import DynamicCache
 from .data import Batch, PairSet
 from .models import LoadedModel
 from .readout import Readout
-from .sites import Site, gather, hooked, scatter
+from .sites import Site, gather, hooked, resolve_site, scatter
 
 Intervene = Callable[[Tensor, Tensor], Tensor]  # (base's site values, source's) -> the edited values
 ENGINES = ("fast", "reference")
@@ -228,12 +228,17 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
     """
     first = min(layers, default=0)
     run = BaseRun(predictions=[], prefixes=[] if keep_prefix else None, residuals=[] if keep_prefix else None)
+    blocks = [resolve_site(lm, "block_input", layer) for layer in layers] if keep_prefix else []
     for group in pairs.groups:
         ids = group.base_ids.to(lm.device)
-        outs = [
-            lm.model(input_ids=ids[i : i + batch_size], use_cache=keep_prefix, output_hidden_states=keep_prefix, logits_to_keep=1)
-            for i in range(0, len(ids), batch_size)
-        ]
+        entering: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        with ExitStack() as stack:  # only the swept layers' residuals, not every layer's hidden states
+            for site in blocks:
+                stack.enter_context(hooked(site, lambda hidden, layer=site.layer: entering[layer].append(hidden)))
+            outs = [
+                lm.model(input_ids=ids[i : i + batch_size], use_cache=keep_prefix, logits_to_keep=1)
+                for i in range(0, len(ids), batch_size)
+            ]
         run.predictions.append(torch.cat([out.logits[:, -1].argmax(-1) for out in outs]))
         if keep_prefix:
             caches = [out.past_key_values.layers for out in outs]
@@ -242,7 +247,7 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
                 if i >= first else None
                 for i in range(len(caches[0]))
             ])
-            run.residuals.append({layer: torch.cat([out.hidden_states[layer] for out in outs]) for layer in layers})
+            run.residuals.append({layer: torch.cat(parts) for layer, parts in entering.items()})
     return run
 
 

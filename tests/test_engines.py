@@ -196,6 +196,16 @@ def test_fast_engine_starts(lm, pairs, prefixes):
         assert engine.starts == expected, position
 
 
+def test_base_run_residuals_are_the_block_inputs(lm, pairs, base):
+    """The kept residuals are the swept blocks' inputs (the model's hidden_states[layer]), and only theirs."""
+    for group, residuals in zip(pairs.groups, base.residuals):
+        with torch.no_grad():
+            hidden = lm.model(input_ids=group.base_ids, output_hidden_states=True).hidden_states
+        assert sorted(residuals) == list(SKIP_LAYERS)
+        for layer, residual in residuals.items():
+            torch.testing.assert_close(residual, hidden[layer], atol=1e-6, rtol=0)
+
+
 def test_make_engine(lm, pairs, prefixes):
     site = site_of(lm, "block_input")
     groups = hand_groups(lm, site, pairs, prefixes, "last")

@@ -396,3 +396,31 @@ def test_skipped_blocks_do_no_work(lm, pairs, base):
     assert entered == [3]
     for block in (lm.block(i) for i in range(4)):
         assert "forward" not in vars(block)  # the class's forward is back
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+
+def train_last_token_cell(device: str) -> tuple[float, torch.Tensor, float]:
+    """A short fast-engine fit on tiny_llama on `device`: (last epoch's loss, learned basis, IIA)."""
+    lm = load_model(OmegaConf.load(CONF / "tiny_llama.yaml"), device, "float32")
+    pairs = random_pairs(seed=1)  # two prompt lengths: batches of 3 join them
+    site = site_of(lm, "block_output")
+    source_acts = [read_site(lm, site, group.source_ids.to(lm.device)) for group in pairs.groups]
+    base = base_run(lm, pairs, batch_size=4, keep_prefix=True, layers=(site.layer,))
+    residuals = [per_layer[site.layer] for per_layer in base.residuals]
+    groups = prepare(pairs, ("last",), source_acts, lm.device, base.prefixes, residuals)
+    engine = make_engine("fast", lm, site, groups)
+    torch.manual_seed(123)
+    intervention = build_intervention("das", site.width, dim=1).to(lm.device)
+    result = fit(engine, intervention, epochs=2, lr=0.05, batch_size=3, lr_end_factor=0.5, seed=7, progress=False)
+    iia, _ = evaluate(engine, intervention, batch_size=3)
+    return result.loss, intervention.W.detach().cpu(), iia
+
+
+@pytest.mark.gpu
+def test_fast_training_on_cuda_matches_cpu():
+    cpu, cuda = train_last_token_cell("cpu"), train_last_token_cell("cuda")
+    assert cuda[0] == pytest.approx(cpu[0], abs=1e-4)
+    torch.testing.assert_close(cuda[1], cpu[1], atol=1e-4, rtol=0)
+    assert cuda[2] == cpu[2]

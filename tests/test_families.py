@@ -225,18 +225,24 @@ def test_vanilla_full_swap(lm, ids, other_ids, stream):
 G = 4
 
 
+def random_pairs(gen: torch.Generator, rows: int, lengths: tuple[int, ...]) -> PairSet:
+    """One group of `rows` random pairs per base length (sources as long as their bases)."""
+    return PairSet(groups=[
+        PairGroup(
+            base_ids=torch.randint(0, 1000, (rows, t), generator=gen),
+            source_ids=torch.randint(0, 1000, (rows, t), generator=gen),
+            labels=torch.randint(0, 1000, (rows,), generator=gen),
+            base_labels=torch.randint(0, 1000, (rows,), generator=gen),
+            base_positions={},
+            source_positions={},
+        )
+        for t in lengths
+    ])
+
+
 @pytest.fixture(scope="module")
 def pairs():
-    gen = torch.Generator().manual_seed(2)
-    group = PairGroup(
-        base_ids=torch.randint(0, 1000, (G, T), generator=gen),
-        source_ids=torch.randint(0, 1000, (G, T), generator=gen),
-        labels=torch.randint(0, 1000, (G,), generator=gen),
-        base_labels=torch.randint(0, 1000, (G,), generator=gen),
-        base_positions={},
-        source_positions={},
-    )
-    return PairSet(groups=[group])
+    return random_pairs(torch.Generator().manual_seed(2), G, (T,))
 
 
 @pytest.fixture(scope="module")
@@ -286,17 +292,7 @@ def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):
     each row's own position ids) gives each row's own logits."""
     gen = torch.Generator().manual_seed(4)
     lengths = (T, T - 3)
-    pairs = PairSet(groups=[
-        PairGroup(
-            base_ids=torch.randint(0, 1000, (B, t), generator=gen),
-            source_ids=torch.randint(0, 1000, (B, t), generator=gen),
-            labels=torch.randint(0, 1000, (B,), generator=gen),
-            base_labels=torch.randint(0, 1000, (B,), generator=gen),
-            base_positions={},
-            source_positions={},
-        )
-        for t in lengths
-    ])
+    pairs = random_pairs(gen, B, lengths)
     base = base_run(lm, pairs, batch_size=2, keep_prefix=True, layers=(LAYER,))
     site = resolve_site(lm, stream, LAYER)
     cells = [

@@ -126,7 +126,7 @@ def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int) -> Ev
     hits: dict[str, int] = {}
     counts: dict[str, int] = {}
     loss_sum, n = 0.0, 0
-    for batch in batches([len(group) for group in engine.groups], batch_size):
+    for batch in to_device(batches([len(group) for group in engine.groups], batch_size), engine.lm.device):
         logits = engine.logits(batch, intervention)
         labels = engine.labels(batch)
         correct = (logits.argmax(-1) == labels).tolist()

@@ -50,23 +50,23 @@ def worker(args: argparse.Namespace) -> None:
     from das_cli.sweep import build_pairs
 
     cfg = das_cli.compose(args.overrides + ["progress=false", "output.plots=false"])
-    cache_mb = _cache_mb(cfg, load_model, build_pairs, base_run) if args.engine_name == "fast" else 0.0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
         table = das_cli.run(cfg, folder)
         seconds = time.perf_counter() - start
+    peak_mb = peak_rss_mb()  # before the cache is sized below, which loads the model again
     result = {
         "seconds": seconds,
         "cell_seconds": float(table["seconds"].sum()),
         "cells": len(table),
         "iia": table["iia"].round(4).tolist(),
         "loss": table["loss"].round(5).tolist(),
-        "peak_rss_mb": peak_rss_mb(),
-        "cache_mb": cache_mb,
+        "peak_rss_mb": peak_mb,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
+    result["cache_mb"] = _cache_mb(cfg, load_model, build_pairs, base_run) if args.engine_name == "fast" else 0.0
     print("RESULT " + json.dumps(result))
 
 

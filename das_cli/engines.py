@@ -224,31 +224,59 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
     Cache cost per pair of T tokens, in the model's dtype: 2 x layers x kv_heads x head_dim x (T - 1)
     numbers of keys and values, plus hidden x T per swept layer of residual stream. With `layers`
     given, the fast engine skips the blocks before the earliest of them, so their keys and values
-    are not kept (None).
+    are not kept (None). Each group's tensors are allocated once and filled batch by batch, so
+    beyond them the run holds one batch's full key/value cache at a time.
     """
     first = min(layers, default=0)
     run = BaseRun(predictions=[], prefixes=[] if keep_prefix else None, residuals=[] if keep_prefix else None)
     blocks = [resolve_site(lm, "block_input", layer) for layer in layers] if keep_prefix else []
     for group in pairs.groups:
         ids = group.base_ids.to(lm.device)
-        entering: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+        kept: dict = {}  # ("kv", layer, 0 | 1) -> keys | values;  ("residual", layer) -> residual
+        rows = slice(0, 0)
         with ExitStack() as stack:  # only the swept layers' residuals, not every layer's hidden states
             for site in blocks:
-                stack.enter_context(hooked(site, lambda hidden, layer=site.layer: entering[layer].append(hidden)))
-            outs = [
-                lm.model(input_ids=ids[i : i + batch_size], use_cache=keep_prefix, logits_to_keep=1)
-                for i in range(0, len(ids), batch_size)
-            ]
-        run.predictions.append(torch.cat([out.logits[:, -1].argmax(-1) for out in outs]))
+                stack.enter_context(hooked(site, lambda hidden, layer=site.layer: _fill(kept, ("residual", layer), rows, hidden, len(ids))))
+            predictions = []
+            for i in range(0, len(ids), batch_size):
+                rows = slice(i, i + batch_size)
+                predictions.append(_base_batch(lm, ids[rows], first if keep_prefix else None, kept, rows, len(ids)))
+        run.predictions.append(torch.cat(predictions))
         if keep_prefix:
-            caches = [out.past_key_values.layers for out in outs]
-            run.prefixes.append([
-                tuple(torch.cat([getattr(c[i], kind)[:, :, :-1] for c in caches]) for kind in ("keys", "values"))
-                if i >= first else None
-                for i in range(len(caches[0]))
-            ])
-            run.residuals.append({layer: torch.cat(parts) for layer, parts in entering.items()})
+            run.prefixes.append([(kept["kv", i, 0], kept["kv", i, 1]) if i >= first else None for i in range(lm.n_layers)])
+            run.residuals.append({layer: kept["residual", layer] for layer in layers})
     return run
+
+
+def _base_batch(lm: LoadedModel, ids: Tensor, first: int | None, kept: dict, rows: slice, total: int) -> Tensor:
+    """Top-1 answers of one batch of base prompts; with `first`, its keys and values before the last
+    position, from layer `first` on, are written into `kept` as the attention layers compute them."""
+    cache = None if first is None else _RecordingCache(first, kept, rows, total)
+    out = lm.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+    return out.logits[:, -1].argmax(-1)
+
+
+class _RecordingCache(DynamicCache):
+    """A cache that stores nothing: each attention layer from `first` on writes its keys and values
+    before the last position into rows `rows` of `kept`, and attends to this forward's own, as an
+    empty cache would let it. So a base run never holds a whole batch's keys and values of every layer."""
+
+    def __init__(self, first: int, kept: dict, rows: slice, total: int):
+        super().__init__()
+        self.first, self.kept, self.rows, self.total = first, kept, rows, total
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if layer_idx >= self.first:
+            _fill(self.kept, ("kv", layer_idx, 0), self.rows, key_states[:, :, :-1], self.total)
+            _fill(self.kept, ("kv", layer_idx, 1), self.rows, value_states[:, :, :-1], self.total)
+        return key_states, value_states
+
+
+def _fill(store: dict, key: tuple, rows: slice, value: Tensor, total: int) -> None:
+    """store[key][rows] = value, allocating store[key] with `total` rows at the first write."""
+    if key not in store:
+        store[key] = value.new_empty((total, *value.shape[1:]))
+    store[key][rows] = value
 
 
 def base_prefixes(lm: LoadedModel, pairs: PairSet, batch_size: int) -> list[list[tuple[Tensor, Tensor]]]:

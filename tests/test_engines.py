@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from das_cli.data import PairGroup, PairSet
+from das_cli.data import PairGroup, PairSet, batches, to_device
 from das_cli import engines as engines_module
 from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, base_run, make_engine
 from das_cli.interventions import build_intervention
@@ -424,3 +424,29 @@ def test_fast_training_on_cuda_matches_cpu():
     assert cuda[0] == pytest.approx(cpu[0], abs=1e-4)
     torch.testing.assert_close(cuda[1], cpu[1], atol=1e-4, rtol=0)
     assert cuda[2] == cpu[2]
+
+
+@pytest.mark.gpu
+def test_fast_training_steps_do_not_wait_for_the_host():
+    """A fast-engine step on CUDA (mixed lengths joined, loss, backward, Adam) never synchronises."""
+    lm = load_model(OmegaConf.load(CONF / "tiny_llama.yaml"), "cuda", "float32")
+    pairs = random_pairs(seed=1)
+    site = site_of(lm, "block_output")
+    source_acts = [read_site(lm, site, group.source_ids.to(lm.device)) for group in pairs.groups]
+    base = base_run(lm, pairs, batch_size=4, keep_prefix=True, layers=(site.layer,))
+    residuals = [per_layer[site.layer] for per_layer in base.residuals]
+    engine = make_engine("fast", lm, site, prepare(pairs, ("last",), source_acts, lm.device, base.prefixes, residuals))
+    intervention = build_intervention("das", site.width, dim=1).to(lm.device)
+    optimizer = torch.optim.Adam(intervention.param_groups(0.01))
+    plan = to_device(batches([len(group) for group in engine.groups], 3, torch.Generator().manual_seed(0)), lm.device)
+    assert any(len(batch) > 1 for batch in plan)  # a joined step is among them
+    try:
+        for i, batch in enumerate(plan):
+            # the first step initialises state lazily (Adam's, the parametrisation's); the rest must not wait
+            torch.cuda.set_sync_debug_mode("error" if i else "default")
+            loss = engine.loss(batch, intervention)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

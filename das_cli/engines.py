@@ -224,8 +224,8 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
     Cache cost per pair of T tokens, in the model's dtype: 2 x layers x kv_heads x head_dim x (T - 1)
     numbers of keys and values, plus hidden x T per swept layer of residual stream. With `layers`
     given, the fast engine skips the blocks before the earliest of them, so their keys and values
-    are not kept (None). Each group's tensors are allocated once and filled batch by batch, so
-    beyond them the run holds one batch's full key/value cache at a time.
+    are not kept (None). Each group's tensors are allocated once and filled batch by batch as the
+    attention layers compute them; no batch's cache of every layer is ever held.
     """
     first = min(layers, default=0)
     run = BaseRun(predictions=[], prefixes=[] if keep_prefix else None, residuals=[] if keep_prefix else None)

@@ -156,6 +156,19 @@ def test_base_prefixes_shapes(lm, pairs, prefixes):
             torch.testing.assert_close(va, vb, atol=1e-6, rtol=0)
 
 
+def test_base_run_cache_stores_nothing(lm, pairs):
+    """The base run's cache hands each layer's keys and values on (from layer 2 on) and keeps none itself."""
+    group = pairs.groups[0]
+    kept: dict = {}
+    cache = engines_module._RecordingCache(2, kept, slice(1, 3), G)
+    with torch.no_grad():
+        lm.model(input_ids=group.base_ids[1:3], past_key_values=cache, use_cache=True)
+    assert all(cache.get_seq_length(layer) == 0 for layer in range(lm.n_layers))
+    assert sorted(kept) == [("kv", 2, 0), ("kv", 2, 1), ("kv", 3, 0), ("kv", 3, 1)]
+    t = group.base_ids.shape[1]
+    assert kept["kv", 3, 0].shape[0] == G and kept["kv", 3, 0].shape[2] == t - 1
+
+
 @pytest.mark.skipif(not hasattr(engines_module, "base_run"), reason="engines.base_run not present")
 def test_base_run_predictions_and_accuracy(lm, pairs):
     plain = engines_module.base_run(lm, pairs, batch_size=3, keep_prefix=False)

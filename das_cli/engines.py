@@ -233,7 +233,6 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
     for group in pairs.groups:
         ids = group.base_ids.to(lm.device)
         kept: dict = {}  # ("kv", layer, 0 | 1) -> keys | values;  ("residual", layer) -> residual
-        rows = slice(0, 0)
         with ExitStack() as stack:  # only the swept layers' residuals, not every layer's hidden states
             for site in blocks:
                 stack.enter_context(hooked(site, lambda hidden, layer=site.layer: _fill(kept, ("residual", layer), rows, hidden, len(ids))))

@@ -285,15 +285,16 @@ def test_fast_equals_reference(lm, pairs, base, stream, position):
     torch.testing.assert_close(grads[1], grads[0], atol=ENGINE_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("position", ["middle", "last"])
-@pytest.mark.parametrize("stream", WHOLE_STREAMS)
-def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):
-    """A batch of two prompt lengths: the fast engine's one left-padded forward (masked prefix,
-    each row's own position ids) gives each row's own logits."""
-    gen = torch.Generator().manual_seed(4)
+def check_two_lengths_like_reference(lm, stream: str, position: str, seed: int, joined: bool) -> None:
+    """A batch of two prompt lengths (9 and 6 tokens) through both engines: the same logits, with the
+    fast engine's lengths joined into one forward or not as `joined` says; the base run's answers are
+    the plain model's."""
+    gen = torch.Generator().manual_seed(seed)
     lengths = (T, T - 3)
     pairs = random_pairs(gen, B, lengths)
     base = base_run(lm, pairs, batch_size=2, keep_prefix=True, layers=(LAYER,))
+    for group, predictions in zip(pairs.groups, base.predictions):
+        assert torch.equal(predictions, last_logits(lm, group.base_ids).argmax(-1))
     site = resolve_site(lm, stream, LAYER)
     cells = [
         CellGroup(
@@ -308,7 +309,7 @@ def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):
     ]
     batch = [(0, torch.tensor([2, 0])), (1, torch.tensor([1, 2, 0]))]
     fast = FastEngine(lm, site, cells)
-    assert fast._joinable(batch)
+    assert fast._joinable(batch) == joined
     W = torch.linalg.qr(torch.randn(site.width, 2, generator=gen))[0]
 
     def intervene(b, s):
@@ -322,46 +323,23 @@ def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):
 
 
 @pytest.mark.parametrize("position", ["middle", "last"])
+@pytest.mark.parametrize("stream", WHOLE_STREAMS)
+def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):
+    """The fast engine's one left-padded forward (masked prefix, each row's own position ids) gives
+    each row's own logits."""
+    check_two_lengths_like_reference(lm, stream, position, seed=4, joined=True)
+
+
+@pytest.mark.parametrize("position", ["middle", "last"])
 @pytest.mark.parametrize("kind", ["mistral", "gemma2", "qwen2"])
 def test_fast_equals_reference_with_a_short_sliding_window(kind, position):
-    """A sliding window (4) shorter than the prompts (9 and 6 tokens): the base run's recorded keys
-    and values, the prefix cache's window and the per-length fallback still give the reference's logits."""
+    """A sliding window (4) shorter than the prompts: the base run's recorded keys and values, the
+    prefix cache's window and the per-length fallback still give the reference's logits."""
     cfg = OmegaConf.load(CONF / f"{TINY[kind]}.yaml")
     cfg.random_init.sliding_window = 4
     if kind == "qwen2":
         cfg.random_init.update(use_sliding_window=True, max_window_layers=0)
-    lm = load_model(cfg, "cpu", "float32")
-    gen = torch.Generator().manual_seed(5)
-    lengths = (T, T - 3)
-    pairs = random_pairs(gen, B, lengths)
-    base = base_run(lm, pairs, batch_size=2, keep_prefix=True, layers=(LAYER,))
-    for group, predictions in zip(pairs.groups, base.predictions):
-        assert torch.equal(predictions, last_logits(lm, group.base_ids).argmax(-1))
-    site = resolve_site(lm, "block_output", LAYER)
-    cells = [
-        CellGroup(
-            base_ids=group.base_ids,
-            base_positions=torch.full((B, 1), t // 2 if position == "middle" else t - 1),
-            source_values=torch.randn(B, site.width, generator=gen),
-            labels=group.labels,
-            prefix=base.prefixes[i],
-            residual=base.residuals[i][LAYER],
-        )
-        for i, (group, t) in enumerate(zip(pairs.groups, lengths))
-    ]
-    batch = [(0, torch.tensor([2, 0])), (1, torch.tensor([1, 2, 0]))]
-    fast = FastEngine(lm, site, cells)
-    assert not fast._joinable(batch)
-    W = torch.linalg.qr(torch.randn(site.width, 2, generator=gen))[0]
-
-    def intervene(b, s):
-        return b + ((s - b) @ W) @ W.T
-
-    with torch.no_grad():
-        expected = ReferenceEngine(lm, site, cells).logits(batch, intervene)
-        torch.testing.assert_close(fast.logits(batch, intervene), expected, atol=ENGINE_ATOL, rtol=0)
-        unedited = torch.cat([last_logits(lm, cells[g].base_ids[rows]) for g, rows in batch])
-    assert (expected - unedited).abs().amax() > 1e-6
+    check_two_lengths_like_reference(load_model(cfg, "cpu", "float32"), "block_output", position, seed=5, joined=False)
 
 
 # --- 4. heads split and join back --------------------------------------------------------------

@@ -414,16 +414,21 @@ def test_skipped_blocks_do_no_work(lm, pairs, base):
 # --- CUDA ------------------------------------------------------------------------------------
 
 
-def train_last_token_cell(device: str) -> tuple[float, torch.Tensor, float]:
-    """A short fast-engine fit on tiny_llama on `device`: (last epoch's loss, learned basis, IIA)."""
+def last_token_engine(device: str) -> FastEngine:
+    """The fast engine of a last-token block_output cell of tiny_llama on `device`, over two prompt lengths."""
     lm = load_model(OmegaConf.load(CONF / "tiny_llama.yaml"), device, "float32")
     pairs = random_pairs(seed=1)  # two prompt lengths: batches of 3 join them
     site = site_of(lm, "block_output")
     source_acts = [read_site(lm, site, group.source_ids.to(lm.device)) for group in pairs.groups]
     base = base_run(lm, pairs, batch_size=4, keep_prefix=True, layers=(site.layer,))
     residuals = [per_layer[site.layer] for per_layer in base.residuals]
-    groups = prepare(pairs, ("last",), source_acts, lm.device, base.prefixes, residuals)
-    engine = make_engine("fast", lm, site, groups)
+    return make_engine("fast", lm, site, prepare(pairs, ("last",), source_acts, lm.device, base.prefixes, residuals))
+
+
+def train_last_token_cell(device: str) -> tuple[float, torch.Tensor, float]:
+    """A short fast-engine fit on tiny_llama on `device`: (last epoch's loss, learned basis, IIA)."""
+    engine = last_token_engine(device)
+    lm, site = engine.lm, engine.site
     torch.manual_seed(123)
     intervention = build_intervention("das", site.width, dim=1).to(lm.device)
     result = fit(engine, intervention, epochs=2, lr=0.05, batch_size=3, lr_end_factor=0.5, seed=7, progress=False)
@@ -442,14 +447,9 @@ def test_fast_training_on_cuda_matches_cpu():
 @pytest.mark.gpu
 def test_fast_training_steps_do_not_wait_for_the_host():
     """A fast-engine step on CUDA (mixed lengths joined, loss, backward, Adam) never synchronises."""
-    lm = load_model(OmegaConf.load(CONF / "tiny_llama.yaml"), "cuda", "float32")
-    pairs = random_pairs(seed=1)
-    site = site_of(lm, "block_output")
-    source_acts = [read_site(lm, site, group.source_ids.to(lm.device)) for group in pairs.groups]
-    base = base_run(lm, pairs, batch_size=4, keep_prefix=True, layers=(site.layer,))
-    residuals = [per_layer[site.layer] for per_layer in base.residuals]
-    engine = make_engine("fast", lm, site, prepare(pairs, ("last",), source_acts, lm.device, base.prefixes, residuals))
-    intervention = build_intervention("das", site.width, dim=1).to(lm.device)
+    engine = last_token_engine("cuda")
+    lm = engine.lm
+    intervention = build_intervention("das", engine.site.width, dim=1).to(lm.device)
     optimizer = torch.optim.Adam(intervention.param_groups(0.01))
     plan = to_device(batches([len(group) for group in engine.groups], 3, torch.Generator().manual_seed(0)), lm.device)
     assert any(len(batch) > 1 for batch in plan)  # a joined step is among them

@@ -38,3 +38,9 @@ def test_exported_cell_has_das_clis_batches(tmp_path):
     assert len(cell["steps"]) == 2 * 3  # 24 pairs in batches of 8, two epochs
     rows = sorted((g, int(i)) for batch in cell["steps"][:3] for g, r in batch for i in r)
     assert rows == sorted((g, i) for g, group in enumerate(cell["train"]) for i in range(len(group["labels"])))
+
+
+def test_gpu_scripts_parse():
+    for script in ("gpu_check.sh", "gpu_prepare.sh"):
+        result = subprocess.run(["bash", "-n", str(BENCH.parent / script)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr

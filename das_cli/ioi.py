@@ -6,7 +6,8 @@ other (the indirect object IO): "When Mary and John went to the store, John gave
 
 - io_position: base and source share template, place and object, with independent names;
   label = base IO if both put S in the same slot, else base S. Train mixes all four pattern
-  pairs, test uses flips only. Templates, names, places and objects are disjoint between splits.
+  pairs; test holds `n_test` flips (kind `cause`) and as many non-flips (kind `isolate`: the label
+  is the base's own answer). Templates, names, places and objects are disjoint between splits.
 - io_name: source has two new names; label = the source's IO. A restricted name pool is
   shared by the splits; templates (and places, objects) are disjoint.
 
@@ -17,7 +18,7 @@ a template have one token length; this is verified, and `group` is the template 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import DasError, choices_error
 from .examples import Example, encode, single_token_id
@@ -98,6 +99,7 @@ def make_ioi(tokenizer, variable: str, n_train: int, n_test: int, seed: int) -> 
         test = [_position_pair(tokenizer, test_split, rng, *FLIP_PAIRS[i % 2]) for i in range(n_test)]
         rng.shuffle(train)
         rng.shuffle(test)
+        test += _isolate_pairs(tokenizer, test_split, rng, n_test)
     else:
         train = [_name_pair(tokenizer, train_split, rng) for _ in range(n_train)]
         test = [_name_pair(tokenizer, test_split, rng) for _ in range(n_test)]
@@ -179,6 +181,17 @@ def _position_pair(tokenizer, split: _Split, rng: random.Random, base_abb: bool,
         group=group, kind="cause",
         base_value=_slot(base_abb), source_value=_slot(source_abb),
     )
+
+
+def _isolate_pairs(tokenizer, split: _Split, rng: random.Random, n: int) -> list[Example]:
+    """Non-flip test pairs (both prompts put S in the same slot): the edit should leave the base's
+    own answer, so they score what a subspace breaks beside what it swaps (kind `isolate`).
+
+    Drawn after the flip pairs, from the same split, so the flip pairs are those a run without them gets."""
+    same = ((True, True), (False, False))
+    pairs = [replace(_position_pair(tokenizer, split, rng, *same[i % 2]), kind="isolate") for i in range(n)]
+    rng.shuffle(pairs)
+    return pairs
 
 
 def _slot(abb: bool) -> str:

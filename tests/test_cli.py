@@ -27,7 +27,9 @@ def test_table_has_one_row_per_cell(sweep):
     for column in ("iia", "train_iia", "loss", "base_accuracy", "n_train", "n_test", "seconds", "dim"):
         assert table[column].notna().all(), column
     assert table["iia"].between(0, 1).all()
-    assert (table["n_train"] == 24).all() and (table["n_test"] == 12).all()
+    assert (table["n_train"] == 24).all() and (table["n_test"] == 24).all()  # 12 flips, 12 non-flips
+    assert table[["iia_isolate", "iia_mean"]].notna().all().all()  # IOI io_position reports collateral damage
+    assert (table["iia_mean"] == (table["iia"] + table["iia_isolate"]) / 2).all()
     assert "results:" in result.stdout and "best:" in result.stdout
 
 

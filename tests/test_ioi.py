@@ -44,9 +44,21 @@ def _roles(prompt: str) -> tuple[str, str, bool]:
 
 
 def test_sizes(position_data, name_data):
-    for train, test in (position_data, name_data):
-        assert len(train) == N_TRAIN and len(test) == N_TEST
-        assert all(ex.kind == "cause" for ex in train + test)
+    (train, test), (name_train, name_test) = position_data, name_data
+    assert len(train) == len(name_train) == N_TRAIN and len(name_test) == N_TEST
+    assert all(ex.kind == "cause" for ex in train + name_train + name_test)
+    assert [ex.kind for ex in test] == ["cause"] * N_TEST + ["isolate"] * N_TEST  # io_position: flips, then non-flips
+
+
+def test_io_position_isolate_pairs_keep_the_base_answer(tok, position_data, monkeypatch):
+    _, test = position_data
+    flips, isolate = test[:N_TEST], test[N_TEST:]
+    assert all(ex.label != ex.base_label and ex.base_value != ex.source_value for ex in flips)
+    assert all(ex.label == ex.base_label and ex.base_value == ex.source_value for ex in isolate)
+    assert {ex.base_value for ex in isolate} == {"first", "second"}
+    # the non-flips are drawn after the flips: without them, the train pairs and the flips are the same
+    monkeypatch.setattr(ioi, "_isolate_pairs", lambda *args: [])
+    assert ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3) == (position_data[0], flips)
 
 
 def test_deterministic_in_seed(tok, position_data):
@@ -86,8 +98,9 @@ def test_io_position_pattern_mix(position_data):
     train, test = position_data
     pairs = lambda exs: {(_roles(ex.base)[2], _roles(ex.source)[2]) for ex in exs}  # noqa: E731
     assert pairs(train) == {(True, True), (True, False), (False, True), (False, False)}
-    assert pairs(test) == {(True, False), (False, True)}
-    assert all(ex.label != ex.base_label for ex in test)  # flips only: "no effect" scores 0
+    cause = [ex for ex in test if ex.kind == "cause"]
+    assert pairs(cause) == {(True, False), (False, True)}
+    assert all(ex.label != ex.base_label for ex in cause)  # cause pairs are flips: "no effect" scores 0
 
 
 def test_io_name_labels(name_data):

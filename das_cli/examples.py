@@ -43,6 +43,21 @@ class Example:
 
 
 KINDS = ("cause", "isolate")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A dataset's pairs per split. `val` (validation) may be empty: then no split is held out for
+    choosing cells, and the choices fall back to training IIA (never test)."""
+
+    train: list[Example]
+    val: list[Example]
+    test: list[Example]
+
+    def items(self) -> list[tuple[str, list[Example]]]:
+        """(name, pairs) of every split that has pairs, in SPLITS order."""
+        return [(name, getattr(self, name)) for name in SPLITS if getattr(self, name)]
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -16,6 +16,7 @@ import json
 import math
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,13 +26,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import conf_dir
 from .errors import DasError
-from .examples import KINDS, Example, encode, single_token_id
+from .examples import KINDS, SPLITS, Example, Splits, encode, single_token_id
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 REQUIRED = ("base", "source", "label")
-TEXT_COLUMNS = REQUIRED + ("base_label", "kind", "split", "base_value", "source_value")
+TEXT_COLUMNS = REQUIRED + ("base_label", "kind", "split", "group", "base_value", "source_value")
 POSITION_GROUPS = ("positions", "base_positions", "source_positions")
-SPLITS = ("train", "test")
 RESERVED = "last"  # data.py adds every prompt's last token under this name
 VALID_COLUMNS = ", ".join(TEXT_COLUMNS + tuple(f"{g}.<name>" for g in POSITION_GROUPS))
 
@@ -57,8 +57,8 @@ class Parsed:
     split: str | None
 
 
-def load_file_dataset(ds: DictConfig, tokenizer) -> tuple[list[Example], list[Example]]:
-    """Train and test pairs from `ds.path`, in file order; rows without a split are split by a seeded shuffle."""
+def load_file_dataset(ds: DictConfig, tokenizer) -> Splits:
+    """Train, validation and test pairs from `ds.path`, in file order (see `_assign_splits`)."""
     if OmegaConf.is_missing(ds, "path"):
         raise DasError("dataset.path: missing; give the pairs file, e.g. dataset.path=pairs.jsonl (JSONL, CSV or Parquet)")
     path = resolve_path(str(ds.path))
@@ -70,13 +70,12 @@ def load_file_dataset(ds: DictConfig, tokenizer) -> tuple[list[Example], list[Ex
         raise DasError(f"dataset.path={path}: the file has no rows")
     parsed = [parse_row(row, tokenizer) for row in rows]
     _check_same_positions(parsed)
-    test_rows = _test_rows(parsed, float(ds.get("test_fraction", 0.3)), int(ds.get("seed", 0)))
-    train = [p.example for i, p in enumerate(parsed) if i not in test_rows]
-    test = [p.example for i, p in enumerate(parsed) if i in test_rows]
-    for name, part in (("train", train), ("test", test)):
-        if not part:
+    splits = _assign_splits(parsed, float(ds.get("test_fraction", 0.3)), float(ds.get("val_fraction", 0.2)), int(ds.get("seed", 0)))
+    for name in ("train", "test"):
+        if name not in splits:
             raise DasError(f"dataset.path={path}: the {name} split has no rows ({len(parsed)} rows in all); give some rows split={name}")
-    return train, test
+    _warn_shared_groups(path, parsed, splits)
+    return Splits(**{name: [parsed[i].example for i in sorted(splits.get(name, ()))] for name in SPLITS})
 
 
 def resolve_path(value: str) -> Path:
@@ -207,6 +206,7 @@ def parse_row(row: Row, tokenizer) -> Parsed:
         base_positions=_resolve_side(row, tokenizer, text["base"], "base", base_specs),
         source_positions=_resolve_side(row, tokenizer, text["source"], "source", source_specs),
         kind=kind, base_value=text.get("base_value"), source_value=text.get("source_value"),
+        group=text.get("group", ""),
     )
     return Parsed(row, example, split)
 
@@ -304,17 +304,59 @@ def _check_same_positions(parsed: list[Parsed]) -> None:
             raise p.row.error(f"position names differ from {first.row.where}'s {sorted(names)}: {detail}; every row needs the same names")
 
 
-def _test_rows(parsed: list[Parsed], test_fraction: float, seed: int) -> set[int]:
-    """Indices of the test rows: the file's split column, or a seeded shuffle when no row has one."""
+def _assign_splits(parsed: list[Parsed], test_fraction: float, val_fraction: float, seed: int) -> dict[str, set[int]]:
+    """Row indices per split. The file's split column decides where it is given (on every row or none);
+    without it, whole groups (the `group` column, else the base prompt) go to test until `test_fraction`
+    of the rows are there. Without validation rows, `val_fraction` of the training rows (whole groups
+    again) become validation. A prompt (or group) therefore never lands in two splits we make."""
     given = [p.split is not None for p in parsed]
-    if all(given):
-        return {i for i, p in enumerate(parsed) if p.split == "test"}
-    if any(given):
+    if any(given) and not all(given):
         odd = next(p for p in parsed if (p.split is not None) != given[0])
         has = "has a split" if odd.split is not None else "has no split"
         raise odd.row.error(f"{has}, unlike {parsed[0].row.where}; give split on every row or on none")
-    if not 0 < test_fraction < 1:
-        raise DasError(f"dataset.test_fraction={test_fraction}: must be between 0 and 1 (the file has no split column)")
-    order = list(range(len(parsed)))
-    random.Random(seed).shuffle(order)
-    return set(order[: round(len(parsed) * test_fraction)])
+    if not 0 <= val_fraction < 1:
+        raise DasError(f"dataset.val_fraction={val_fraction}: must be at least 0 and below 1")
+    rng = random.Random(seed)
+    if all(given):
+        splits = {name: {i for i, p in enumerate(parsed) if p.split == name} for name in SPLITS}
+    else:
+        if not 0 < test_fraction < 1:
+            raise DasError(f"dataset.test_fraction={test_fraction}: must be between 0 and 1 (the file has no split column)")
+        test = _take_groups(parsed, set(range(len(parsed))), round(len(parsed) * test_fraction), rng)
+        splits = {"train": set(range(len(parsed))) - test, "val": set(), "test": test}
+    if not splits["val"] and val_fraction > 0:
+        splits["val"] = _take_groups(parsed, splits["train"], round(len(splits["train"]) * val_fraction), rng)
+        splits["train"] -= splits["val"]
+    return {name: rows for name, rows in splits.items() if rows}
+
+
+def _group(p: Parsed) -> str:
+    return p.example.group or p.example.base
+
+
+def _take_groups(parsed: list[Parsed], rows: set[int], n: int, rng: random.Random) -> set[int]:
+    """Whole groups of `rows`, in a seeded random order, until at least `n` rows are taken."""
+    groups: dict[str, list[int]] = {}
+    for i in sorted(rows):
+        groups.setdefault(_group(parsed[i]), []).append(i)
+    order = list(groups)
+    rng.shuffle(order)
+    taken: set[int] = set()
+    for key in order:
+        if len(taken) >= n:
+            break
+        taken.update(groups[key])
+    return taken
+
+
+def _warn_shared_groups(path: Path, parsed: list[Parsed], splits: dict[str, set[int]]) -> None:
+    """The file's own splits may put one base prompt (or group) in two splits: say so, once."""
+    where: dict[str, set[str]] = {}
+    for name, rows in splits.items():
+        for i in rows:
+            where.setdefault(_group(parsed[i]), set()).add(name)
+    shared = [key for key, names in where.items() if len(names) > 1]
+    if shared:
+        kind = "groups" if any(p.example.group for p in parsed) else "base prompts"
+        print(f"das-cli: warning: dataset.path={path}: {len(shared)} {kind} appear in more than one split "
+              f"(e.g. {shared[0]!r}); held-out scores then reuse prompts seen in training", file=sys.stderr)

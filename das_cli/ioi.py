@@ -6,8 +6,9 @@ other (the indirect object IO): "When Mary and John went to the store, John gave
 
 - io_position: base and source share template, place and object, with independent names;
   label = base IO if both put S in the same slot, else base S. Train mixes all four pattern
-  pairs; test holds `n_test` flips (kind `cause`) and as many non-flips (kind `isolate`: the label
-  is the base's own answer). Templates, names, places and objects are disjoint between splits.
+  pairs; validation holds `n_val` flips; test holds `n_test` flips (kind `cause`) and as many
+  non-flips (kind `isolate`: the label is the base's own answer). Templates, names, places and
+  objects are disjoint between the splits.
 - io_name: source has two new names; label = the source's IO. A restricted name pool is
   shared by the splits; templates (and places, objects) are disjoint.
 
@@ -21,10 +22,11 @@ import random
 from dataclasses import dataclass, replace
 
 from .errors import DasError, choices_error
-from .examples import Example, encode, single_token_id
+from .examples import Example, Splits, encode, single_token_id
 
 VARIABLES = ("io_position", "io_name")
 TRAIN_FRACTION = 0.7
+VAL_TRAIN_FRACTION = 0.8  # with a validation split: the share of the training pools kept for training
 MIN_NAMES = 8
 IO_NAME_POOL = 16
 # (base is ABB, source is ABB): training cycles through all four, test through the two flips.
@@ -86,25 +88,33 @@ class _Split:
     objects: list[str]
 
 
-def make_ioi(tokenizer, variable: str, n_train: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
-    """Train and test IOI pairs for `variable` ("io_position" or "io_name"), deterministic in `seed`."""
+def make_ioi(tokenizer, variable: str, n_train: int, n_test: int, seed: int, n_val: int = 0) -> Splits:
+    """Train, validation and test IOI pairs for `variable` ("io_position" or "io_name"), deterministic in `seed`.
+
+    The pools are cut once from `seed`; each split then draws its pairs from a random stream of its own
+    (seeded by `seed` and the split's name), so a split's pairs do not depend on the other splits' sizes.
+    """
     if variable not in VARIABLES:
         raise choices_error("dataset.variable", variable, VARIABLES)
-    if n_train < 0 or n_test < 0:
-        raise DasError(f"dataset: n_train={n_train}, n_test={n_test}: sizes must be non-negative")
-    rng = random.Random(seed)
-    train_split, test_split = _splits(tokenizer, variable, rng)
-    if variable == "io_position":
-        train = [_position_pair(tokenizer, train_split, rng, *ALL_PAIRS[i % 4]) for i in range(n_train)]
-        test = [_position_pair(tokenizer, test_split, rng, *FLIP_PAIRS[i % 2]) for i in range(n_test)]
-        rng.shuffle(train)
-        rng.shuffle(test)
-        test += _isolate_pairs(tokenizer, test_split, rng, n_test)
-    else:
-        train = [_name_pair(tokenizer, train_split, rng) for _ in range(n_train)]
-        test = [_name_pair(tokenizer, test_split, rng) for _ in range(n_test)]
-    _check_group_lengths(tokenizer, train + test)
-    return train, test
+    if min(n_train, n_test, n_val) < 0:
+        raise DasError(f"dataset: n_train={n_train}, n_val={n_val}, n_test={n_test}: sizes must be non-negative")
+    pools = _splits(tokenizer, variable, random.Random(seed), with_val=n_val > 0)
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    pairs = {name: _split_pairs(tokenizer, variable, pools[name], sizes[name], name, random.Random(f"{seed}:{name}"))
+             for name in pools}
+    _check_group_lengths(tokenizer, [ex for split in pairs.values() for ex in split])
+    return Splits(train=pairs["train"], val=pairs.get("val", []), test=pairs["test"])
+
+
+def _split_pairs(tokenizer, variable: str, pool: _Split, n: int, split: str, rng: random.Random) -> list[Example]:
+    """io_position: training mixes the four pattern pairs; validation and test hold flips, and test
+    also as many non-flips (kind isolate). io_name: n pairs."""
+    if variable == "io_name":
+        return [_name_pair(tokenizer, pool, rng) for _ in range(n)]
+    patterns = ALL_PAIRS if split == "train" else FLIP_PAIRS
+    pairs = [_position_pair(tokenizer, pool, rng, *patterns[i % len(patterns)]) for i in range(n)]
+    rng.shuffle(pairs)
+    return pairs + (_isolate_pairs(tokenizer, pool, rng, n) if split == "test" else [])
 
 
 def single_token_words(tokenizer, words: tuple[str, ...]) -> list[str]:
@@ -112,19 +122,22 @@ def single_token_words(tokenizer, words: tuple[str, ...]) -> list[str]:
     return [w for w in words if single_token_id(tokenizer, " " + w) is not None]
 
 
-def _cut(items: list, what: str, minimum: int) -> tuple[list, list]:
-    """Split a shuffled list ~70/30, each side holding at least `minimum` items."""
+def _cut(items: list, what: str, minimum: int, train_fraction: float = TRAIN_FRACTION, held_out: str = "test") -> tuple[list, list]:
+    """Split a shuffled list ~train_fraction / rest, each side holding at least `minimum` items."""
     if len(items) < 2 * minimum:
         raise DasError(
-            f"dataset: only {len(items)} {what} are single tokens in this tokenizer; "
-            f"need at least {2 * minimum} to split train/test"
+            f"dataset: only {len(items)} {what} are single tokens in this tokenizer for training; "
+            f"need at least {2 * minimum} to split off {held_out}"
         )
-    k = min(max(round(len(items) * TRAIN_FRACTION), minimum), len(items) - minimum)
+    k = min(max(round(len(items) * train_fraction), minimum), len(items) - minimum)
     return items[:k], items[k:]
 
 
-def _splits(tokenizer, variable: str, rng: random.Random) -> tuple[_Split, _Split]:
-    """Disjoint templates, places and objects; names disjoint (io_position) or a shared pool (io_name)."""
+def _splits(tokenizer, variable: str, rng: random.Random, with_val: bool) -> dict[str, _Split]:
+    """Disjoint templates, places and objects; names disjoint (io_position) or a shared pool (io_name).
+
+    Test takes ~30% of each pool; with a validation split, ~20% of the rest goes to validation, so the
+    test pools are the same with or without one."""
     templates = [(f"t{i:02d}", t) for i, t in enumerate(TEMPLATES)]
     names = single_token_words(tokenizer, NAMES)
     places = single_token_words(tokenizer, PLACES)
@@ -135,14 +148,20 @@ def _splits(tokenizer, variable: str, rng: random.Random) -> tuple[_Split, _Spli
         )
     for pool in (templates, names, places, objects):
         rng.shuffle(pool)
-    train_t, test_t = _cut(templates, "templates", 1)
-    train_p, test_p = _cut(places, "places", 1)
-    train_o, test_o = _cut(objects, "objects", 1)
+    cut = {"templates": templates, "places": places, "objects": objects}
     if variable == "io_position":
-        train_n, test_n = _cut(names, "names", 4)
-    else:
-        train_n = test_n = sorted(names[:IO_NAME_POOL])
-    return _Split(train_t, train_n, train_p, train_o), _Split(test_t, test_n, test_p, test_o)
+        cut["names"] = names
+    parts: dict[str, dict[str, list]] = {"train": {}, "val": {}, "test": {}}
+    for what, pool in cut.items():
+        minimum = 4 if what == "names" else 1  # a pair draws four distinct names
+        parts["train"][what], parts["test"][what] = _cut(pool, what, minimum)
+        if with_val:
+            parts["train"][what], parts["val"][what] = _cut(parts["train"][what], what, minimum, VAL_TRAIN_FRACTION, "validation")
+    shared_names = sorted(names[:IO_NAME_POOL])
+    return {
+        split: _Split(part["templates"], part.get("names", shared_names), part["places"], part["objects"])
+        for split, part in parts.items() if part
+    }
 
 
 def _fill(template: str, io: str, s: str, abb: bool, place: str, obj: str) -> str:

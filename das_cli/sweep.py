@@ -50,9 +50,11 @@ def build_pairs(cfg: DictConfig, lm: LoadedModel) -> tuple[PairSet, PairSet]:
     if ds.name == "file":
         from .filedata import load_file_dataset
 
-        train, test = load_file_dataset(ds, lm.tokenizer)
+        splits = load_file_dataset(ds, lm.tokenizer)
+        train, test = splits.train, splits.test
     else:
-        train, test = make_ioi(lm.tokenizer, ds.variable, int(ds.n_train), int(ds.n_test), int(ds.seed))
+        splits = make_ioi(lm.tokenizer, ds.variable, int(ds.n_train), int(ds.n_test), int(ds.seed), int(ds.get("n_val", 0)))
+        train, test = splits.train, splits.test
     kinds = list(ds.get("train_kinds") or ["cause"])
     for kind in kinds:
         if kind not in KINDS:

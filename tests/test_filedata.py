@@ -39,8 +39,15 @@ def tokenizer():
     return embedded_tokenizer()
 
 
-def load(tokenizer, path, **options):
+def load_splits(tokenizer, path, **options):
     return load_file_dataset(OmegaConf.create({"name": "file", "path": str(path), **options}), tokenizer)
+
+
+def load(tokenizer, path, **options):
+    """(train, test), no validation split unless asked for."""
+    splits = load_splits(tokenizer, path, **{"val_fraction": 0.0, **options})
+    assert options.get("val_fraction") or not splits.val
+    return splits.train, splits.test
 
 
 def write_jsonl(path, rows):
@@ -121,7 +128,7 @@ ROW_ERRORS = {
     "not an object": ([good(), "[1, 2]"], r"line 2: expected a JSON object"),
     "not a string": ([good(), good(1, label=3)], r"line 2: label must be a string, got 3"),
     "unknown kind": ([good(), good(1, kind="causal")], r"line 2: kind 'causal' is not one of: cause, isolate"),
-    "unknown split": ([good(), good(1, split="dev")], r"line 2: split 'dev' is not one of: train, test"),
+    "unknown split": ([good(), good(1, split="dev")], r"line 2: split 'dev' is not one of: train, val, test"),
     "label tokens": ([good(), good(1, label=" New York")], r"line 2: label ' New York' is not one token \(it is \['ĠNew', 'ĠYork'\]\)"),
     "base_label tokens": ([good(), good(1, base_label=" New York")], r"line 2: base_label ' New York' is not one token"),
     "marker missing": ([good(), good(1, **{"base_positions.city": "Berlin"})],
@@ -202,8 +209,7 @@ def test_relative_paths_are_found_in_the_working_directory(tokenizer, tmp_path, 
 
 
 def test_seeded_split_when_no_row_has_one(tokenizer, tmp_path):
-    rows = [good(split=None, base_value=f"v{i}") for i in range(10)]
-    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    path = write_jsonl(tmp_path / "pairs.jsonl", city_rows(10, 1, split=None))
     train, test = load(tokenizer, path, seed=0)
     assert (len(train), len(test)) == (7, 3)
     assert load(tokenizer, path, seed=0) == (train, test)
@@ -211,6 +217,54 @@ def test_seeded_split_when_no_row_has_one(tokenizer, tmp_path):
     assert len(load(tokenizer, path, test_fraction=0.5)[1]) == 5
     with pytest.raises(DasError, match=r"dataset.test_fraction=1.0: must be between 0 and 1"):
         load(tokenizer, path, test_fraction=1.0)
+
+
+def city_rows(n_cities, per_city, **changes):
+    """`per_city` rows sharing each base prompt (the city's), told apart by base_value."""
+    cities = ["Paris", "Tokyo", "Rome", "Lagos", "Milan", "Delhi", "Cairo", "Lima", "Oslo", "Bern"][:n_cities]
+    return [good(base=f"{c} is a city in the country of", base_value=f"{c}{k}", **{"base_positions.city": c}, **changes)
+            for c in cities for k in range(per_city)]
+
+
+def test_validation_rows_from_the_split_column(tokenizer, tmp_path):
+    rows = [good(split="train"), good(1, split="val"), good(split="test", base_value="other")]
+    splits = load_splits(tokenizer, write_jsonl(tmp_path / "p.jsonl", rows))
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [1, 1, 1]
+    assert splits.val[0].kind == "isolate"  # row 1 of ROWS
+
+
+def test_splits_keep_a_base_prompt_together(tokenizer, tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", city_rows(10, 3, split=None))
+    for seed in range(5):
+        splits = load_splits(tokenizer, path, seed=seed, test_fraction=0.3, val_fraction=0.25)
+        bases = [{e.base for e in part} for part in (splits.train, splits.val, splits.test)]
+        assert all(not (a & b) for i, a in enumerate(bases) for b in bases[i + 1:])
+        assert (len(splits.train), len(splits.val), len(splits.test)) == (15, 6, 9)  # 9 of 30 rows, 6 of the other 21 (rounded up to whole cities)
+    assert capsys.readouterr().err == ""
+
+
+def test_group_column_decides_what_stays_together(tokenizer, tmp_path):
+    rows = [{**row, "group": row["base"][:4] if i % 2 else "even"} for i, row in enumerate(city_rows(10, 2, split=None))]
+    splits = load_splits(tokenizer, write_jsonl(tmp_path / "p.jsonl", rows), test_fraction=0.3, val_fraction=0.0)
+    groups = [{e.group for e in part} for part in (splits.train, splits.test)]
+    assert not groups[0] & groups[1] and "even" in groups[0] | groups[1]
+
+
+def test_validation_is_cut_from_training_rows_when_the_file_has_none(tokenizer, tmp_path):
+    rows = city_rows(10, 2, split="train") + [good(split="test", base="Kyiv is a city in the country of", **{"base_positions.city": "Kyiv"})]
+    splits = load_splits(tokenizer, write_jsonl(tmp_path / "p.jsonl", rows), val_fraction=0.2)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (16, 4, 1)
+    assert not {e.base for e in splits.train} & {e.base for e in splits.val}
+    with pytest.raises(DasError, match=r"^dataset.val_fraction=1.0: must be at least 0 and below 1$"):
+        load_splits(tokenizer, write_jsonl(tmp_path / "p.jsonl", rows), val_fraction=1.0)
+
+
+def test_given_splits_that_share_a_base_prompt_are_named(tokenizer, tmp_path, capsys):
+    rows = [good(split="train"), good(split="test", base_value="again")]
+    load_splits(tokenizer, write_jsonl(tmp_path / "p.jsonl", rows), val_fraction=0.0)
+    err = capsys.readouterr().err
+    assert err.startswith("das-cli: warning: dataset.path=") and "1 base prompts appear in more than one split" in err
+    assert err.count("\n") == 1
 
 
 def test_shipped_ravel_cities(tokenizer):
@@ -239,7 +293,7 @@ def test_cli_runs_the_shipped_ravel_dataset(tmp_path):
     result = run_cli(args + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     row = pd.read_csv(tmp_path / "iia.csv").iloc[0]
-    assert row["position"] == "city" and (row["n_train"], row["n_test"]) == (29, 24)  # train_kinds=[cause]: isolate rows only test
+    assert row["position"] == "city" and (row["n_train"], row["n_test"]) == (21, 24)  # train_kinds=[cause]: isolate rows only test; 11 rows validate
 
 
 def test_cli_names_the_bad_line(tmp_path):
@@ -258,6 +312,6 @@ def test_cli_isolation_scores_with_an_estimated_baseline(tmp_path):
     result = run_cli(args + [f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr
     row = pd.read_csv(tmp_path / "iia.csv").iloc[0]
-    assert row["n_train"] == 56 and row["steps"] == 0  # both kinds train; nothing is trained by gradient
+    assert row["n_train"] == 45 and row["steps"] == 0  # both kinds train (11 of the 56 training rows validate); nothing is trained by gradient
     assert row["iia"] == row["iia_cause"] and row["iia_mean"] == pytest.approx((row["iia_cause"] + row["iia_isolate"]) / 2)
     assert (tmp_path / "pivot_block_output_iia_mean.csv").exists() and "iia_mean: best" in result.stdout

@@ -11,7 +11,7 @@ from das_cli.errors import DasError
 from das_cli.examples import Example, encode
 from das_cli.models import embedded_tokenizer
 
-N_TRAIN, N_TEST = 120, 60
+N_TRAIN, N_TEST, N_VAL = 120, 60, 30
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +20,23 @@ def tok():
 
 
 @pytest.fixture(scope="session")
-def position_data(tok):
-    return ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3)
+def position_splits(tok):
+    return ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3, n_val=N_VAL)
 
 
 @pytest.fixture(scope="session")
-def name_data(tok):
-    return ioi.make_ioi(tok, "io_name", N_TRAIN, N_TEST, seed=3)
+def name_splits(tok):
+    return ioi.make_ioi(tok, "io_name", N_TRAIN, N_TEST, seed=3, n_val=N_VAL)
+
+
+@pytest.fixture(scope="session")
+def position_data(position_splits):
+    return position_splits.train, position_splits.test
+
+
+@pytest.fixture(scope="session")
+def name_data(name_splits):
+    return name_splits.train, name_splits.test
 
 
 def _names(prompt: str) -> list[str]:
@@ -58,12 +68,34 @@ def test_io_position_isolate_pairs_keep_the_base_answer(tok, position_data, monk
     assert {ex.base_value for ex in isolate} == {"first", "second"}
     # the non-flips are drawn after the flips: without them, the train pairs and the flips are the same
     monkeypatch.setattr(ioi, "_isolate_pairs", lambda *args: [])
-    assert ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3) == (position_data[0], flips)
+    without = ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3, n_val=N_VAL)
+    assert (without.train, without.test) == (position_data[0], flips)
 
 
-def test_deterministic_in_seed(tok, position_data):
-    assert ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3) == position_data
-    assert ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=4) != position_data
+def test_validation_split_is_held_out(position_splits, name_splits):
+    for splits in (position_splits, name_splits):
+        assert len(splits.val) == N_VAL and all(ex.kind == "cause" for ex in splits.val)
+        val_templates = {ex.group for ex in splits.val}
+        assert val_templates and all(val_templates.isdisjoint({ex.group for ex in other}) for other in (splits.train, splits.test))
+    pools = (ioi.NAMES, ioi.PLACES, ioi.OBJECTS)
+    words = lambda exs, pool: {w for ex in exs for p in (ex.base, ex.source) for w in re.findall(r"\w+", p) if w in pool}  # noqa: E731
+    for pool in pools:
+        val = words(position_splits.val, pool)
+        assert val and val.isdisjoint(words(position_splits.train, pool)) and val.isdisjoint(words(position_splits.test, pool))
+    assert all(ex.label != ex.base_label for ex in position_splits.val)  # flips, like the test's cause pairs
+
+
+def test_test_split_does_not_depend_on_the_other_splits(tok, position_splits):
+    """Validation is cut from the training pools and each split draws from its own random stream."""
+    for n_train, n_val in ((N_TRAIN, 0), (7, N_VAL), (0, 5)):
+        assert ioi.make_ioi(tok, "io_position", n_train, N_TEST, seed=3, n_val=n_val).test == position_splits.test
+    no_val = ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3)
+    assert no_val.val == [] and {ex.group for ex in no_val.train} > {ex.group for ex in position_splits.train}
+
+
+def test_deterministic_in_seed(tok, position_splits):
+    assert ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=3, n_val=N_VAL) == position_splits
+    assert ioi.make_ioi(tok, "io_position", N_TRAIN, N_TEST, seed=4, n_val=N_VAL) != position_splits
 
 
 def test_templates_disjoint(position_data, name_data):

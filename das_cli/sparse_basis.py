@@ -1,0 +1,127 @@
+"""A basis found without labels: the rotation of a site that makes the Jacobian around it sparse.
+
+Garrett Baker, "Taking the parameters which seem to matter and rotating them until they don't"
+(LessWrong, 2022): rotate a layer's activations so that the Jacobian of the computation around
+them has as many exact zeros as possible; local changes then have local effects, and the rotated
+coordinates are candidate units of the network. The sparsity measure is
+
+    S(A) = -sum_ij 1 / (|a_ij| + 0.1)        (lower is sparser)
+
+which, unlike an L_n norm, rewards entries that reach zero over entries that are merely small.
+The rotation is R = exp(B - B^T) (the matrix exponential of an antisymmetric matrix, always
+orthogonal), learned by gradient descent on the mean S over many prompts' Jacobians: one basis
+for the site, not one per input.
+
+`side` says which Jacobian is rotated:
+- "output": the Jacobian J of the map producing the site (rows are site coordinates): R J;
+- "input": the Jacobian J of the map reading the site (columns are site coordinates): J R^T;
+- "both": the sum of the two objectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+OFFSET = 0.1  # the measure's offset: 1 / (|a| + 0.1) rewards exact zeros up to 10 per entry
+ZERO_TOLERANCE = 1e-3  # an entry counts as zero below this fraction of its matrix's largest one
+SIDES = ("output", "input", "both")
+END_LR_FACTOR = 0.01
+
+
+def sparsity(jacobians: Tensor) -> Tensor:
+    """S of each matrix of [..., m, n]: -sum 1 / (|a| + 0.1); lower is sparser."""
+    return -(1.0 / (jacobians.abs() + OFFSET)).sum(dim=(-2, -1))
+
+
+def normalised(jacobians: Tensor) -> Tensor:
+    """Each matrix divided by its largest absolute entry, so S compares prompts on one scale."""
+    scale = jacobians.abs().amax(dim=(-2, -1), keepdim=True)
+    return jacobians / scale.clamp_min(torch.finfo(jacobians.dtype).tiny)
+
+
+def zeros_fraction(jacobians: Tensor, tolerance: float = ZERO_TOLERANCE) -> float:
+    """Share of entries below `tolerance` times their matrix's largest absolute entry."""
+    scale = jacobians.abs().amax(dim=(-2, -1), keepdim=True)
+    return float((jacobians.abs() < tolerance * scale).float().mean())
+
+
+class Rotation(nn.Module):
+    """R = exp(B - B^T): orthogonal for every B; B = 0 (R = I) unless `start` gives a rotation to begin at."""
+
+    def __init__(self, n: int, start: Tensor | None = None):
+        super().__init__()
+        self.generator = nn.Parameter(torch.zeros(n, n))
+        self.register_buffer("start", torch.eye(n) if start is None else start.detach().clone())
+
+    def forward(self) -> Tensor:
+        skew = self.generator - self.generator.T
+        return torch.linalg.matrix_exp(skew) @ self.start
+
+
+def rotate(jacobians: Tensor, rotation: Tensor, side: str) -> Tensor:
+    """`jacobians` in rotated site coordinates: R J for the map producing the site, J R^T for the one reading it."""
+    return rotation @ jacobians if side == "output" else jacobians @ rotation.T
+
+
+@dataclass
+class RotationFit:
+    rotation: Tensor  # n x n, orthogonal
+    sparsity_before: float  # mean S of the normalised Jacobians, unrotated (both sides summed for "both")
+    sparsity_after: float
+    zeros_before: float  # share of (near-)zero entries, unrotated
+    zeros_after: float
+    history: list[float]  # mean S after every step
+
+
+def fit_rotation(jacobians: dict[str, Tensor], steps: int = 500, lr: float = 0.1, restarts: int = 0,
+                 seed: int = 0) -> RotationFit:
+    """Learn one rotation of the site minimising the mean S of every given side's normalised Jacobians.
+
+    `jacobians` maps "output" (the producing map's, [P, n, m]) and/or "input" (the reading map's,
+    [P, m, n]) to one Jacobian per prompt; n is the site's width. Adam on the generator of R, its
+    learning rate decaying linearly to 1% of `lr`. The objective has local minima: besides the
+    identity, `restarts` random rotations (QR of a Gaussian matrix, from `seed`) are tried as
+    starting points and the sparsest result is kept.
+    """
+    if not jacobians or set(jacobians) - {"output", "input"}:
+        raise ValueError(f"jacobians: give 'output' and/or 'input' Jacobians, got {sorted(jacobians)}")
+    prepared = {side: normalised(j.detach().float()) for side, j in jacobians.items()}
+    n = _site_width(prepared)
+
+    def objective(r: Tensor) -> Tensor:
+        return sum(sparsity(rotate(j, r, side)).mean() for side, j in prepared.items())
+
+    generator = torch.Generator().manual_seed(seed)
+    starts = [None] + [torch.linalg.qr(torch.randn(n, n, generator=generator))[0] for _ in range(restarts)]
+    rotation, history = min((_descend(objective, n, start, steps, lr) for start in starts), key=lambda fit: fit[1][-1] if fit[1] else 0.0)
+    identity = torch.eye(n)
+    with torch.no_grad():
+        zeros = [sum(zeros_fraction(rotate(j, m, side)) for side, j in prepared.items()) / len(prepared) for m in (identity, rotation)]
+        return RotationFit(rotation, float(objective(identity)), float(objective(rotation)), zeros[0], zeros[1], history)
+
+
+def _descend(objective, n: int, start: Tensor | None, steps: int, lr: float) -> tuple[Tensor, list[float]]:
+    rotation = Rotation(n, start)
+    optimizer = torch.optim.Adam(rotation.parameters(), lr=lr)
+    # decaying to 1% lets the entries that should vanish settle at zero instead of circling it
+    schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, END_LR_FACTOR, total_iters=max(steps, 1))
+    history = []
+    for _ in range(steps):
+        loss = objective(rotation())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        history.append(float(loss.detach()))
+    with torch.no_grad():
+        return rotation(), history
+
+
+def _site_width(jacobians: dict[str, Tensor]) -> int:
+    widths = {j.shape[-2] if side == "output" else j.shape[-1] for side, j in jacobians.items()}
+    if len(widths) != 1:
+        raise ValueError(f"jacobians: the site's width differs between sides ({sorted(widths)})")
+    return widths.pop()

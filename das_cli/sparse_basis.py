@@ -125,3 +125,87 @@ def _site_width(jacobians: dict[str, Tensor]) -> int:
     if len(widths) != 1:
         raise ValueError(f"jacobians: the site's width differs between sides ({sorted(widths)})")
     return widths.pop()
+
+
+JACOBIAN_CHUNK = 256  # output rows per batched backward pass
+
+
+def producer_jacobian(lm, site, input_ids: Tensor, position: int) -> Tensor:
+    """d site / d (block input) at `position` of one prompt, [width, hidden]: how the block that holds the
+    site computes it from the residual stream entering that block, every other position held at its
+    unedited value. `block_input` is computed by the block before (its producer); at layer 0 it has none."""
+    from .sites import resolve_site
+
+    if site.stream == "block_input":
+        if site.layer == 0:
+            raise ValueError("block_input at layer 0 is the embedding: no block produces it")
+        site = resolve_site(lm, "block_output", site.layer - 1)
+    entry = resolve_site(lm, "block_input", site.layer)
+    residual = _read(lm, entry, input_ids)
+    start = residual[0, position]
+    return _jacobian(lambda x: _forward_edited(lm, entry, x, position, site, input_ids, residual), start, site.width)
+
+
+def reader_jacobian(lm, site, input_ids: Tensor, position: int) -> Tensor:
+    """d (output of the block that reads the site) / d site at `position`, [hidden, width]: the rest of the
+    site's block, or the next block for `block_output`; the last block's output has no block reading it."""
+    from .sites import resolve_site
+
+    layer = site.layer + 1 if site.stream == "block_output" else site.layer
+    if layer >= lm.n_layers:
+        raise ValueError(f"{site.stream} at the last layer: no block reads it (side=input needs a layer after it)")
+    exit_site = resolve_site(lm, "block_output", layer)
+    residual = _read(lm, resolve_site(lm, "block_input", site.layer), input_ids)
+    start = _read(lm, site, input_ids)[0, position]
+    return _jacobian(lambda y: _forward_edited(lm, site, y, position, exit_site, input_ids, residual), start, lm.hidden_size)
+
+
+class _Captured(Exception):
+    pass
+
+
+def _read(lm, site, input_ids: Tensor) -> Tensor:
+    from .sites import read_site
+
+    return read_site(lm, site, input_ids.to(lm.device)[None])
+
+
+def _forward_edited(lm, edited, values: Tensor, position: int, read, input_ids: Tensor, residual: Tensor) -> Tensor:
+    """One copy of the prompt per row of `values` [m, width]: `edited`'s columns at `position` set to that
+    row, the forward stopped once `read`'s tensor exists; returns `read`'s columns there, [m, read width].
+    The blocks before `edited`'s do no work: `residual` [1, T, hidden] (unedited) enters its block."""
+    from .engines import skip_blocks_before
+    from .sites import hooked
+
+    m = values.shape[0]
+    captured: list[Tensor] = []
+
+    def write(hidden: Tensor) -> Tensor:
+        hidden = hidden.clone()
+        hidden[:, position, edited.columns.to(hidden.device)] = values.to(hidden.dtype)
+        return hidden
+
+    def grab(hidden: Tensor) -> None:
+        captured.append(hidden[:, position, read.columns.to(hidden.device)])
+        raise _Captured
+
+    with skip_blocks_before(lm, edited.layer, residual.expand(m, -1, -1)), hooked(edited, write), hooked(read, grab):
+        try:
+            lm.model(input_ids=input_ids.to(lm.device)[None].expand(m, -1), use_cache=False)
+        except _Captured:
+            pass
+    return captured[0]
+
+
+def _jacobian(run, start: Tensor, n_out: int) -> Tensor:
+    """[n_out, len(start)] by reverse mode, `JACOBIAN_CHUNK` output rows per pass: row i of a chunk is
+    the gradient of output i of copy i of the input."""
+    rows = []
+    with torch.enable_grad():
+        for first in range(0, n_out, JACOBIAN_CHUNK):
+            m = min(JACOBIAN_CHUNK, n_out - first)
+            x = start.detach().float().expand(m, -1).clone().requires_grad_(True)
+            out = run(x)
+            picked = out[torch.arange(m, device=out.device), first + torch.arange(m, device=out.device)]
+            rows.append(torch.autograd.grad(picked.sum(), x)[0])
+    return torch.cat(rows)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from das_cli.sparse_basis import Rotation, fit_rotation, normalised, rotate, sparsity, zeros_fraction
+from das_cli.sparse_basis import Rotation, fit_rotation, normalised, producer_jacobian, reader_jacobian, rotate, sparsity, zeros_fraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,3 +67,64 @@ def test_bad_jacobians():
         fit_rotation({"sideways": torch.zeros(1, 2, 2)})
     with pytest.raises(ValueError, match="width differs"):
         fit_rotation({"output": torch.zeros(1, 3, 4), "input": torch.zeros(1, 4, 2)})
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    from das_cli import config as C
+    from das_cli.models import load_model
+
+    return {name: load_model(C.compose([f"model={name}"]).model, "cpu", "float32") for name in ("tiny_llama", "tiny_gpt2")}
+
+
+def prompt(lm):
+    return torch.tensor(lm.tokenizer("When Mary and John went to the store, John gave a drink to").input_ids)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_reader_of_the_mlp_activation_is_the_down_projection(tiny_models, name):
+    """Block output = residual + down_proj(activation): its Jacobian in the activation is the projection's weight."""
+    from das_cli.sites import resolve_site
+
+    lm = tiny_models[name]
+    jacobian = reader_jacobian(lm, resolve_site(lm, "mlp_activation", 1), prompt(lm), 5)
+    weight = lm.model.get_submodule(f"{lm.family.blocks}.1.{lm.family.mlp_out_proj}").weight
+    expected = weight if name == "tiny_llama" else weight.T  # GPT-2's Conv1D stores [in, out]
+    torch.testing.assert_close(jacobian, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_producer_jacobian_matches_autograd_on_one_copy(tiny_models, monkeypatch):
+    from das_cli import sparse_basis
+    from das_cli.sites import hooked, resolve_site
+
+    lm, ids, position = tiny_models["tiny_llama"], prompt(tiny_models["tiny_llama"]), 6
+    site, entry = resolve_site(lm, "block_output", 1), resolve_site(lm, "block_input", 1)
+    monkeypatch.setattr(sparse_basis, "JACOBIAN_CHUNK", 7)  # several chunks, the last one short
+
+    def block_output_at(x):  # the plain model, its block-1 input at `position` replaced by x
+        def write(hidden):
+            hidden = hidden.clone()
+            hidden[0, position] = x
+            return hidden
+
+        out = []
+        with hooked(entry, write), hooked(site, lambda h: out.append(h[0, position])):
+            lm.model(input_ids=ids[None], use_cache=False)
+        return out[0]
+
+    start = sparse_basis._read(lm, entry, ids)[0, position]
+    expected = torch.autograd.functional.jacobian(block_output_at, start)
+    assert (expected - torch.eye(lm.hidden_size)).abs().max() > 1e-2  # the block does more than pass x through
+    torch.testing.assert_close(producer_jacobian(lm, site, ids, position), expected, atol=1e-5, rtol=1e-5)
+    # block_input is produced by the block before it
+    torch.testing.assert_close(producer_jacobian(lm, entry, ids, position), producer_jacobian(lm, resolve_site(lm, "block_output", 0), ids, position))
+
+
+def test_sites_without_a_producer_or_reader(tiny_models):
+    from das_cli.sites import resolve_site
+
+    lm = tiny_models["tiny_llama"]
+    with pytest.raises(ValueError, match="layer 0 is the embedding"):
+        producer_jacobian(lm, resolve_site(lm, "block_input", 0), prompt(lm), 3)
+    with pytest.raises(ValueError, match="no block reads it"):
+        reader_jacobian(lm, resolve_site(lm, "block_output", lm.n_layers - 1), prompt(lm), 3)

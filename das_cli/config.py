@@ -239,13 +239,15 @@ def _checked_key(override: str, composed: DictConfig) -> str:
     for depth, part in enumerate(parts):
         if not isinstance(node, DictConfig):
             return override  # e.g. layers.x=1: Hydra reports it
-        if part not in node:
+        if part not in node.keys():  # keys(): `in` is False for a MISSING value such as dataset.path
             where = ".".join(parts[:depth])
             schema = _schema_at(composed, where)
             optional = [f.name for f in fields(schema)] if schema else []
             if depth == 1 and part in optional:
                 return "+" + override
             raise unknown_key(key, sorted(set(node.keys()) | set(optional)), _group_label(composed, where))
+        if OmegaConf.is_missing(node, part):
+            return override
         node = node[part]
     return override
 

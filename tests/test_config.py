@@ -178,6 +178,7 @@ def test_model_path_works_with_every_model_preset():
     cfg = C.typed(C.compose(["model.name_or_path=/ckpt"]))
     assert cfg.model.name_or_path == "/ckpt" and cfg.model.name == "smollm2_135m"
     assert "name_or_path" not in C.typed(C.compose()).model  # an unset optional key stays out of the fingerprint
+    assert C.check_override_keys(["dataset=file", "dataset.path=x.csv"])[1] == "dataset.path=x.csv"  # set, not added
 
 
 def test_repeated_grid_entries_run_once_with_a_warning():
@@ -218,7 +219,7 @@ def test_defaults_live_only_in_the_yaml():
                 assert f.default in (MISSING, None), f"{schema.__name__}.{f.name}"
 
 
-def test_help_and_validation_do_not_import_torch():
+def test_help_and_the_schema_do_not_import_torch():
     code = ("import sys; sys.argv = ['das-cli', '--help']\nfrom das_cli import cli, config as C\n"
             "C.typed(C.compose(['model=tiny_gpt2']))\n"
             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"

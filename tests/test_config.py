@@ -1,7 +1,12 @@
-"""Every shipped config composes and validates; grid parsing; the Python API."""
+"""Every shipped config composes and validates; grid parsing; the schema's one-line errors; the Python API."""
+
+import dataclasses
+import inspect
+import subprocess
+import sys
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from das_cli import config as C
 from das_cli.errors import DasError
@@ -72,13 +77,6 @@ def test_file_dataset_without_a_path_fails_before_loading_the_model():
 
 
 # ---- the schema: types, unknown keys, ranges (all before the model loads) ----
-
-import dataclasses
-import inspect
-import subprocess
-import sys
-
-from omegaconf import MISSING
 
 
 def checked(*overrides):

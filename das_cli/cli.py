@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -75,23 +76,45 @@ def check_shards(overrides: list[str]) -> None:
                   "their cells will be missing from the merged table", file=sys.stderr)
 
 
-def preflight(argv: list[str]) -> None:
-    """Compose the config once before Hydra does, so composition errors fit on one line."""
+def preflight(argv: list[str]) -> list[str]:
+    """Compose and validate the config once before Hydra runs it, so every mistake fits on one line and
+    none waits for the model to load. Returns argv for Hydra (a schema key a preset leaves out gets `+`)."""
     overrides = overrides_of(argv)
     if overrides is None:
-        return
+        return argv
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     check_groups(overrides, multirun)
+    try:
+        checked = C.check_override_keys(overrides)
+    except DasError as e:
+        fail(str(e))
+    renamed = dict(zip(overrides, checked))
     if multirun:
         check_shards(overrides)
-        return
+        return [renamed.get(a, a) for a in argv]
     try:
-        cfg = C.compose([o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
+        cfg = C.compose_checked([o for o in checked if not o.startswith(("hydra.", "hydra/"))])
         C.validate(C.typed(cfg))
     except DasError as e:
         fail(str(e))
     except Exception as e:  # Hydra's composition and override-grammar errors
         fail(" ".join(str(e).split()).split(" Config search path")[0])
+    return [renamed.get(a, a) for a in argv]
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Config warnings on one line of stderr, each once (the config is checked before and during the run);
+    any other warning as Python shows it."""
+    if issubclass(category, C.ConfigWarning):
+        if str(message) not in SHOWN_WARNINGS:
+            print(f"das-cli: warning: {message}", file=sys.stderr)
+        SHOWN_WARNINGS.add(str(message))
+    else:
+        PYTHON_SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+PYTHON_SHOW_WARNING = warnings.showwarning
+SHOWN_WARNINGS: set[str] = set()
 
 
 @hydra.main(version_base="1.3", config_path=str(C.conf_dir()), config_name="config")
@@ -124,7 +147,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    preflight(sys.argv[1:])
+    warnings.showwarning = show_warning
+    sys.argv[1:] = preflight(sys.argv[1:])
     _hydra_main()
     from .callbacks import PROBLEMS
 

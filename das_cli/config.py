@@ -1,25 +1,187 @@
-"""The config contract: where conf/ lives, composing it, and validating it with one-line errors."""
+"""The config contract: where conf/ lives, the schema of every key, composing it, and validating it with one-line errors.
+
+Every default lives in conf/*.yaml; the dataclasses below hold types only (MISSING: the YAML gives the value; None: an
+optional key that is not set). This module imports neither torch nor transformers, so `das-cli --help` stays fast;
+all checks here run before the model loads.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import math
+import re
+import warnings
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
-import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .engines import ENGINES
 from .errors import DasError
-from .interventions import INTERVENTIONS as INTERVENTION_TYPES
-from .sites import HEAD_STREAMS, STREAMS
+from .examples import KINDS
+from .ioi import VARIABLES
+from .names import ENGINES, HEAD_STREAMS, STREAMS
 
 ILLUSION_STREAMS = ("mlp_activation", "attention_value_output", "head_attention_value_output")
+CONFIG_GROUPS = ("model", "dataset", "intervention")
+HEAD_MODES = ("each", "leave_one_out", "cumulative")
 
-INTERVENTIONS = tuple(INTERVENTION_TYPES)
-DATASETS = ("ioi", "file")
 
+class ConfigWarning(UserWarning):
+    """A config that runs, but not quite as written (e.g. a repeated grid entry); the CLI prints it on one line."""
+
+
+# ---- the schema: one dataclass per group option set ----
+
+@dataclass
+class ModelSchema:
+    name: str = MISSING
+    name_or_path: Optional[str] = None  # a hub id or local folder; loaded instead of `embedded` / `random_init`
+    embedded: Optional[bool] = None
+    random_init: Optional[Dict[str, Any]] = None  # transformers config keys of a randomly initialised model
+    init_seed: Optional[int] = None
+
+
+@dataclass
+class IoiDataset:
+    name: str = MISSING
+    variable: str = MISSING
+    n_train: int = MISSING
+    n_test: int = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class FileDataset:
+    name: str = MISSING
+    path: str = MISSING
+    test_fraction: float = MISSING
+    seed: int = MISSING
+    train_kinds: List[str] = MISSING
+    variable: str = MISSING
+
+
+DATASETS: dict[str, type] = {"ioi": IoiDataset, "file": FileDataset}
+
+
+@dataclass
+class DimOptions:
+    """Interventions whose only option is the subspace's dimension."""
+
+    name: str = MISSING
+    dim: int = MISSING
+
+
+@dataclass
+class DasOptions(DimOptions):
+    orthogonal_map: Optional[str] = None
+    full_rotation: bool = MISSING
+
+
+@dataclass
+class ProbeOptions(DimOptions):
+    probe_l2: float = MISSING
+
+
+@dataclass
+class BoundlessDasOptions:
+    name: str = MISSING
+    init_boundary: float = MISSING
+    temperature_start: float = MISSING
+    temperature_end: float = MISSING
+    boundary_lr: float = MISSING
+    boundary_loss_weight: float = MISSING
+
+
+@dataclass
+class DbmOptions:
+    name: str = MISSING
+    temperature_start: float = MISSING
+    temperature_end: float = MISSING
+    l1_weight: float = MISSING
+
+
+@dataclass
+class VanillaOptions:
+    name: str = MISSING
+    neurons: Optional[List[int]] = None
+
+
+# The fields besides `name` are the keyword arguments of interventions.build_intervention (a test keeps them in step).
+INTERVENTIONS: dict[str, type] = {
+    "vanilla": VanillaOptions,
+    "das": DasOptions,
+    "boundless_das": BoundlessDasOptions,
+    "mean_diff": DimOptions,
+    "pca": DimOptions,
+    "probe": ProbeOptions,
+    "random": DimOptions,
+    "dbm": DbmOptions,
+    "oblique_das": DimOptions,
+}
+GROUP_SCHEMAS: dict[str, dict[str | None, type]] = {"model": {None: ModelSchema}, "dataset": DATASETS,
+                                                     "intervention": INTERVENTIONS}
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = MISSING
+    lr: float = MISSING
+    batch_size: int = MISSING
+    lr_end_factor: float = MISSING
+    engine: str = MISSING
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = MISSING
+
+
+@dataclass
+class OutputConfig:
+    save_subspaces: bool = MISSING
+    plots: bool = MISSING
+
+
+@dataclass
+class AnalysisConfig:
+    illusion: bool = MISSING  # IIA of the rowspace and nullspace parts of each mlp_activation / attention_value_output subspace
+
+
+@dataclass
+class SweepConfig:
+    """Sharding: this job runs shard `shard` of `num_shards` (whole sites round-robin; see grid.shard_cells)."""
+
+    shard: int = MISSING
+    num_shards: int = MISSING
+
+
+@dataclass
+class RunSchema:
+    """Every top-level key. Groups (Any here) are typed by GROUP_SCHEMAS; grid keys (Any) are checked by `validate`."""
+
+    model: Any = MISSING
+    dataset: Any = MISSING
+    intervention: Any = MISSING
+    stream: Any = MISSING
+    layers: Any = MISSING
+    positions: Any = MISSING
+    heads: Any = MISSING
+    head_order: Any = MISSING
+    seed: int = MISSING
+    seeds: Any = MISSING
+    device: str = MISSING
+    dtype: str = MISSING
+    progress: bool = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+# ---- conf/ and composing ----
 
 def conf_dir() -> Path:
     """The repo's top-level conf/ in a checkout, else the copy shipped inside the wheel."""
@@ -34,120 +196,259 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 
-CONFIG_GROUPS = ("model", "dataset", "intervention")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    lr: float = 0.01
-    batch_size: int = 20
-    lr_end_factor: float = 0.1
-    engine: str = "fast"
-
-
-@dataclass
-class EvalConfig:
-    batch_size: int = 100
-
-
-@dataclass
-class OutputConfig:
-    save_subspaces: bool = True
-    plots: bool = True
-
-
-@dataclass
-class AnalysisConfig:
-    illusion: bool = False  # IIA of the rowspace and nullspace parts of each mlp_activation / attention_value_output subspace
-
-
-@dataclass
-class SweepConfig:
-    """Sharding: this job runs shard `shard` of `num_shards` (whole sites round-robin; see grid.shard_cells)."""
-
-    shard: int = 0
-    num_shards: int = 1
-
-
-@dataclass
-class RunSchema:
-    """Types of every top-level key; group contents (model, dataset, intervention) are checked by their users."""
-
-    model: Any = None
-    dataset: Any = None
-    intervention: Any = None
-    stream: Any = "block_output"
-    layers: Any = "all"
-    positions: Any = field(default_factory=lambda: ["last"])
-    heads: Any = None
-    head_order: Any = None
-    seed: int = 0
-    seeds: Any = None
-    device: str = "auto"
-    dtype: str = "float32"
-    progress: bool = True
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The config `das-cli <overrides>` would run, for notebooks and tests."""
+    return compose_checked(check_override_keys(list(overrides or [])))
+
+
+def compose_checked(overrides: list[str]) -> DictConfig:
+    """Hydra's composition of overrides already passed through `check_override_keys`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides or []))
+        return hydra_compose(config_name="config", overrides=overrides)
 
+
+def check_override_keys(overrides: list[str]) -> list[str]:
+    """Unknown keys in `key=value` overrides become one-line errors with a "did you mean"; a group key the
+    schema knows but the chosen preset leaves out (model.name_or_path with the embedded model) is added (`+key=`)."""
+    plain = [o for o in overrides if _plain_key(o) is not None]
+    if not plain:
+        return overrides
+    selections = [o for o in overrides if _plain_key(o) is None and not o.startswith(("hydra.", "hydra/"))]
+    try:
+        composed = compose_checked(selections)
+    except Exception:  # a bad group choice or grammar: the full composition reports it
+        return overrides
+    return [_checked_key(o, composed) if o in plain else o for o in overrides]
+
+
+def _plain_key(override: str) -> str | None:
+    """The dotted key of a plain `a.b=value` override; None for group choices, +/~ edits and hydra keys."""
+    key = override.partition("=")[0]
+    if "=" not in override or key.startswith(("+", "~", "hydra.", "hydra/")) or key in CONFIG_GROUPS or "/" in key:
+        return None
+    return key if re.fullmatch(r"[\w.]+", key) else None
+
+
+def _checked_key(override: str, composed: DictConfig) -> str:
+    key = _plain_key(override)
+    parts = key.split(".")
+    node: Any = composed
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return override  # e.g. layers.x=1: Hydra reports it
+        if part not in node.keys():  # keys(): `in` is False for a MISSING value such as dataset.path
+            where = ".".join(parts[:depth])
+            schema = _schema_at(composed, where)
+            optional = [f.name for f in fields(schema)] if schema else []
+            if depth == 1 and part in optional:
+                return "+" + override
+            raise unknown_key(key, sorted(set(node.keys()) | set(optional)), _group_label(composed, where))
+        if OmegaConf.is_missing(node, part):
+            return override
+        node = node[part]
+    return override
+
+
+def _schema_at(cfg: DictConfig, where: str) -> type | None:
+    """The schema of a group node (model, dataset, intervention), chosen by its name."""
+    schemas = GROUP_SCHEMAS.get(where)
+    return None if schemas is None else schemas.get(None) or schemas.get(cfg[where].get("name"))
+
+
+def _group_label(cfg: DictConfig, where: str) -> str:
+    return f" of {where}={cfg[where].get('name')}" if where in CONFIG_GROUPS else f" in {where}" if where else ""
+
+
+def unknown_key(key: str, valid: list[str], where: str = "") -> DasError:
+    last = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(last, valid, n=1)
+    hint = f"; did you mean {key[: len(key) - len(last)]}{close[0]}?" if close else ""
+    return DasError(f"{key}: unknown key{where}; valid keys: {', '.join(valid)}{hint}")
+
+
+# ---- types ----
 
 def typed(cfg: DictConfig) -> DictConfig:
-    """Merge onto the schema: wrong types and unknown top-level keys become one-line errors."""
+    """The config checked against the schema: wrong types and unknown keys become one-line errors.
+
+    Group nodes keep exactly the keys they were given (a key's type may be converted, e.g. lr=1 -> 1.0)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
-    try:
-        return OmegaConf.merge(OmegaConf.structured(RunSchema), plain)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", "") or "config"
-        raise DasError(f"{key}: {str(e).splitlines()[0]}") from None
+    groups = {g: plain.pop(g, None) for g in CONFIG_GROUPS}
+    out = _merge(RunSchema, plain, "")
+    for group, value in groups.items():
+        out[group] = _typed_group(group, value)
+    missing = sorted(OmegaConf.missing_keys(out) - {"dataset.path"})  # validate explains dataset.path
+    if missing:
+        raise DasError(f"{missing[0]}: missing; give it a value, e.g. {missing[0]}=...")
+    return out
 
+
+def _typed_group(group: str, value: Any) -> DictConfig:
+    if not isinstance(value, dict):
+        raise DasError(f"{group}={_show(value)}: choose a {group}; valid choices: {', '.join(group_choices(group))}")
+    schemas = GROUP_SCHEMAS[group]
+    schema = schemas.get(None) or schemas.get(value.get("name"))
+    if schema is None:
+        raise DasError(f"{group}={value.get('name')}: valid choices: {', '.join(schemas)}")
+    merged = OmegaConf.to_container(_merge(schema, value, group))
+    return OmegaConf.create({k: merged[k] for k in value})
+
+
+def _merge(schema: type, plain: dict, prefix: str) -> DictConfig:
+    _check_booleans(schema, plain, prefix)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except OmegaConfBaseException as e:
+        raise _schema_error(schema, plain, prefix, str(e.full_key or e.key or "")) from None
+
+
+def _check_booleans(schema: type, plain: dict, prefix: str) -> None:
+    """OmegaConf would read 3 or "yes" as true; a boolean key takes only true or false."""
+    for name, tp in get_type_hints(schema).items():
+        key, value = f"{prefix}.{name}" if prefix else name, plain.get(name) if isinstance(plain, dict) else None
+        if is_dataclass(tp):
+            _check_booleans(tp, value, key)
+        elif tp in (bool, Optional[bool]) and value is not None and not isinstance(value, bool):
+            raise DasError(f"{key}={_show(value)}: must be {_kind(tp)}")
+
+
+def _schema_error(schema: type, plain: dict, prefix: str, full_key: str) -> DasError:
+    """`key=value: must be <type>`, or the unknown key with the valid keys at its level."""
+    parts = [p for p in re.sub(r"\[\d+\]", "", full_key).split(".") if p]
+    node_type, value, path = schema, plain, [prefix] if prefix else []
+    for part in parts:
+        hints = get_type_hints(node_type)
+        path.append(part)
+        if part not in hints:
+            where = f" of {prefix}={plain.get('name')}" if prefix and len(path) == 2 else ""
+            return unknown_key(".".join(path), sorted(hints), where)
+        value = value.get(part) if isinstance(value, dict) else None
+        if not is_dataclass(hints[part]):
+            return DasError(f"{'.'.join(path)}={_show(value)}: must be {_kind(hints[part])}")
+        node_type = hints[part]
+    return DasError(f"{'.'.join(path) or 'config'}: does not fit the schema")
+
+
+_KINDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+          str: ("a string", "strings"), dict: ("a mapping", "mappings"), Any: ("a value", "values")}
+
+
+def _kind(tp: Any, plural: bool = False) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)][0]
+        return f"{_kind(inner, plural)} or null"
+    if origin in (list, List):
+        return f"a list of {_kind(args[0], True)}"
+    return _KINDS.get(origin or tp, ("a value", "values"))[plural]
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it on the command line."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if value is None or isinstance(value, bool):
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+# ---- values ----
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model; all problems are reported together on one line."""
-    errors = []
-    for stream in streams(cfg):
-        if stream not in STREAMS:
-            errors.append(f"stream={stream}: unknown stream; valid choices: {', '.join(STREAMS)}")
-    if cfg.intervention.get("name") not in INTERVENTIONS:
-        errors.append(f"intervention={cfg.intervention.get('name')}: valid choices: {', '.join(INTERVENTIONS)}")
-    if cfg.dataset.get("name") not in DATASETS:
-        errors.append(f"dataset={cfg.dataset.get('name')}: valid choices: {', '.join(DATASETS)}")
-    elif cfg.dataset.name == "file" and OmegaConf.is_missing(cfg.dataset, "path"):
-        errors.append("dataset.path: missing; give the pairs file, e.g. dataset.path=pairs.jsonl (JSONL, CSV or Parquet)")
-    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
-        errors.append(f"device={cfg.device}: valid choices: auto, cpu, cuda (or cuda:N)")
-    elif str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        errors.append(f"device={cfg.device}: CUDA is not available on this machine; valid choices here: auto, cpu")
-    if cfg.dtype not in ("float32", "bfloat16"):
-        errors.append(f"dtype={cfg.dtype}: valid choices: float32, bfloat16")
-    for key in ("epochs", "batch_size"):
-        if cfg.train[key] < (0 if key == "epochs" else 1):
-            errors.append(f"train.{key}={cfg.train[key]}: must be {'>= 0' if key == 'epochs' else '>= 1'}")
-    if cfg.train.lr <= 0:
-        errors.append(f"train.lr={cfg.train.lr}: must be > 0")
-    if cfg.train.engine not in ENGINES:
-        errors.append(f"train.engine={cfg.train.engine}: valid choices: {', '.join(ENGINES)}")
-    if cfg.eval.batch_size < 1:
-        errors.append(f"eval.batch_size={cfg.eval.batch_size}: must be >= 1")
-    errors += _grid_errors(cfg)
-    errors += _seeds_errors(cfg.seeds)
-    if cfg.analysis.illusion and not any(s in ILLUSION_STREAMS for s in streams(cfg)):
-        errors.append(f"analysis.illusion=true: applies to the streams {', '.join(ILLUSION_STREAMS)}; stream={cfg.stream} has none")
+    errors = _grid_errors(cfg) + _model_errors(cfg.model) + _dataset_errors(cfg.dataset) + _intervention_errors(cfg.intervention)
+    errors += _run_errors(cfg) + _seeds_errors(cfg.seeds)
+    if cfg.analysis.illusion and not any(s in ILLUSION_STREAMS for s in _items(cfg.stream)):
+        errors.append(f"analysis.illusion=true: applies to the streams {', '.join(ILLUSION_STREAMS)}; stream={_show(cfg.stream)} has none")
     errors += shard_errors(cfg.sweep.shard, cfg.sweep.num_shards)
     if errors:
         raise DasError("; ".join(errors))
+
+
+def _run_errors(cfg: DictConfig) -> list[str]:
+    errors = []
+    if cfg.device not in ("auto", "cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
+        errors.append(f"device={cfg.device}: valid choices: auto, cpu, cuda (or cuda:N)")
+    elif str(cfg.device).startswith("cuda") and not _cuda_available():
+        errors.append(f"device={cfg.device}: CUDA is not available on this machine; valid choices here: auto, cpu")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        errors.append(f"dtype={cfg.dtype}: valid choices: float32, bfloat16")
+    t = cfg.train
+    errors += _at_least("train.epochs", t.epochs, 0) + _at_least("train.batch_size", t.batch_size, 1)
+    errors += _at_least("eval.batch_size", cfg.eval.batch_size, 1)
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        errors.append(f"train.lr={t.lr}: must be a finite number > 0")
+    if not 0 <= t.lr_end_factor <= 1:
+        errors.append(f"train.lr_end_factor={t.lr_end_factor}: must be between 0 and 1 (the final learning rate is lr x lr_end_factor)")
+    if t.engine not in ENGINES:
+        errors.append(f"train.engine={t.engine}: valid choices: {', '.join(ENGINES)}")
+    return errors
+
+
+def _cuda_available() -> bool:
+    import torch  # only when a run asks for CUDA
+
+    return torch.cuda.is_available()
+
+
+def _at_least(key: str, value: int, low: int) -> list[str]:
+    return [] if value >= low else [f"{key}={value}: must be >= {low}"]
+
+
+def _model_errors(model: DictConfig) -> list[str]:
+    if model.get("name_or_path") or model.get("embedded") or model.get("random_init"):
+        return []
+    return [f"model={model.get('name')}: set one of model.name_or_path, model.embedded or model.random_init"]
+
+
+def _dataset_errors(ds: DictConfig) -> list[str]:
+    if ds.name == "ioi":
+        errors = _at_least("dataset.n_train", ds.n_train, 1) + _at_least("dataset.n_test", ds.n_test, 1)
+        if ds.variable not in VARIABLES:
+            errors.append(f"dataset.variable={ds.variable}: valid choices: {', '.join(VARIABLES)}")
+        return errors
+    errors = []
+    if OmegaConf.is_missing(ds, "path"):
+        errors.append("dataset.path: missing; give the pairs file, e.g. dataset.path=pairs.jsonl (JSONL, CSV or Parquet)")
+    if not 0 < ds.test_fraction < 1:
+        errors.append(f"dataset.test_fraction={ds.test_fraction}: must be between 0 and 1 (exclusive)")
+    bad = [k for k in ds.train_kinds if k not in KINDS]
+    if bad or not ds.train_kinds:
+        errors.append(f"dataset.train_kinds={_show(ds.train_kinds)}: give a non-empty list of kinds; valid kinds: {', '.join(KINDS)}")
+    return errors
+
+
+def _intervention_errors(options: DictConfig) -> list[str]:
+    """Ranges every site shares; the intervention's own constructor then checks the rest (and dim against the width)."""
+    errors = [f"intervention.{k}={v}: must be a finite number" for k, v in options.items()
+              if isinstance(v, float) and not math.isfinite(v)]
+    if options.get("dim") is not None and options.dim < 1:
+        errors.append(f"intervention.dim={options.dim}: must be >= 1")
+    neurons = options.get("neurons")
+    if neurons is not None and (not neurons or min(neurons) < 0):
+        errors.append(f"intervention.neurons={_show(neurons)}: must be null or a non-empty list of indices >= 0")
+    if errors:
+        return errors
+    return _constructor_errors(options)
+
+
+def _constructor_errors(options: DictConfig) -> list[str]:
+    """Build the intervention once on a site just wide enough, so its own checks run before the model loads."""
+    from .interventions import build_intervention  # torch: only when a run is checked, never for --help
+
+    values = {k: v for k, v in OmegaConf.to_container(options).items() if k != "name"}
+    width = max([1, values.get("dim") or 1, *[n + 1 for n in values.get("neurons") or []]])
+    try:
+        build_intervention(options.name, width, **values)
+    except DasError as e:
+        return [str(e)]
+    return []
 
 
 def shard_errors(shard: int, num_shards: int) -> list[str]:
@@ -159,43 +460,69 @@ def shard_errors(shard: int, num_shards: int) -> list[str]:
     return []
 
 
+# ---- the grid: streams x layers x positions x head sets x seeds ----
+
 def _grid_errors(cfg: DictConfig) -> list[str]:
     errors = []
-    try:
-        positions(cfg)
-    except DasError as e:
-        errors.append(str(e))
-    if cfg.heads is not None and not any(s in HEAD_STREAMS for s in streams(cfg)):
+    for check in (streams, positions, lambda c: head_sets(c, n_heads=None)):
+        try:
+            check(cfg)
+        except DasError as e:
+            errors.append(str(e))
+    if cfg.heads is not None and not any(s in HEAD_STREAMS for s in _items(cfg.stream)):
         errors.append(f"heads: set, but no stream is head-level; head-level streams: {', '.join(HEAD_STREAMS)}")
-    errors += _heads_errors(cfg)
-    layers = cfg.layers
-    if not (layers == "all" or isinstance(layers, int) or _is_list_of(layers, int)):
-        errors.append(f"layers={layers}: must be a list of layer indices or 'all'")
+    errors += _head_order_errors(cfg)
+    value = cfg.layers
+    if not (value == "all" or _is_int(value) or _is_list_of(value, _is_int)):
+        errors.append(f"layers={_show(value)}: must be a non-empty list of layer indices (integers), or all")
     return errors
 
 
-def _is_list_of(value: Any, kind: type) -> bool:
-    return isinstance(value, (list, ListConfig)) and len(value) > 0 and all(isinstance(v, kind) for v in value)
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # true is not layer 1
+
+
+def _is_list_of(value: Any, check) -> bool:
+    return isinstance(value, (list, ListConfig)) and len(value) > 0 and all(check(v) for v in value)
+
+
+def _items(value: Any) -> list:
+    return list(value) if isinstance(value, (list, ListConfig)) else [value]
+
+
+def _unique(key: str, items: list, detail: str = "") -> list:
+    """`items` without repeats; a repeat would train the same cell again and pass for another seed."""
+    unique = list(dict.fromkeys(items))
+    if len(unique) < len(items):
+        repeated = [_show(list(i) if isinstance(i, tuple) and len(i) > 1 else i[0] if isinstance(i, tuple) else i)
+                    for i in unique if items.count(i) > 1]
+        warnings.warn(f"{key}: {', '.join(repeated)} given more than once{detail}; each cell runs once", ConfigWarning)
+    return unique
 
 
 def streams(cfg: DictConfig) -> list[str]:
-    value = cfg.stream
-    return [str(s) for s in value] if isinstance(value, (list, ListConfig)) else [str(value)]
+    value = _items(cfg.stream)
+    if not value:
+        raise DasError(f"stream=[]: give at least one stream; valid choices: {', '.join(STREAMS)}")
+    bad = [s for s in value if s not in STREAMS]
+    if bad:
+        raise DasError(f"stream={_show(bad[0])}: unknown stream; valid choices: {', '.join(STREAMS)}")
+    return _unique("stream", [str(s) for s in value])
 
 
 def layers(cfg: DictConfig, n_layers: int) -> list[int]:
-    """The layer list; every index checked against the model."""
+    """The layer list; every index checked against the model; negative indices count from the end."""
     value = cfg.layers
-    chosen = list(range(n_layers)) if value == "all" else [value] if isinstance(value, int) else list(value)
+    chosen = list(range(n_layers)) if value == "all" else _items(value)
     bad = [layer for layer in chosen if not -n_layers <= layer < n_layers]
     if bad:
         raise DasError(f"layers: {bad} out of range for a {n_layers}-layer model; valid layers: 0..{n_layers - 1} or 'all'")
-    return [layer % n_layers for layer in chosen]
+    return _unique("layers", [layer % n_layers for layer in chosen], f" (negative indices count from the end of {n_layers} layers)")
 
 
 def _position_item(value: Any) -> int | str:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise DasError(f"positions: {value!r} is neither a token index nor a position name")
+        raise DasError(f"positions: {_show(value)} is neither a token index nor a position name")
     if isinstance(value, str) and value.lstrip("-").isdigit():
         return int(value)
     return value
@@ -203,24 +530,20 @@ def _position_item(value: Any) -> int | str:
 
 def positions(cfg: DictConfig) -> list[tuple[int | str, ...]]:
     """One tuple per cell; a nested list is one cell spanning several tokens (a joint subspace)."""
-    value = cfg.positions
-    items = list(value) if isinstance(value, (list, ListConfig)) else [value]
+    items = _items(cfg.positions)
     if not items:
         raise DasError("positions: empty; give at least one position, e.g. positions=[last]")
     out = []
     for item in items:
-        group = list(item) if isinstance(item, (list, ListConfig)) else [item]
+        group = _items(item)
         if not group:
             raise DasError("positions: an empty nested list; each cell needs at least one position")
         out.append(tuple(_position_item(v) for v in group))
-    return out
+    return _unique("positions", out)
 
 
-HEAD_MODES = ("each", "leave_one_out", "cumulative")
-
-
-def head_sets(cfg: DictConfig, n_heads: int, ranking: list[int] | None = None) -> list[tuple[int, ...] | None]:
-    """The head sets of one head-level stream with `n_heads` heads, one per cell.
+def head_sets(cfg: DictConfig, n_heads: int | None, ranking: list[int] | None = None) -> list[tuple[int, ...] | None]:
+    """The head sets of one head-level stream with `n_heads` heads, one per cell (n_heads=None: check only).
 
     null: all heads together; [0,3]: one set; [[0],[1,2]]: several sets; `each`: one cell per head;
     `leave_one_out`: all heads but one, for each head; `cumulative`: the first 1, 2, ... heads of
@@ -229,37 +552,44 @@ def head_sets(cfg: DictConfig, n_heads: int, ranking: list[int] | None = None) -
     value = cfg.heads
     if value is None:
         return [None]
-    if value == "each":
-        return [(h,) for h in range(n_heads)]
-    if value == "leave_one_out":
-        return [tuple(x for x in range(n_heads) if x != h) for h in range(n_heads)]
-    if value == "cumulative":
-        order = ranking if cfg.head_order == "ranked" else list(cfg.head_order or range(n_heads))
-        return [tuple(order[: i + 1]) for i in range(len(order))]
-    items = list(value) if isinstance(value, (list, ListConfig)) else [value]
-    if all(isinstance(v, int) for v in items):
+    if isinstance(value, str):
+        if value not in HEAD_MODES:
+            raise DasError(f"heads={value}: valid choices: null, a list of heads, a list of lists, {', '.join(HEAD_MODES)}")
+        return [] if n_heads is None else _head_mode(cfg, value, n_heads, ranking)
+    items = _items(value)
+    if _is_list_of(items, _is_int):
         return [tuple(items)]
-    return [tuple(v) if isinstance(v, (list, ListConfig)) else (v,) for v in items]
+    if not _is_list_of(items, lambda v: _is_int(v) or _is_list_of(v, _is_int)):
+        raise DasError(f"heads={_show(value)}: give a non-empty list of heads (integers) or of non-empty lists of heads, "
+                       f"or one of null, {', '.join(HEAD_MODES)}")
+    return _unique("heads", [tuple(v) if isinstance(v, (list, ListConfig)) else (v,) for v in items])
 
 
-def _heads_errors(cfg: DictConfig) -> list[str]:
+def _head_mode(cfg: DictConfig, mode: str, n_heads: int, ranking: list[int] | None) -> list[tuple[int, ...]]:
+    if mode == "each":
+        return [(h,) for h in range(n_heads)]
+    if mode == "leave_one_out":
+        return [tuple(x for x in range(n_heads) if x != h) for h in range(n_heads)]
+    order = ranking if cfg.head_order == "ranked" else list(cfg.head_order or range(n_heads))
+    return [tuple(order[: i + 1]) for i in range(len(order))]
+
+
+def _head_order_errors(cfg: DictConfig) -> list[str]:
     value, order = cfg.heads, cfg.head_order
     errors = []
-    if isinstance(value, str) and value not in HEAD_MODES:
-        errors.append(f"heads={value}: valid choices: null, a list of heads, a list of lists, {', '.join(HEAD_MODES)}")
     if order is not None and value != "cumulative":
-        errors.append(f"head_order: only used with heads=cumulative (heads={value})")
-    if order is not None and order != "ranked" and not _is_list_of(order, int):
-        errors.append(f"head_order={order}: valid choices: null, a list of heads, ranked")
+        errors.append(f"head_order: only used with heads=cumulative (heads={_show(value)})")
+    if order is not None and order != "ranked" and not (_is_list_of(order, _is_int) and len(set(order)) == len(order)):
+        errors.append(f"head_order={_show(order)}: valid choices: null, a list of distinct heads, ranked")
     return errors
 
 
 def _seeds_errors(value: Any) -> list[str]:
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+    if value is None or (_is_int(value) and value >= 1):
         return []
-    if _is_list_of(value, int) and len(set(value)) == len(value):
+    if _is_list_of(value, _is_int) and len(set(value)) == len(value):
         return []
-    return [f"seeds={value}: give a number of seeds (>= 1, counted up from `seed`) or a list of distinct integer seeds"]
+    return [f"seeds={_show(value)}: give a number of seeds (>= 1, counted up from `seed`) or a list of distinct integer seeds"]
 
 
 def replicates(cfg: DictConfig) -> list[int | None]:
@@ -272,7 +602,10 @@ def replicates(cfg: DictConfig) -> list[int | None]:
     return [int(v) for v in value]
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str):
+    """The torch.device `device=` names (auto: CUDA when there is one)."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

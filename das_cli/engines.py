@@ -26,11 +26,11 @@ from transformers import DynamicCache
 
 from .data import Batch, PairSet
 from .models import LoadedModel
+from .names import ENGINES
 from .readout import Readout
 from .sites import Site, gather, hooked, resolve_site, scatter
 
 Intervene = Callable[[Tensor, Tensor], Tensor]  # (base's site values, source's) -> the edited values
-ENGINES = ("fast", "reference")
 
 
 @dataclass

@@ -41,27 +41,7 @@ from torch import Tensor, nn
 
 from .errors import DasError
 from .models import LoadedModel
-
-HEAD_STREAMS = {
-    "head_attention_value_output": "attention_value_output",
-    "head_query_output": "query_output",
-    "head_key_output": "key_output",
-    "head_value_output": "value_output",
-}
-STREAMS = (
-    "block_input",
-    "block_output",
-    "attention_input",
-    "attention_output",
-    "attention_value_output",
-    "query_output",
-    "key_output",
-    "value_output",
-    "mlp_input",
-    "mlp_activation",
-    "mlp_output",
-    *HEAD_STREAMS,
-)
+from .names import HEAD_STREAMS, STREAMS
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,16 @@ BAD = [
     (["train.epoch=3"], "train.epoch", ""),
     (["dtype=float8"], "dtype=float8", "bfloat16"),
     (["intervention.orthogonal_map=bogus"], "intervention.orthogonal_map", "cayley"),
+    (["intervention.dim=abc"], "intervention.dim=abc", "integer"),
+    (["intervention=vanilla", "intervention.neurons=[a]"], "intervention.neurons=[a]", "integers"),
+    (["dataset.seed=1.5"], "dataset.seed=1.5", "integer"),
+    (["eval.batch_size=0"], "eval.batch_size=0", ">= 1"),
+    (["train.lr=nan"], "train.lr=nan", "finite"),
+    (["train.lr_end_factor=-1"], "train.lr_end_factor", "between 0 and 1"),
+    (["layer=[1]"], "layer: unknown key", "did you mean layers?"),
+    (["stream=[]"], "stream=[]", "block_output"),
+    (["layers=[true]"], "layers=[true]", "integers"),
+    (["+intervention.foo=1"], "intervention.foo: unknown key", "dim"),
 ]
 
 
@@ -116,3 +126,31 @@ def test_cuda_request_without_cuda(tmp_path):
     result = run_cli(["model=tiny_gpt2", "device=cuda"] + TINY + [f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 2
     assert "device=cuda" in result.stderr and "cpu" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_multirun_key_typo_is_one_line(tmp_path):
+    result = run_cli(["-m", "model=tiny_gpt2", "train.epoch=1,2", f"hydra.sweep.dir={tmp_path}"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "das-cli: error: train.epoch: unknown key in train; valid keys: batch_size, engine, epochs, lr, lr_end_factor; "
+        "did you mean train.epochs?"]
+
+
+def test_repeated_grid_entries_run_each_cell_once(tmp_path):
+    args = ["model=tiny_gpt2", "layers=[0,0,-4]", "positions=[last,last]", "stream=[block_output,block_output]",
+            "output.plots=false", "output.save_subspaces=false"]
+    result = run_cli(args + TINY + [f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("das-cli: warning:")]
+    assert [w.split(":")[2].strip() for w in warnings] == ["stream", "positions", "layers"], warnings
+    assert "(negative indices count from the end of 4 layers)" in warnings[2]
+    table = pd.read_csv(tmp_path / "iia.csv")
+    assert len(table) == 1 and table["seed"].tolist() == [0]
+
+
+def test_model_path_with_the_default_model_is_loaded(tmp_path):
+    """README's `das-cli model.name_or_path=...` reaches the loader (no Hydra '+' hint) even with the embedded preset."""
+    missing = tmp_path / "no_checkpoint_here"
+    result = run_cli([f"model.name_or_path={missing}", "layers=[0]"] + TINY + [f"hydra.run.dir={tmp_path / 'out'}"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(f"das-cli: error: model.name_or_path={missing}: could not load")

@@ -1,7 +1,12 @@
-"""Every shipped config composes and validates; grid parsing; the Python API."""
+"""Every shipped config composes and validates; grid parsing; the schema's one-line errors; the Python API."""
+
+import dataclasses
+import inspect
+import subprocess
+import sys
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from das_cli import config as C
 from das_cli.errors import DasError
@@ -69,3 +74,160 @@ def test_python_api_returns_the_table(tmp_path):
 def test_file_dataset_without_a_path_fails_before_loading_the_model():
     with pytest.raises(DasError, match=r"dataset.path: missing"):
         C.validate(C.typed(C.compose(["model=tiny_gpt2", "dataset=file"])))
+
+
+# ---- the schema: types, unknown keys, ranges (all before the model loads) ----
+
+
+def checked(*overrides):
+    """compose + typed + validate, as `das-cli` runs them before loading the model."""
+    C.validate(C.typed(C.compose(["model=tiny_gpt2", *overrides])))
+
+
+TYPE_ERRORS = [
+    (["intervention.dim=abc"], "intervention.dim=abc: must be an integer"),
+    (["intervention.dim=1.5"], "intervention.dim=1.5: must be an integer"),
+    (["intervention=vanilla", "intervention.neurons=[a]"], "intervention.neurons=[a]: must be a list of integers or null"),
+    (["intervention=vanilla", "intervention.neurons=[true]"], "intervention.neurons=[true]: must be a list of integers or null"),
+    (["dataset.n_train=abc"], "dataset.n_train=abc: must be an integer"),
+    (["dataset.n_train=10.7"], "dataset.n_train=10.7: must be an integer"),
+    (["dataset.seed=abc"], "dataset.seed=abc: must be an integer"),
+    (["dataset=file", "dataset.path=ravel_cities.csv", "dataset.test_fraction=abc"], "dataset.test_fraction=abc: must be a number"),
+    (["intervention=boundless_das", "intervention.init_boundary=abc"], "intervention.init_boundary=abc: must be a number"),
+    (["intervention.full_rotation=3"], "intervention.full_rotation=3: must be true or false"),
+    (["train.lr=fast"], "train.lr=fast: must be a number"),
+    (["seed=true"], "seed=true: must be an integer"),
+    (["progress=3"], "progress=3: must be true or false"),
+    (["output.plots=yes"], "output.plots=yes: must be true or false"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", TYPE_ERRORS, ids=[t[1].split(":")[0] for t in TYPE_ERRORS])
+def test_wrong_types_are_one_line_errors(overrides, message):
+    with pytest.raises(DasError) as e:
+        checked(*overrides)
+    assert str(e.value) == message
+
+
+VALUE_ERRORS = [
+    (["train.lr=nan"], "train.lr=nan: must be a finite number > 0"),
+    (["train.lr=inf"], "train.lr=inf: must be a finite number > 0"),
+    (["train.lr=0"], "train.lr=0.0: must be a finite number > 0"),
+    (["train.lr_end_factor=-0.5"], "train.lr_end_factor=-0.5: must be between 0 and 1"),
+    (["train.lr_end_factor=1.5"], "train.lr_end_factor=1.5: must be between 0 and 1"),
+    (["dataset.n_train=0"], "dataset.n_train=0: must be >= 1"),
+    (["dataset.n_test=0"], "dataset.n_test=0: must be >= 1"),
+    (["dataset.variable=colour"], "dataset.variable=colour: valid choices: io_position, io_name"),
+    (["dataset=file", "dataset.path=ravel_cities.csv", "dataset.test_fraction=1.5"], "dataset.test_fraction=1.5: must be between 0 and 1"),
+    (["dataset=file", "dataset.path=ravel_cities.csv", "dataset.train_kinds=[]"], "dataset.train_kinds=[]: give a non-empty list"),
+    (["dataset=file", "dataset.path=ravel_cities.csv", "dataset.train_kinds=[causes]"], "dataset.train_kinds=[causes]: give a non-empty list of kinds; valid kinds: cause, isolate"),
+    (["intervention.dim=0"], "intervention.dim=0: must be >= 1"),
+    (["intervention=vanilla", "intervention.neurons=[]"], "intervention.neurons=[]: must be null or a non-empty list"),
+    (["intervention=vanilla", "intervention.neurons=[-1]"], "intervention.neurons=[-1]: must be null or a non-empty list"),
+    (["intervention.orthogonal_map=bogus"], "intervention.orthogonal_map=bogus: not a valid choice; valid choices: cayley"),
+    (["intervention=boundless_das", "intervention.init_boundary=7"], "intervention.init_boundary=7.0: must be between"),
+    (["intervention=dbm", "intervention.l1_weight=inf"], "intervention.l1_weight=inf: must be a finite number"),
+    (["intervention=probe", "intervention.probe_l2=nan"], "intervention.probe_l2=nan: must be a finite number"),
+    (["layers=[true]"], "layers=[true]: must be a non-empty list of layer indices"),
+    (["layers=true"], "layers=true: must be a non-empty list of layer indices"),
+    (["layers=[]"], "layers=[]: must be a non-empty list of layer indices"),
+    (["stream=[]"], "stream=[]: give at least one stream; valid choices: block_input"),
+    (["stream=head_query_output", "heads=[]"], "heads=[]: give a non-empty list of heads"),
+    (["stream=head_query_output", "heads=[true]"], "heads=[true]: give a non-empty list of heads"),
+    (["stream=head_query_output", "heads=[[0],[]]"], "heads=[[0],[]]: give a non-empty list of heads"),
+    (["stream=head_query_output", "heads=cumulative", "head_order=[1,1]"], "head_order=[1,1]: valid choices: null, a list of distinct heads"),
+    (["positions=[true]"], "positions: true is neither a token index nor a position name"),
+    (["seeds=[true,2]"], "seeds=[true,2]: give a number of seeds"),
+    (["seeds=true"], "seeds=true: give a number of seeds"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", VALUE_ERRORS, ids=[" ".join(v[0]) for v in VALUE_ERRORS])
+def test_bad_values_are_one_line_errors(overrides, message):
+    with pytest.raises(DasError) as e:
+        checked(*overrides)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("layer=[1]", "layer: unknown key; valid keys: analysis, dataset,"),
+    ("train.epoch=3", "train.epoch: unknown key in train; valid keys: batch_size, engine, epochs, lr, lr_end_factor; did you mean train.epochs?"),
+    ("intervention.dimm=2", "intervention.dimm: unknown key of intervention=das; valid keys: dim, full_rotation, name, orthogonal_map; did you mean intervention.dim?"),
+    ("dataset.ntrain=5", "did you mean dataset.n_train?"),
+])
+def test_unknown_keys_name_the_valid_keys_and_the_closest(override, message):
+    with pytest.raises(DasError) as e:
+        C.compose(["model=tiny_gpt2", override])
+    assert message in str(e.value) and "+" not in str(e.value)
+    assert override.startswith("layer=") <= ("did you mean layers?" in str(e.value))
+
+
+def test_added_unknown_keys_are_caught_by_the_schema():
+    with pytest.raises(DasError, match=r"^intervention.foo: unknown key of intervention=das; valid keys: dim, full_rotation"):
+        checked("+intervention.foo=1")
+    with pytest.raises(DasError, match=r"^train.epoch: unknown key; valid keys: batch_size, .*did you mean train.epochs\?"):
+        checked("+train.epoch=1")
+
+
+def test_model_path_works_with_every_model_preset():
+    """README: `das-cli model.name_or_path=...` with the default (embedded) model loads that path instead."""
+    assert C.check_override_keys(["model.name_or_path=/ckpt"]) == ["+model.name_or_path=/ckpt"]
+    assert C.check_override_keys(["model=gpt2", "model.name_or_path=/ckpt"]) == ["model=gpt2", "model.name_or_path=/ckpt"]
+    cfg = C.typed(C.compose(["model.name_or_path=/ckpt"]))
+    assert cfg.model.name_or_path == "/ckpt" and cfg.model.name == "smollm2_135m"
+    assert "name_or_path" not in C.typed(C.compose()).model  # an unset optional key stays out of the fingerprint
+    assert C.check_override_keys(["dataset=file", "dataset.path=x.csv"])[1] == "dataset.path=x.csv"  # set, not added
+
+
+def test_repeated_grid_entries_run_once_with_a_warning():
+    with pytest.warns(C.ConfigWarning, match=r"^layers: 0 given more than once"):
+        assert C.layers(grid(layers=[0, 0, -4, 1]), 4) == [0, 1]
+    with pytest.warns(C.ConfigWarning, match=r"^positions: last, -1 given more than once"):
+        assert C.positions(grid(positions=["last", "last", -1, "-1", ["s2", "last"]])) == [("last",), (-1,), ("s2", "last")]
+    with pytest.warns(C.ConfigWarning, match=r"^stream: block_output given more than once"):
+        assert C.streams(grid(stream=["block_output", "mlp_output", "block_output"])) == ["block_output", "mlp_output"]
+    with pytest.warns(C.ConfigWarning, match=r"^heads: 0 given more than once"):
+        assert C.head_sets(grid(heads=[[0], [0], [0, 1]]), 4) == [(0,), (0, 1)]
+
+
+def test_booleans_are_not_indices():
+    for key, value in [("layers", [True]), ("heads", [True]), ("seeds", [True, 2]), ("positions", [True])]:
+        cfg = grid(**{key: value, "stream": "head_query_output"})
+        with pytest.raises(DasError, match=key):
+            C.validate(cfg)
+
+
+def test_intervention_schema_matches_the_constructors():
+    from das_cli.interventions import INTERVENTIONS
+
+    assert set(C.INTERVENTIONS) == set(INTERVENTIONS)
+    for name, schema in C.INTERVENTIONS.items():
+        options = {f.name for f in dataclasses.fields(schema)} - {"name"}
+        assert options == set(inspect.signature(INTERVENTIONS[name]).parameters) - {"n"}, name
+
+
+def test_defaults_live_only_in_the_yaml():
+    """A schema field holds a type, never a value: MISSING (the YAML gives it) or None (optional, unset)."""
+    schemas = [C.RunSchema, C.ModelSchema, *C.DATASETS.values(), *C.INTERVENTIONS.values()]
+    schemas += [f.type for f in dataclasses.fields(C.RunSchema) if f.default_factory is not dataclasses.MISSING]
+    for schema in schemas:
+        schema = getattr(C, schema) if isinstance(schema, str) else schema
+        for f in dataclasses.fields(schema):
+            if f.default_factory is dataclasses.MISSING:
+                assert f.default in (MISSING, None), f"{schema.__name__}.{f.name}"
+
+
+def test_help_and_the_schema_do_not_import_torch():
+    code = ("import sys; sys.argv = ['das-cli', '--help']\nfrom das_cli import cli, config as C\n"
+            "C.typed(C.compose(['model=tiny_gpt2']))\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert "Configuration groups" in result.stdout
+
+
+def test_integers_are_numbers():
+    checked("intervention=boundless_das", "intervention.temperature_start=50", "train.lr=1")
+    assert C.typed(C.compose(["train.lr=1"])).train.lr == 1.0

@@ -48,6 +48,7 @@ class IoiDataset:
     name: str = MISSING
     variable: str = MISSING
     n_train: int = MISSING
+    n_val: int = MISSING
     n_test: int = MISSING
     seed: int = MISSING
 
@@ -58,6 +59,7 @@ class FileDataset:
     path: str = MISSING
     test_fraction: float = MISSING
     seed: int = MISSING
+    val_fraction: float = MISSING
     train_kinds: List[str] = MISSING
     variable: str = MISSING
 
@@ -410,6 +412,7 @@ def _model_errors(model: DictConfig) -> list[str]:
 def _dataset_errors(ds: DictConfig) -> list[str]:
     if ds.name == "ioi":
         errors = _at_least("dataset.n_train", ds.n_train, 1) + _at_least("dataset.n_test", ds.n_test, 1)
+        errors += _at_least("dataset.n_val", ds.n_val, 0)
         if ds.variable not in VARIABLES:
             errors.append(f"dataset.variable={ds.variable}: valid choices: {', '.join(VARIABLES)}")
         return errors
@@ -418,6 +421,8 @@ def _dataset_errors(ds: DictConfig) -> list[str]:
         errors.append("dataset.path: missing; give the pairs file, e.g. dataset.path=pairs.jsonl (JSONL, CSV or Parquet)")
     if not 0 < ds.test_fraction < 1:
         errors.append(f"dataset.test_fraction={ds.test_fraction}: must be between 0 and 1 (exclusive)")
+    if not 0 <= ds.val_fraction < 1:
+        errors.append(f"dataset.val_fraction={ds.val_fraction}: must be at least 0 and below 1")
     bad = [k for k in ds.train_kinds if k not in KINDS]
     if bad or not ds.train_kinds:
         errors.append(f"dataset.train_kinds={_show(ds.train_kinds)}: give a non-empty list of kinds; valid kinds: {', '.join(KINDS)}")

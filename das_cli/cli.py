@@ -75,6 +75,25 @@ def check_shards(overrides: list[str]) -> None:
                   "their cells will be missing from the merged table", file=sys.stderr)
 
 
+def check_signal_delay(overrides: list[str]) -> None:
+    """SLURM sends its time-limit signal `signal_delay_s` before `timeout_min` ends: a delay as long as the
+    limit means a signal at once and a job that checkpoints and requeues from its first second."""
+    launcher = [o for o in overrides if o.lstrip("+~").startswith(("hydra/launcher=", "hydra.launcher."))]
+    if not any(o.startswith("hydra/launcher=") for o in launcher):
+        return
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(C.conf_dir()), version_base="1.3"):
+            options = compose("config", overrides=launcher, return_hydra_config=True).hydra.launcher
+        delay, timeout = options.get("signal_delay_s"), options.get("timeout_min")
+    except Exception:  # not a SLURM launcher, or an error Hydra reports itself
+        return
+    if isinstance(delay, int) and isinstance(timeout, int) and delay >= timeout * 60:
+        fail(f"hydra.launcher.signal_delay_s={delay}: must be less than hydra.launcher.timeout_min*60={timeout * 60} "
+             "(else SLURM signals the time limit as soon as a job starts)")
+
+
 def preflight(argv: list[str]) -> None:
     """Compose the config once before Hydra does, so composition errors fit on one line."""
     overrides = overrides_of(argv)
@@ -84,6 +103,7 @@ def preflight(argv: list[str]) -> None:
     check_groups(overrides, multirun)
     if multirun:
         check_shards(overrides)
+        check_signal_delay(overrides)
         return
     try:
         cfg = C.compose([o for o in overrides if not o.startswith(("hydra.", "hydra/"))])

@@ -3,7 +3,7 @@
 #
 #   bash .ci/slurm_cluster.sh up      # install slurm/munge/mariadb if missing, start everything, wait until usable
 #   bash .ci/slurm_cluster.sh down    # stop exactly the daemons `up` started, remove their state
-#   bash .ci/slurm_cluster.sh status
+#   bash .ci/slurm_cluster.sh status  # exit status 0 when every daemon runs
 #
 # Every daemon runs in the foreground (-D/-F) under this script's control; its PID goes to $STATE/<name>.pid
 # so `down` kills exactly it. Configs, databases, spools and logs live in $STATE (DAS_CLI_SLURM_STATE,
@@ -184,10 +184,12 @@ down() {
   say "down"
 }
 
-status() {
+status() {  # exit status 0 when every daemon runs
+  local stopped=0
   for name in "${DAEMONS[@]}"; do
-    if alive "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; fi
+    if alive "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; stopped=1; fi
   done
+  return "$stopped"
 }
 
 case "${1:-}" in

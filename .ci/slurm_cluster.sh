@@ -90,12 +90,12 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 # Without a default, a job that asks for no memory is given all of the node's.
-DefMemPerCPU=$((memory / cpus / 2))
+DefMemPerCPU=$((memory / cpus))
 MailProg=/bin/true
 JobRequeue=1
 ReturnToService=2
+# submitit ignores SIGTERM; a requeued or cancelled job gets SIGKILL this many seconds later (default 30).
 KillWait=5
-MinJobAge=600
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1

@@ -76,6 +76,25 @@ def check_shards(overrides: list[str]) -> None:
                   "their cells will be missing from the merged table", file=sys.stderr)
 
 
+def check_signal_delay(overrides: list[str]) -> None:
+    """SLURM sends its time-limit signal `signal_delay_s` before `timeout_min` ends: a delay as long as the
+    limit means a signal at once and a job that checkpoints and requeues from its first second."""
+    launcher = [o for o in overrides if o.lstrip("+~").startswith(("hydra/launcher=", "hydra.launcher."))]
+    if not any(o.startswith("hydra/launcher=") for o in launcher):
+        return
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(C.conf_dir()), version_base="1.3"):
+            options = compose("config", overrides=launcher, return_hydra_config=True).hydra.launcher
+        delay, timeout = options.get("signal_delay_s"), options.get("timeout_min")
+    except Exception:  # not a SLURM launcher, or an error Hydra reports itself
+        return
+    if isinstance(delay, int) and isinstance(timeout, int) and delay >= timeout * 60:
+        fail(f"hydra.launcher.signal_delay_s={delay}: must be less than hydra.launcher.timeout_min*60={timeout * 60} "
+             "(else SLURM signals the time limit as soon as a job starts)")
+
+
 def preflight(argv: list[str]) -> list[str]:
     """Compose and validate the config once before Hydra runs it, so every mistake fits on one line and
     none waits for the model to load. Returns argv for Hydra (a schema key a preset leaves out gets `+`)."""
@@ -91,6 +110,7 @@ def preflight(argv: list[str]) -> list[str]:
     renamed = dict(zip(overrides, checked))
     if multirun:
         check_shards(overrides)
+        check_signal_delay(overrides)
         return [renamed.get(a, a) for a in argv]
     try:
         cfg = C.compose_checked([o for o in checked if not o.startswith(("hydra.", "hydra/"))])

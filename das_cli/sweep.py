@@ -27,6 +27,7 @@ from .data import PairSet, resolve_positions, tokenize_pairs
 from .errors import DasError, choices_error
 from .examples import KINDS
 from .files import atomic_write, atomic_write_json
+from .interrupts import is_interruption
 from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
@@ -194,7 +195,10 @@ class Sweep:
         return row
 
     def save_failure(self, cell: Cell, error: BaseException) -> dict:
-        """Record the cell with its `error` (first line of the message) and let the sweep go on."""
+        """Record the cell with its `error` (first line of the message) and let the sweep go on;
+        an interruption (the job's time is up: das_cli/interrupts.py) is no cell failure and propagates."""
+        if is_interruption(error):
+            raise error
         text = (str(error).strip().splitlines() or [""])[0]
         text = f"{type(error).__name__}: {text}" if isinstance(error, torch.cuda.OutOfMemoryError) or not text else text
         log.error("cell %s failed: %s", cell.id, text)

@@ -38,8 +38,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+def slurm_missing() -> str | None:
+    """Why the `slurm` tests cannot run here, or None when a SLURM controller answers."""
+    if not shutil.which("sbatch"):
+        return "needs SLURM (sbatch); `bash .ci/slurm_cluster.sh up` brings a test cluster up"
+    try:
+        subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return "no SLURM controller answers; `bash .ci/slurm_cluster.sh up` brings a test cluster up"
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    slurm = [item for item in items if "slurm" in item.keywords]
+    missing = slurm_missing() if slurm else None
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+    for item in slurm if missing else []:
+        item.add_marker(pytest.mark.skip(reason=missing))

@@ -1,0 +1,193 @@
+"""SLURM sweeps: interruptions are no cell failures, the launch-time signal check, and (marked `slurm`)
+array sweeps on a real cluster (`bash .ci/slurm_cluster.sh up`): the merged table, a requeue mid-sweep,
+a job out of requeues."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+from conftest import TINY, das_cli_command, run_cli
+from test_cluster import CELLS, GRID, RESULT, SETTINGS, results
+
+# The shipped profile, fitted to a small CPU node: the rest (array, requeues, signal) stays as shipped.
+NODE_FIT = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
+            "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=30"]
+
+
+# --- without SLURM -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def raising_handler():
+    """SIGUSR2 (submitit's pre-emption/time-limit signal) handled by a function that raises, as submitit's does."""
+    def handler(signum, frame):
+        raise RuntimeError("pre-empted")
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    yield
+    signal.signal(signal.SIGUSR2, previous)
+
+
+def requeues_used_up(*args):
+    from submitit.core.utils import UncompletedJobError
+
+    raise UncompletedJobError("Job not requeued because: timed-out too many times.")
+
+
+def signalled(*args):
+    signal.raise_signal(signal.SIGUSR2)
+
+
+def fails(*args):
+    raise RuntimeError("an ordinary cell failure")
+
+
+@pytest.mark.parametrize("run_cell,interrupts", [(requeues_used_up, True), (signalled, True), (fails, False)],
+                         ids=["requeues-used-up", "raised-in-signal-handler", "ordinary-failure"])
+def test_an_interruption_is_no_cell_failure(run_cell, interrupts, raising_handler, tmp_path, monkeypatch, one_thread):
+    pytest.importorskip("submitit", reason="submitit is not installed")
+    import das_cli
+    from das_cli.sweep import Sweep
+
+    monkeypatch.setattr(Sweep, "run_cell", run_cell)
+    cfg = das_cli.compose(["model=tiny_gpt2", "layers=[0]", "positions=[last]"] + TINY)
+    metrics = tmp_path / "cells" / "block_output__L00__Plast" / "metrics.json"
+    if interrupts:
+        with pytest.raises(RuntimeError, match="timed-out too many times|pre-empted"):
+            das_cli.run(cfg, tmp_path)
+        assert not metrics.exists()  # the cell will rerun when the job resumes
+    else:
+        das_cli.run(cfg, tmp_path)
+        assert json.loads(metrics.read_text())["error"] == "an ordinary cell failure"
+
+
+@pytest.mark.parametrize("overrides,refused", [
+    (["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=60"], True),
+    (["hydra.launcher.timeout_min=2"], True),  # the profile's signal_delay_s: 120
+    (["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=59"], False),
+    ([], False),
+])
+def test_signal_delay_must_be_shorter_than_the_time_limit(overrides, refused, capsys):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    from das_cli.cli import check_signal_delay
+
+    if not refused:
+        check_signal_delay(["hydra/launcher=slurm", "sweep.shard=0,1"] + overrides)
+        return
+    with pytest.raises(SystemExit) as exit_:
+        check_signal_delay(["hydra/launcher=slurm", "sweep.shard=0,1"] + overrides)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("das-cli: error: hydra.launcher.signal_delay_s=") and "timeout_min" in err
+
+
+# --- on a real cluster ---------------------------------------------------------------------------
+
+
+def default_partition() -> str:
+    names = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, check=True).stdout.split()
+    return next(n for n in names if n.endswith("*")).rstrip("*")
+
+
+def slurm_args(folder, *extra: str) -> list[str]:
+    launcher = ["hydra/launcher=slurm", f"hydra.launcher.partition={default_partition()}"] + NODE_FIT
+    return ["-m", *launcher, *extra, "sweep.shard=0,1", "sweep.num_shards=2", f"hydra.sweep.dir={folder}"] + GRID + SETTINGS
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    return subprocess.Popen(das_cli_command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def first_cell_then(proc: subprocess.Popen, folder, action) -> tuple[str, dict]:
+    """Once a job has finished its first cell: `action(array job id)`; returns the id and the finished cells."""
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("*/cells/*/metrics.json")):
+        assert proc.poll() is None, f"das-cli ended before its first cell: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no cell finished in 300 s"
+        time.sleep(0.05)
+    job = array_job(folder)
+    action(job)
+    return job, {p: p.stat().st_mtime_ns for p in folder.glob("*/cells/*/metrics.json")}
+
+
+def array_job(folder) -> str:
+    """The SLURM id of the sweep's array job (submitit's folders are named <array id>_<task>)."""
+    return next(p.name.split("_")[0] for p in (folder / ".submitit").iterdir() if p.name[0].isdigit())
+
+
+def job_states(job: str) -> list[str]:
+    """Every run of every task of the array job, from accounting (requeued runs included)."""
+    out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State"], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def requeue(job: str) -> None:
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # SLURM holds a requeued job back (reason BeginTime) for a couple of minutes; let it start again now.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        states = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.split()
+        if states and all(s == "PENDING" for s in states):
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"array job {job} did not return to the queue after scontrol requeue")
+
+
+@pytest.fixture(scope="module")
+def local_table(tmp_path_factory):
+    """The same grid in one local job: the reference every SLURM sweep must reproduce."""
+    out = tmp_path_factory.mktemp("local")
+    result = run_cli(GRID + SETTINGS + [f"hydra.run.dir={out}"])
+    assert result.returncode == 0, result.stderr
+    return results(out)[RESULT]
+
+
+@pytest.mark.slurm
+def test_array_sweep_merges_to_the_local_table(local_table, tmp_path):
+    result = run_cli(slurm_args(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "6 cells from 2 job folders; 0 failed, 0 missing" in result.stdout
+    job = array_job(tmp_path)
+    assert job_states(job) == ["COMPLETED", "COMPLETED"]
+    pd.testing.assert_frame_equal(results(tmp_path)[RESULT], local_table)
+
+
+@pytest.mark.slurm
+def test_requeue_mid_sweep_loses_and_duplicates_nothing(local_table, tmp_path):
+    proc = launch(slurm_args(tmp_path))
+    job, before = first_cell_then(proc, tmp_path, requeue)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert len(before) < len(CELLS), f"the requeue came too late to test anything: {sorted(before)}"
+    assert job_states(job).count("REQUEUED") == 2 and job_states(job).count("COMPLETED") == 2
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # cells finished before the requeue: not rerun
+    assert sorted(p.parent.name for p in tmp_path.glob("*/cells/*/metrics.json")) == sorted(CELLS)  # each once
+    pd.testing.assert_frame_equal(results(tmp_path)[RESULT], local_table)
+
+
+@pytest.mark.slurm
+def test_out_of_requeues_stops_the_job_and_fails_no_cell(local_table, tmp_path):
+    """max_num_timeout=0 and SLURM's time-limit signal (USR2, sent by hand): submitit does not requeue, the
+    job stops at once; the report lists the unfinished cells as missing; rerunning the command resumes."""
+    args = slurm_args(tmp_path, "hydra.launcher.max_num_timeout=0")
+    proc = launch(args)
+    job, before = first_cell_then(proc, tmp_path, lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True))
+    stdout, stderr = proc.communicate(timeout=600)
+    assert len(before) < len(CELLS), f"the signal came too late to test anything: {sorted(before)}"
+    assert proc.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    rows = [json.loads(p.read_text()) for p in tmp_path.glob("*/cells/*/metrics.json")]
+    assert rows and not [r["cell"] for r in rows if r.get("error")]  # no good cell marked failed
+    assert f"; 0 failed, {len(CELLS) - len(rows)} missing" in stdout
+    assert "TIMEOUT" not in job_states(job)  # it stopped itself, SLURM did not have to kill it
+    logs = "".join(p.read_text() for p in (tmp_path / ".submitit").glob("*/*_log.out"))
+    assert "failed: Job not requeued because: timed-out too many times" in logs  # das-cli's job log line
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    pd.testing.assert_frame_equal(results(tmp_path)[RESULT], local_table)

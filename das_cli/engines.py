@@ -181,9 +181,9 @@ def cache_arguments(module: torch.nn.Module, kv_cache: DynamicCache | None) -> d
 
 @lru_cache(maxsize=None)
 def _cache_keyword(model_class: type) -> str:
-    # transformers 5.x renamed the forward's `past_key_values` to `cache`: the old name is still
-    # translated, with a FutureWarning on every call, until its removal in 5.40. Older 5.x
-    # releases know only `past_key_values`.
+    # transformers renamed the forward's `past_key_values` to `cache` after 5.18: 5.24 still
+    # translates the old name, with a FutureWarning on every call, until its removal in 5.40;
+    # 5.3 to 5.18 know only `past_key_values`.
     parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 

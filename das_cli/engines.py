@@ -15,8 +15,10 @@ the training loss on them; the fast engine's loss reads the vocabulary weight on
 
 from __future__ import annotations
 
+import inspect
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import torch
@@ -146,7 +148,7 @@ class FastEngine(ReferenceEngine):
             position_ids = torch.cat([torch.arange(own, own + length - start, device=device).expand(len(rows), -1) for _, rows, _, own in pieces])
         with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, self._edit(positions, source, intervene)):
             out = self.lm.model.base_model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=cache is not None
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_arguments(self.lm.model.base_model, cache)
             )
         return out.last_hidden_state[:, -1]
 
@@ -170,6 +172,20 @@ class FastEngine(ReferenceEngine):
             )
             cache.update(keys, values, layer)
         return cache
+
+
+def cache_arguments(module: torch.nn.Module, kv_cache: DynamicCache | None) -> dict[str, object]:
+    """Keyword arguments that hand `kv_cache` (or none) to a transformers model's forward."""
+    return {_cache_keyword(type(module)): kv_cache, "use_cache": kv_cache is not None}
+
+
+@lru_cache(maxsize=None)
+def _cache_keyword(model_class: type) -> str:
+    # transformers renamed the forward's `past_key_values` to `cache` after 5.18: 5.24 still
+    # translates the old name, with a FutureWarning on every call, until its removal in 5.40;
+    # 5.3 to 5.18 know only `past_key_values`.
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _left_pad(kv: Tensor, pad: int) -> Tensor:
@@ -251,7 +267,7 @@ def _base_batch(lm: LoadedModel, ids: Tensor, first: int | None, kept: dict, row
     """Top-1 answers of one batch of base prompts; with `first`, its keys and values before the last
     position, from layer `first` on, are written into `kept` as the attention layers compute them."""
     cache = None if first is None else _RecordingCache(first, kept, rows, total)
-    out = lm.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+    out = lm.model(input_ids=ids, logits_to_keep=1, **cache_arguments(lm.model, cache))
     return out.logits[:, -1].argmax(-1)
 
 

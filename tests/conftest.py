@@ -1,5 +1,4 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,9 @@ TINY = ["dataset.n_train=24", "dataset.n_test=12", "train.epochs=1", "train.batc
 
 
 def das_cli_command() -> list[str]:
-    exe = shutil.which("das-cli")
-    return [exe] if exe else [sys.executable, "-m", "das_cli.cli"]
+    """The das-cli of the interpreter running the tests, not whichever one PATH finds first."""
+    exe = Path(sys.executable).parent / "das-cli"
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "das_cli.cli"]
 
 
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

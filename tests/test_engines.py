@@ -1,12 +1,15 @@
 """The fast engine (cached base prefix, forward from the earliest intervened position) gives the
 same logits, gradients and training run as the reference engine (full forward with a hook)."""
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+
+from conftest import TINY
 
 from das_cli.data import PairGroup, PairSet, batches, to_device
 from das_cli import engines as engines_module
@@ -162,7 +165,7 @@ def test_base_run_cache_stores_nothing(lm, pairs):
     kept: dict = {}
     cache = engines_module._RecordingCache(2, kept, slice(1, 3), G)
     with torch.no_grad():
-        lm.model(input_ids=group.base_ids[1:3], past_key_values=cache, use_cache=True)
+        lm.model(input_ids=group.base_ids[1:3], **engines_module.cache_arguments(lm.model, cache))
     assert all(cache.get_seq_length(layer) == 0 for layer in range(lm.n_layers))
     assert sorted(kept) == [("kv", 2, 0), ("kv", 2, 1), ("kv", 3, 0), ("kv", 3, 1)]
     t = group.base_ids.shape[1]
@@ -409,6 +412,56 @@ def test_skipped_blocks_do_no_work(lm, pairs, base):
     assert entered == [3]
     for block in (lm.block(i) for i in range(4)):
         assert "forward" not in vars(block)  # the class's forward is back
+
+
+# --- the cached prefix reaches the model --------------------------------------------------
+
+
+def test_fast_engine_feeds_only_the_suffix_over_its_cache(lm, pairs, prefixes, monkeypatch):
+    """The suffix forward gets the cache it was built for: it embeds only the tokens from the
+    earliest intervened position on, and the model appends their keys to the prefix's."""
+    site = site_of(lm, "block_output")
+    groups = hand_groups(lm, site, pairs, prefixes, "middle")
+    engine = FastEngine(lm, site, groups)
+    made = []
+    build = FastEngine._prefix_cache
+    monkeypatch.setattr(FastEngine, "_prefix_cache", lambda self, *args: made.append(build(self, *args)) or made[-1])
+    fed = []
+    embeddings = lm.model.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].shape[1]))
+    try:
+        with torch.no_grad():
+            engine.logits([(0, torch.arange(G))], lambda b, s: b)
+    finally:
+        handle.remove()
+    t, start = LENGTHS[0], engine.starts[0]
+    assert start > 0 and fed == [t - start]
+    assert len(made) == 1 and made[0].get_seq_length(LAYER) == t
+
+
+def test_cache_keyword_follows_the_forward_signature():
+    class Renamed(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=None): ...
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None): ...
+
+    assert engines_module.cache_arguments(Renamed(), None) == {"cache": None, "use_cache": False}
+    assert engines_module.cache_arguments(Older(), "kv") == {"past_key_values": "kv", "use_cache": True}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_running_a_cell_warns_nothing_deprecated(engine, tmp_path):
+    """A whole one-cell sweep on a tiny model: no FutureWarning or DeprecationWarning from any library."""
+    from das_cli import config, sweep
+
+    overrides = ["model=tiny_llama", "layers=[1]", "positions=[last]", f"train.engine={engine}", *TINY]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frame = sweep.run(config.compose(overrides), tmp_path)
+    assert len(frame) == 1
+    deprecations = [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert deprecations == []
 
 
 # --- CUDA ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Each stream hooks the tensor it claims (docs/reference.md §2), checked against hand computations.
+"""Each stream hooks the tensor it claims (stream names as in pyvene, Wu et al. 2024, arXiv 2403.07809),
+checked against hand computations.
 
 Every expected tensor below is computed from the model's weights with plain torch ops (layer
 norms, projections, causal attention with RoPE, MLPs), never through the hooks under test.

@@ -1,5 +1,5 @@
 """Baselines and other subspace parametrisations: known answers on synthetic activations, the
-identities of docs/reference.md §1, and tiny training problems with a known solution (no model)."""
+identities every intervention satisfies (h = b when s = b), and tiny training problems with a known solution (no model)."""
 
 import math
 

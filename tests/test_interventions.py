@@ -1,4 +1,4 @@
-"""Hand-computed checks of the intervention maths (docs/reference.md §1)."""
+"""Hand-computed checks of the intervention maths."""
 
 import math
 

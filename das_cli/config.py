@@ -87,6 +87,11 @@ class ProbeOptions(DimOptions):
 
 
 @dataclass
+class ObliqueDasOptions(DimOptions):
+    max_gain: float = MISSING
+
+
+@dataclass
 class BoundlessDasOptions:
     name: str = MISSING
     init_boundary: float = MISSING
@@ -120,7 +125,7 @@ INTERVENTIONS: dict[str, type] = {
     "probe": ProbeOptions,
     "random": DimOptions,
     "dbm": DbmOptions,
-    "oblique_das": DimOptions,
+    "oblique_das": ObliqueDasOptions,
 }
 GROUP_SCHEMAS: dict[str, dict[str | None, type]] = {"model": {None: ModelSchema}, "dataset": DATASETS,
                                                      "intervention": INTERVENTIONS}

@@ -11,16 +11,20 @@ the result comes back in the input dtype.
     mean_diff, pca, h = b + (s - b) W Wᵀ           W estimated from training activations (directions.py), or random
       probe, random
     dbm             h = b + m ⊙ (s - b)            m: per-neuron sigmoid mask (hard 0/1 in eval mode)
-    oblique_das     h = b + P (s - b)              P = A (BᵀA)⁻¹ Bᵀ: read basis B, write basis A, idempotent
+    oblique_das     h = b + P (s - b)              P = A (BᵀA)⁻¹ Bᵀ: read basis B, write basis A, idempotent, ‖P‖₂ ≤ max_gain
 
 DAS: Geiger et al. 2023, arXiv 2303.02536. Boundless DAS: Wu et al. 2023, arXiv 2305.08809. dbm: the
 mask baseline of MIB, arXiv 2504.13151. mean_diff, pca, probe, random: the baselines of CausalGym,
 arXiv 2402.12560. oblique_das relaxes DAS's orthogonal projection to an oblique one.
+
+Every intervention also reports the map it applies in evaluation mode, h = b + M (s − b):
+`gain()` is ‖M‖₂ and `edit_directions()` spans the directions M writes (scores.py reads both).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +97,14 @@ class Intervention(nn.Module):
         """Contiguous float32 CPU tensors for a safetensors file."""
         return {}
 
+    def gain(self) -> float:
+        """‖M‖₂ of the map M applied in evaluation mode, h = b + M (s − b): 1 for an orthogonal projection."""
+        return 1.0
+
+    def edit_directions(self) -> Tensor:
+        """The directions M writes: n × r orthonormal columns, or a 1-D int64 tensor of coordinates."""
+        raise NotImplementedError
+
     def _device(self) -> torch.device:
         for t in self.parameters():
             return t.device
@@ -162,6 +174,9 @@ class VanillaIntervention(Intervention):
     def learned_dim(self) -> int:
         return self.n if self.neurons is None else len(self.neurons)
 
+    def edit_directions(self) -> Tensor:
+        return torch.arange(self.n) if self.neurons is None else torch.tensor(self.neurons)
+
 
 class DASIntervention(Intervention):
     """Low-rank DAS: swap the k-dimensional subspace span(W) of base for that of source.
@@ -203,6 +218,9 @@ class DASIntervention(Intervention):
     def learned_dim(self) -> int:
         return self.dim
 
+    def edit_directions(self) -> Tensor:
+        return self.W.detach()
+
     def state_for_saving(self) -> dict[str, Tensor]:
         return {"basis": _saved(self.W)}
 
@@ -221,11 +239,13 @@ def _complete_rotation(W: Tensor) -> Tensor:
 class BoundlessDASIntervention(Intervention):
     """Boundless DAS (Wu et al. 2023): full rotation R and a learned soft boundary β on the rotated coords.
 
-    Rotated coordinate i is swapped with weight m_i = σ((i + ½)/T) · σ((β n − (i + ½))/T).
+    In train mode rotated coordinate i is swapped with weight m_i = σ((i + ½)/T) · σ((β n − (i + ½))/T).
     We use coordinate centres i + ½ where pyvene uses i: as T → 0, coordinate i is swapped
-    iff i + ½ < β n, so β = 1 is an exact full swap (with i, coordinate 0 would be stuck at
-    m = ½ and the last one at m = σ(1/T)). T moves linearly from temperature_start to
-    temperature_end with `set_progress`; evaluation uses the current T.
+    iff i + ½ < β n (with i, coordinate 0 would be stuck at m = ½ and the last one at m = σ(1/T)).
+    T moves linearly from temperature_start to temperature_end with `set_progress`. Eval mode
+    applies that limit, the hard mask [i + ½ < β n], whose size `learned_dim` reports (it can be 0):
+    at T = 0.1 the soft mask is still not 0/1 (σ(5) = 0.993 on coordinate 0), so the map scored
+    would not be the swap reported. With the hard mask β = 1 is an exact full swap.
     """
 
     trainable = True
@@ -270,14 +290,20 @@ class BoundlessDASIntervention(Intervention):
         return raw + (raw.clamp(self.BETA_MIN, self.BETA_MAX) - raw).detach()
 
     def mask(self) -> Tensor:
+        """The soft mask at the current temperature (used in train mode)."""
         T, i = self.temperature, self.centres
         return torch.sigmoid(i / T) * torch.sigmoid((self.beta() * self.n - i) / T)
+
+    def hard_mask(self) -> Tensor:
+        """The T → 0 limit of the mask, [i + ½ < β n] (used in eval mode)."""
+        return (self.centres < self.beta().detach() * self.n).float()
 
     def forward(self, base: Tensor, source: Tensor) -> Tensor:
         _check_shapes(base, source, self.n)
         b, s, R = base.float(), source.float(), self.R
+        m = self.mask() if self.training else self.hard_mask()
         # == ((1 - m) ⊙ bR + m ⊙ sR) Rᵀ, since R Rᵀ = I; this form returns b exactly when s == b.
-        return (b + ((s - b) @ R * self.mask()) @ R.T).to(base.dtype)
+        return (b + ((s - b) @ R * m) @ R.T).to(base.dtype)
 
     def set_progress(self, fraction: float) -> None:
         f = min(max(float(fraction), 0.0), 1.0)
@@ -291,8 +317,14 @@ class BoundlessDASIntervention(Intervention):
         return [{"params": rotation, "lr": lr}, {"params": [self.boundary], "lr": self.boundary_lr}]
 
     def learned_dim(self) -> int:
-        beta = float(self.beta().detach())
-        return max(1, int((self.centres < beta * self.n).sum()))
+        """Coordinates the hard mask swaps (0 when β n ≤ ½)."""
+        return int(self.hard_mask().sum())
+
+    def gain(self) -> float:
+        return 1.0 if self.learned_dim() else 0.0
+
+    def edit_directions(self) -> Tensor:
+        return self.R.detach()[:, : self.learned_dim()]
 
     def state_for_saving(self) -> dict[str, Tensor]:
         R = self.R
@@ -337,6 +369,9 @@ class FixedSubspaceIntervention(Intervention):
 
     def learned_dim(self) -> int:
         return self.dim
+
+    def edit_directions(self) -> Tensor:
+        return self.basis
 
     def state_for_saving(self) -> dict[str, Tensor]:
         return {"basis": _saved(self.basis)}
@@ -475,51 +510,90 @@ class DBMIntervention(Intervention):
         """Neurons the hard mask keeps (0 when none is)."""
         return int((self.logits > 0).sum())
 
+    def gain(self) -> float:
+        return 1.0 if self.learned_dim() else 0.0
+
+    def edit_directions(self) -> Tensor:
+        return torch.nonzero(self.logits.detach() > 0).flatten()
+
     def state_for_saving(self) -> dict[str, Tensor]:
         return {"mask": _saved(self.hard_mask()), "logits": _saved(self.logits)}
 
 
 class ObliqueDASIntervention(Intervention):
-    """Oblique ("stretch") DAS: read the source along B, write along A.
+    """Oblique ("stretch") DAS: read the source along B, write along A, with a bounded gain.
 
-    h = b + P (s − b) with P = A (BᵀA)⁻¹ Bᵀ, A and B free n × k matrices. P is idempotent (P² = P)
-    but not symmetric, so the subspace written, span(A), may differ from the one read, span(B):
-    Bᵀ h = Bᵀ s and h − b ∈ span(A). A and B start as the same random orthonormal matrix, i.e.
-    as the orthogonal projection of DAS. P depends only on span(A) and span(B), not on the scale
-    of the columns, so no constraint is needed; BᵀA must stay invertible.
+    h = b + P (s − b), P = A (BᵀA)⁻¹ Bᵀ. P is idempotent (P² = P) but not symmetric, so the
+    subspace written, span(A), may differ from the one read, span(B): Bᵀ h = Bᵀ s and h − b ∈ span(A).
+    ‖P‖₂ = 1 / cos θ, θ the largest principal angle between span(A) and span(B), so a free A, B
+    can make the edit arbitrarily large (a steering vector, not an interchange).
+
+    Parametrisation: Q = orthonormalised read basis (`read_basis`, QR), N = (I − QQᵀ) X the
+    write offset (`write_offset`, X starts at 0), A = Q + N. Every A with BᵀA invertible spans
+    the same subspace as one such Q + N, and then P = (Q + N) Qᵀ, so PᵀP = Q (I + NᵀN) Qᵀ and
+    ‖P‖₂ = √(1 + ‖N‖₂²). Scaling N down to ‖N‖₂ ≤ √(max_gain² − 1) in the forward keeps
+    ‖P‖₂ ≤ max_gain at every step, without an inverse. Starts as the orthogonal projection of DAS.
     """
 
     trainable = True
 
-    def __init__(self, n: int, dim: int = 1):
+    def __init__(self, n: int, dim: int = 1, max_gain: float = 2.0):
         super().__init__()
         _check_dim(dim, n)
-        self.n, self.dim = n, dim
-        start = nn.init.orthogonal_(torch.empty(n, dim))
-        self.write_basis = nn.Parameter(start.clone())  # A
-        self.read_basis = nn.Parameter(start.clone())  # B
+        if isinstance(max_gain, bool) or not isinstance(max_gain, (int, float)) or not max_gain >= 1:
+            raise DasError(f"intervention.max_gain={max_gain}: must be a number >= 1 (the largest allowed ‖P‖₂; 1 is orthogonal DAS)")
+        self.n, self.dim, self.max_gain = n, dim, float(max_gain)
+        self.read_basis = nn.Parameter(nn.init.orthogonal_(torch.empty(n, dim)))  # B
+        self.write_offset = nn.Parameter(torch.zeros(n, dim))  # X
+
+    def _read(self) -> Tensor:
+        return torch.linalg.qr(self.read_basis).Q
+
+    def _offset(self, Q: Tensor) -> Tensor:
+        """N = (I − QQᵀ) X, scaled down to spectral norm √(max_gain² − 1) when it is larger."""
+        N = self.write_offset - Q @ (Q.T @ self.write_offset)
+        bound_sq = self.max_gain**2 - 1.0
+        if bound_sq == math.inf:
+            return N
+        if bound_sq == 0.0:
+            return torch.zeros_like(N)
+        # σ_max² from the k × k Gram matrix; eigenvalues alone have gradients even when repeated.
+        norm_sq = torch.linalg.eigvalsh(N.T @ N)[-1]
+        return N * torch.sqrt(bound_sq / norm_sq.clamp_min(bound_sq))
+
+    @property
+    def write_basis(self) -> Tensor:
+        """A = Q + N (n × k), the basis the edit writes along."""
+        Q = self._read()
+        return Q + self._offset(Q)
 
     def projection(self) -> Tensor:
-        """P = A (BᵀA)⁻¹ Bᵀ as an n × n matrix (for inspection; `forward` never forms it)."""
-        A, B = self.write_basis, self.read_basis
-        return A @ torch.linalg.solve(B.T @ A, B.T)
+        """P = A (BᵀA)⁻¹ Bᵀ = (Q + N) Qᵀ as an n × n matrix (for inspection; `forward` never forms it)."""
+        Q = self._read()
+        return (Q + self._offset(Q)) @ Q.T
 
     def forward(self, base: Tensor, source: Tensor) -> Tensor:
         _check_shapes(base, source, self.n)
         b, s = base.float(), source.float()
-        A, B = self.write_basis, self.read_basis
-        read = (s - b).reshape(-1, self.n) @ B  # one row per vector: Bᵀ(s − b)
-        coords = torch.linalg.solve(B.T @ A, read.T)  # one column per vector: (BᵀA)⁻¹ Bᵀ(s − b)
-        return (b + (A @ coords).T.reshape(b.shape)).to(base.dtype)
+        Q = self._read()
+        return (b + ((s - b) @ Q) @ (Q + self._offset(Q)).T).to(base.dtype)
 
     def learned_dim(self) -> int:
         return self.dim
 
+    def gain(self) -> float:
+        Q = self._read()
+        N = self._offset(Q).detach()
+        return math.sqrt(1.0 + float(torch.linalg.matrix_norm(N, ord=2)) ** 2)
+
+    def edit_directions(self) -> Tensor:
+        return torch.linalg.qr(self.write_basis.detach()).Q
+
     def state_for_saving(self) -> dict[str, Tensor]:
         return {
-            "read_basis": _saved(self.read_basis),
+            "read_basis": _saved(self._read()),
             "write_basis": _saved(self.write_basis),
-            "basis": _saved(torch.linalg.qr(self.write_basis.detach()).Q),
+            "basis": _saved(self.edit_directions()),
         }
 
 

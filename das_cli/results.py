@@ -22,11 +22,13 @@ from .files import atomic_write
 
 COLUMNS: list[str] = [
     "stream", "layer", "position", "heads", "intervention", "dim", "seed",
-    "iia", "train_iia", "loss", "base_accuracy", "n_train", "n_test", "seconds",
+    "iia", "iia_lo", "iia_hi", "p_label", "logit_diff", "gain", "ood",
+    "train_iia", "loss", "penalty", "base_accuracy", "n_train", "n_test", "seconds",
 ]
 TEXT_COLUMNS = ["stream", "position", "heads", "intervention"]
 INT_COLUMNS = ["layer", "dim", "seed", "n_train", "n_test"]
-FLOAT_COLUMNS = ["iia", "train_iia", "loss", "base_accuracy", "seconds"]
+FLOAT_COLUMNS = ["iia", "iia_lo", "iia_hi", "p_label", "logit_diff", "gain", "ood",
+                 "train_iia", "loss", "penalty", "base_accuracy", "seconds"]
 
 
 def results_frame(rows: list[dict]) -> pd.DataFrame:
@@ -93,11 +95,12 @@ def seed_spread(frame: pd.DataFrame) -> pd.DataFrame | None:
 
 
 def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd.DataFrame | None = None,
-            label: str = "IIA") -> None:
+            label: str = "IIA", interval: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> None:
     """Write a layer (rows, layer 0 at the top) x position (columns) heatmap of IIA as PNG.
 
     Colours span [0, 1]; every cell shows its value to 2 decimals (and "±sd" when `spread`, a
-    table of the same shape, is given), failed (NaN) cells are grey "—".
+    table of the same shape, is given, or "[lo, hi]" when `interval`, two such tables, is),
+    failed (NaN) cells are grey "—".
     Uses a bare Agg-rendered `Figure` (no pyplot): no GUI, no global figure state to close.
     """
     from matplotlib.figure import Figure
@@ -110,11 +113,14 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
     cmap = _colormap()
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     spreads = None if spread is None else spread.reindex_like(table).to_numpy(dtype=float)
+    bounds = None if interval is None else [t.reindex_like(table).to_numpy(dtype=float) for t in interval]
     for (row, col), v in np.ndenumerate(values):
         text, colour = ("—", "black") if np.isnan(v) else (f"{v:.2f}", "black" if v > 0.5 else "white")
         if spreads is not None and not np.isnan(v) and not np.isnan(spreads[row, col]):
             text += f"\n±{spreads[row, col]:.2f}"
-        ax.text(col, row, text, ha="center", va="center", color=colour, fontsize=8 if spreads is None else 7)
+        elif bounds is not None and not np.isnan(v) and not np.isnan(bounds[0][row, col]):
+            text += f"\n[{bounds[0][row, col]:.2f}, {bounds[1][row, col]:.2f}]"
+        ax.text(col, row, text, ha="center", va="center", color=colour, fontsize=8 if "\n" not in text else 7)
     ax.set_xticks(range(n_positions), [str(p) for p in table.columns])
     ax.set_yticks(range(n_layers), [str(layer) for layer in table.index])
     ax.set_xlabel("position")
@@ -140,6 +146,7 @@ def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", 
     if spread is not None:
         atomic_write(folder / "iia_seeds.csv", lambda tmp: spread.to_csv(tmp, index=False))
     stds = pivot(frame, agg="std") if spread is not None else {}
+    intervals = _interval_tables(frame) if spread is None else {}
     extras = {score: pivot(frame, score) for score in EXTRA_SCORES if score in frame and frame[score].notna().any()}
     for key, table in pivot(frame).items():
         name = _file_part(key[0]) + (f"_heads-{_file_part(key[1])}" if key[1] else "")
@@ -151,7 +158,8 @@ def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", 
                 _write_table(folder / f"pivot_{name}_{score}.csv", tables[key])
         if plots:
             seeds = f" · mean of {int(spread['n_seeds'].max())} seeds" if spread is not None else ""
-            heatmap(table, folder / f"heatmap_{name}.png", _plot_title(*key, title) + seeds, stds.get(key))
+            heatmap(table, folder / f"heatmap_{name}.png", _plot_title(*key, title) + seeds, stds.get(key),
+                    interval=intervals.get(key))
             for score, tables in extras.items():
                 if key in tables:
                     heatmap(tables[key], folder / f"heatmap_{name}_{score}.png", f"{score} · {_plot_title(*key, title)}",
@@ -171,8 +179,10 @@ def format_summary(frame: pd.DataFrame) -> str:
     tables = pivot(frame)
     if not tables:
         return "no results"
-    text = "\n\n".join(_group_summary(stream, heads, table) for (stream, heads), table in tables.items())
     spread = seed_spread(frame)
+    intervals = _interval_tables(frame) if spread is None else {}
+    text = "\n\n".join(_group_summary(stream, heads, table, intervals.get((stream, heads)))
+                       for (stream, heads), table in tables.items())
     if spread is not None:
         text += (f"\n\nIIA above is the mean of {int(spread['n_seeds'].max())} seeds per cell; standard deviation "
                  f"median {spread['iia_std'].median():.3f}, max {spread['iia_std'].max():.3f} (iia_seeds.csv)")
@@ -190,7 +200,16 @@ def format_summary(frame: pd.DataFrame) -> str:
     return text
 
 
-def _group_summary(stream: str, heads: str, table: pd.DataFrame) -> str:
+def _interval_tables(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per (stream, heads): the layer x position tables of iia_lo and iia_hi (empty when no row has them)."""
+    if frame["iia_lo"].isna().all():
+        return {}
+    lows, highs = pivot(frame, "iia_lo"), pivot(frame, "iia_hi")
+    return {key: (lows[key], highs[key]) for key in lows}
+
+
+def _group_summary(stream: str, heads: str, table: pd.DataFrame,
+                   interval: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> str:
     name = stream + (f" heads {heads}" if heads else "")
     shown = table.copy()
     shown.columns = [str(p) for p in shown.columns]
@@ -201,7 +220,10 @@ def _group_summary(stream: str, heads: str, table: pd.DataFrame) -> str:
     if layer_max.isna().all():
         return "\n".join(lines + [f"best: none ({failed} failed cells)"])
     layer, position = table.stack().idxmax()
-    lines.append(f"best: {name} L{layer} @ {position}  IIA {table.loc[layer, position]:.2f}")
+    best = f"best: {name} L{layer} @ {position}  IIA {table.loc[layer, position]:.2f}"
+    if interval is not None and not np.isnan(interval[0].loc[layer, position]):
+        best += f"  95% CI [{interval[0].loc[layer, position]:.2f}, {interval[1].loc[layer, position]:.2f}]"
+    lines.append(best)
     lines.append(f"mean over layers of the max over positions: {layer_max.mean():.2f}")
     if failed:
         lines.append(f"({failed} failed {'cell' if failed == 1 else 'cells'} skipped)")

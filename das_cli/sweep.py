@@ -32,6 +32,7 @@ from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
+from .scores import base_vectors, edit_scores
 from .results import bar_chart, format_summary, write_results
 from .sites import Site, gather, head_counts, read_sites, resolve_site
 from .engines import BaseRun, base_run, make_engine
@@ -233,7 +234,7 @@ class Sweep:
             raise FloatingPointError("training loss became NaN")
         batch = int(cfg.eval.batch_size)
         train_scores = evaluate_kinds(train, intervention, batch)
-        scores = evaluate_kinds(test, intervention, batch)
+        scores = evaluate_kinds(test, intervention, batch, [g.base_labels for g in self.pairs["test"].groups])
         row = {
             "stream": cell.stream, "layer": cell.layer, "position": cell.position_label, "heads": cell.heads_label,
             "intervention": cfg.intervention.name, "dim": intervention.learned_dim(), "seed": cell.run_seed(int(cfg.seed)),
@@ -241,10 +242,16 @@ class Sweep:
             "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]),
             "seconds": 0.0, "test_loss": scores.loss, "width": width, "steps": result.steps,
             "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "engine": cfg.train.engine,
+            **scores.graded_scores(), "penalty": result.penalty,
         }
+        test_base = base_vectors(self.lm, site, cell.position, self.pairs["test"], batch, cache=sources)
+        test_source = torch.cat([g.source_values for g in test.groups])
+        row.update(edit_scores(intervention, self.site_activations(cell, site, sources, train).values, test_base, test_source))
         tensors = intervention.state_for_saving()
         if cfg.analysis.illusion and cell.stream in ILLUSION_STREAMS:
-            row.update(self.illusion_scores(cell, site, test, tensors.get("basis")))
+            # the split patches orthogonal swaps of parts of one subspace; oblique_das reads and writes two
+            swapped = None if cfg.intervention.name == "oblique_das" else tensors.get("basis")
+            row.update(self.illusion_scores(cell, site, test, swapped))
         shares = _head_shares(self.lm, site, cell, tensors.get("basis"))
         if shares is not None:
             row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
@@ -288,7 +295,7 @@ class Sweep:
 
 def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, float] | None:
     """Per-head shares of a learned basis, for head-level and attention_value_output cells."""
-    if basis is None or (site.heads is None and cell.stream != "attention_value_output"):
+    if basis is None or basis.shape[1] == 0 or (site.heads is None and cell.stream != "attention_value_output"):
         return None
     n_heads, head_dim = head_counts(lm, cell.stream)
     return head_importance(basis, len(cell.position), site.heads or tuple(range(n_heads)), head_dim)

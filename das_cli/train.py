@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from .data import PairSet, batches, resolve_positions, to_device
 from .interventions import Intervention
 from .engines import CellGroup, ReferenceEngine
+from .scores import wilson_interval
 from .sites import gather
 
 
@@ -48,8 +49,9 @@ def prepare(
 
 @dataclass
 class Fit:
-    loss: float  # mean train loss over the last epoch (NaN when nothing was trained)
+    loss: float  # mean train cross-entropy over the last epoch (NaN when nothing was trained)
     steps: int
+    penalty: float = math.nan  # mean of the intervention's extra loss term over the last epoch (0 if it has none)
 
 
 def fit(
@@ -77,23 +79,24 @@ def fit(
     optimizer = torch.optim.Adam(intervention.param_groups(lr))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (lr_end_factor - 1) * min(s / total, 1.0))
     bar = tqdm(total=total, desc="steps", leave=False, disable=not progress, mininterval=1.0)
-    step, epoch_losses = 0, []
+    step, epoch_losses, epoch_penalties = 0, [], []
     for epoch in plan:
-        epoch_losses = []
+        epoch_losses, epoch_penalties = [], []
         for batch in epoch:
             intervention.set_progress(step / total)
-            loss = engine.loss(batch, intervention) + intervention.extra_loss()
+            cross_entropy, penalty = engine.loss(batch, intervention), intervention.extra_loss()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (cross_entropy + penalty).backward()
             optimizer.step()
             schedule.step()
-            epoch_losses.append(loss.detach())
+            epoch_losses.append(cross_entropy.detach())
+            epoch_penalties.append(penalty.detach())
             step += 1
             bar.update()
     bar.close()
     intervention.set_progress(1.0)
     intervention.eval()
-    return Fit(loss=float(torch.stack(epoch_losses).mean()), steps=step)
+    return Fit(loss=float(torch.stack(epoch_losses).mean()), steps=step, penalty=float(torch.stack(epoch_penalties).mean()))
 
 
 @dataclass
@@ -103,6 +106,9 @@ class Evaluation:
     hits: dict[str, int]
     counts: dict[str, int]
     loss: float  # mean CE over all pairs
+    label_probability: dict[str, float] = field(default_factory=dict)  # per kind: sum over pairs of p(label)
+    logit_diff: dict[str, float] = field(default_factory=dict)  # per kind: sum of logit(label) − logit(base's answer)
+    logit_diff_counts: dict[str, int] = field(default_factory=dict)  # ... over pairs whose base answer is known and differs
 
     def iia(self, kind: str | None = None) -> float:
         """IIA over the pairs of one kind, or over all pairs (NaN when there are none)."""
@@ -119,24 +125,57 @@ class Evaluation:
         per_kind = {f"iia_{k}": self.iia(k) for k in sorted(self.counts, key=lambda k: (k != "cause", k))}
         return {"iia": main, **per_kind, "iia_mean": sum(per_kind.values()) / len(per_kind)}
 
+    def graded_scores(self) -> dict[str, float]:
+        """On the pairs `iia` counts: its Wilson 95% interval (`iia_lo`, `iia_hi`), the mean probability of
+        the label (`p_label`), and the mean logit of the label minus that of the base's own answer
+        (`logit_diff`, over pairs whose base answer is known and differs from the label; NaN if none)."""
+        kinds = ["cause"] if "cause" in self.counts else list(self.counts)
+        n = sum(self.counts[k] for k in kinds)
+        lo, hi = wilson_interval(sum(self.hits.get(k, 0) for k in kinds), n)
+        known = sum(self.logit_diff_counts.get(k, 0) for k in kinds)
+        return {
+            "iia_lo": lo, "iia_hi": hi,
+            "p_label": sum(self.label_probability.get(k, 0.0) for k in kinds) / n if n else math.nan,
+            "logit_diff": sum(self.logit_diff.get(k, 0.0) for k in kinds) / known if known else math.nan,
+        }
+
 
 @torch.no_grad()
-def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int) -> Evaluation:
-    """Per kind of pair: how often the intervened model's top-1 token equals the pair's label."""
-    hits: dict[str, int] = {}
-    counts: dict[str, int] = {}
+def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int, base_labels: list[Tensor] | None = None) -> Evaluation:
+    """Per kind of pair: how often the intervened model's top-1 token equals the pair's label, the
+    label's probability and, where `base_labels` (per group, [G] token ids, -1 unknown) gives the
+    base's own answer, the label's logit minus that answer's."""
+    result = Evaluation({}, {}, 0.0)
+    known = [labels.to(engine.lm.device) for labels in base_labels] if base_labels else None
     loss_sum, n = 0.0, 0
     for batch in to_device(batches([len(group) for group in engine.groups], batch_size), engine.lm.device):
         logits = engine.logits(batch, intervention)
         labels = engine.labels(batch)
-        correct = (logits.argmax(-1) == labels).tolist()
+        chosen = logits.gather(1, labels[:, None])[:, 0]
+        probability = torch.softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
+        if known:
+            base = torch.cat([known[g][rows] for g, rows in batch])
+            differs = (base >= 0) & (base != labels)
+            diff = chosen - logits.gather(1, base.clamp_min(0)[:, None])[:, 0]
+        else:
+            differs, diff = torch.zeros_like(labels, dtype=torch.bool), torch.zeros_like(chosen)
         kinds = [engine.groups[g].kinds[i] if engine.groups[g].kinds else "cause" for g, rows in batch for i in rows.tolist()]
-        for kind, ok in zip(kinds, correct):
-            hits[kind] = hits.get(kind, 0) + int(ok)
-            counts[kind] = counts.get(kind, 0) + 1
+        rows = zip(kinds, (logits.argmax(-1) == labels).tolist(), probability.tolist(), diff.tolist(), differs.tolist())
+        for kind, ok, p, d, counted in rows:
+            _add(result.hits, kind, int(ok))
+            _add(result.counts, kind, 1)
+            _add(result.label_probability, kind, p)
+            if counted:
+                _add(result.logit_diff, kind, d)
+                _add(result.logit_diff_counts, kind, 1)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         n += len(labels)
-    return Evaluation(hits, counts, loss_sum / max(n, 1))
+    result.loss = loss_sum / max(n, 1)
+    return result
+
+
+def _add(totals: dict, key: str, value) -> None:
+    totals[key] = totals.get(key, 0) + value
 
 
 def evaluate(engine: ReferenceEngine, intervention, batch_size: int) -> tuple[float, float]:

@@ -92,3 +92,15 @@ def test_illusion_without_a_fitting_stream_is_a_one_line_error(tmp_path):
     result = run_cli(["model=tiny_llama", "analysis.illusion=true", f"hydra.run.dir={tmp_path}"] + TINY)
     assert result.returncode == 2
     assert "analysis.illusion=true: applies to the streams mlp_activation" in result.stderr
+
+
+def test_illusion_is_nan_for_oblique_das(tmp_path):
+    """The split patches orthogonal swaps of parts of one subspace; oblique_das reads along B and writes
+    along A, so no such part is the map that was scored: both parts are NaN, IIA is still measured."""
+    out = tmp_path / "run"
+    args = ["model=tiny_llama", "stream=mlp_activation", "layers=[1]", "analysis.illusion=true", "intervention=oblique_das"]
+    result = run_cli(args + TINY + [f"hydra.run.dir={out}"])
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(out / "iia.csv").iloc[0]
+    assert 0 <= row["iia"] <= 1 and math.isnan(row["iia_row"]) and math.isnan(row["iia_null"])
+    assert 1.0 <= row["gain"] <= 2.0 + 1e-4

@@ -346,11 +346,11 @@ def test_full_rotation_option():
 # --- oblique DAS ------------------------------------------------------------------------
 
 
-def oblique(n: int, k: int, seed: int = 0) -> ObliqueDASIntervention:
+def oblique(n: int, k: int, seed: int = 0, max_gain: float = math.inf) -> ObliqueDASIntervention:
     g = torch.Generator().manual_seed(seed)
-    module = ObliqueDASIntervention(n, dim=k)
+    module = ObliqueDASIntervention(n, dim=k, max_gain=max_gain)
     with torch.no_grad():
-        module.write_basis.copy_(torch.randn(n, k, generator=g))
+        module.write_offset.copy_(torch.randn(n, k, generator=g))
         module.read_basis.copy_(torch.randn(n, k, generator=g))
     return module
 
@@ -377,8 +377,9 @@ def test_oblique_starts_as_orthogonal_das():
     torch.manual_seed(4)
     module = ObliqueDASIntervention(N, dim=2)
     A, B = module.write_basis.detach(), module.read_basis.detach()
-    assert torch.equal(A, B)
     assert_orthonormal(A)
+    torch.testing.assert_close(A @ A.T, B @ B.T, rtol=0, atol=1e-6)  # the same subspace
+    assert module.gain() == pytest.approx(1.0)
     b, s = torch.randn(3, N), torch.randn(3, N)
     with torch.no_grad():
         torch.testing.assert_close(module(b, s), project_swap(b, s, A), rtol=0, atol=1e-5)
@@ -390,8 +391,7 @@ def test_oblique_hand_example_4d_span_e2_e3():
     e23 = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     module = ObliqueDASIntervention(4, dim=2)
     with torch.no_grad():
-        module.write_basis.copy_(e23)
-        module.read_basis.copy_(e23 @ torch.tensor([[2.0, 1.0], [0.0, 3.0]]))  # same plane, another (oblique) basis
+        module.read_basis.copy_(e23 @ torch.tensor([[2.0, 1.0], [0.0, 3.0]]))  # span(e2, e3), a non-orthonormal basis
         torch.testing.assert_close(module(b, s), torch.tensor([[1.0, 6.0, 7.0, 4.0]]), rtol=0, atol=1e-5)
 
 
@@ -439,6 +439,62 @@ def test_oblique_learns_a_read_direction_that_differs_from_the_write_direction()
     expected = torch.zeros(4, 4)
     expected[0, 0], expected[0, 1] = 1.0, -1.0  # e1 (e1 − e2)ᵀ
     torch.testing.assert_close(module.projection().detach(), expected, rtol=0, atol=0.05)
+
+
+def test_oblique_gain_is_one_over_cos_and_is_capped_by_max_gain():
+    """Read along e1, write along e1 + 3 e2: P = [[1, 0], [3, 0]], ‖P‖₂ = √10 = 1/cos(atan 3).
+    With max_gain=2 the offset 3 e2 is scaled to √3 e2: P = [[1, 0], [√3, 0]], ‖P‖₂ = 2."""
+    b, s = torch.tensor([[1.0, 1.0]]), torch.tensor([[3.0, 5.0]])  # s − b = (2, 4)
+    for max_gain, slope in [(math.inf, 3.0), (2.0, math.sqrt(3.0))]:
+        module = ObliqueDASIntervention(2, dim=1, max_gain=max_gain)
+        with torch.no_grad():
+            module.read_basis.copy_(torch.tensor([[1.0], [0.0]]))
+            module.write_offset.copy_(torch.tensor([[0.0], [3.0]]))
+            torch.testing.assert_close(module.projection(), torch.tensor([[1.0, 0.0], [slope, 0.0]]), rtol=0, atol=1e-6)
+            torch.testing.assert_close(module(b, s), torch.tensor([[3.0, 1.0 + 2.0 * slope]]), rtol=0, atol=1e-5)
+        assert module.gain() == pytest.approx(math.sqrt(1 + slope**2), rel=1e-5)
+        assert module.gain() == pytest.approx(float(torch.linalg.matrix_norm(module.projection().detach(), ord=2)), rel=1e-5)
+
+
+def test_oblique_max_gain_one_is_orthogonal_das():
+    module = oblique(N, 2, max_gain=1.0)
+    P = module.projection().detach()
+    torch.testing.assert_close(P, P.T, rtol=0, atol=1e-6)
+    assert module.gain() == pytest.approx(1.0)
+
+
+def stretch_task(rows: int = 256):
+    """The label needs the read coordinate v (on e1) written 10× larger along e1 + e2: only a stretched P fits it."""
+    b, s = torch.randn(rows, 4), torch.randn(rows, 4)
+    target = b.clone()
+    target[:, :2] += 10.0 * (s[:, :1] - b[:, :1])
+    return b, s, target
+
+
+def test_oblique_gain_stays_within_max_gain_at_every_step_and_grows_without_it():
+    b, s, target = stretch_task()
+    gains = {}
+    for max_gain in (2.0, math.inf):
+        torch.manual_seed(3)
+        module = ObliqueDASIntervention(4, dim=1, max_gain=max_gain)
+        optimizer = torch.optim.Adam(module.param_groups(0.05))
+        history = []
+        for _ in range(200):
+            loss = (module(b, s) - target).pow(2).sum(-1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            assert all(torch.isfinite(p).all() for p in module.parameters())
+            history.append(module.gain())
+        gains[max_gain] = history
+    assert max(gains[2.0]) <= 2.0 + 1e-4 and gains[2.0][-1] > 1.9  # pressed against the bound, never past it
+    assert gains[math.inf][-1] > 5.0
+
+
+@pytest.mark.parametrize("value", [0.5, "big", True, math.nan])
+def test_oblique_max_gain_must_be_a_number_at_least_one(value):
+    with pytest.raises(DasError, match=r"intervention\.max_gain=.*: must be a number >= 1"):
+        build_intervention("oblique_das", N, max_gain=value)
 
 
 # --- DBM --------------------------------------------------------------------------------
@@ -526,7 +582,7 @@ def test_dbm_learns_the_neurons_a_readout_uses():
         ("probe", "rank", "dim, probe_l2"),
         ("random", "seed", "dim"),
         ("dbm", "dim", "l1_weight, temperature_end, temperature_start"),
-        ("oblique_das", "orthogonal_map", "dim"),
+        ("oblique_das", "orthogonal_map", "dim, max_gain"),
     ],
 )
 def test_unknown_option_is_an_error(name, option, valid):

@@ -236,7 +236,7 @@ def test_boundless_hard_mask_swaps_first_rotated_coordinates():
 
 @pytest.mark.parametrize(
     "beta,expected",
-    [(0.5, 2), (0.3, 1), (0.6, 2), (0.65, 3), (1.0, 4), (1e-3, 1), (5.0, 4), (-2.0, 1)],
+    [(0.5, 2), (0.3, 1), (0.6, 2), (0.65, 3), (1.0, 4), (1e-3, 0), (0.1, 0), (5.0, 4), (-2.0, 0)],
 )
 def test_boundless_learned_dim(beta, expected):
     bd = BoundlessDASIntervention(4)
@@ -244,6 +244,28 @@ def test_boundless_learned_dim(beta, expected):
         bd.boundary.fill_(beta)  # out-of-range values are clamped to [1e-3, 1]
     assert bd.learned_dim() == expected
     assert bd.state_for_saving()["basis"].shape == (4, expected)
+
+
+def test_boundless_evaluates_the_hard_mask_dim_reports():
+    """At the default end temperature 0.1 the soft mask is σ(5)·σ(35) ≈ 0.993 on coordinate 0, not 1;
+    eval mode applies [i + ½ < β n], so a full boundary is an exact swap and an empty one no swap."""
+    n = 4
+    bd = BoundlessDASIntervention(n, init_boundary=1.0)
+    bd.set_progress(1.0)
+    b, s = torch.randn(3, n), torch.randn(3, n)
+    with torch.no_grad():
+        assert bd.mask()[0].item() == pytest.approx(sig(5.0) * sig(35.0), abs=1e-6)
+        assert not torch.allclose(bd(b, s), s, atol=1e-3)  # train mode: the soft mask
+        bd.eval()
+        torch.testing.assert_close(bd(b, s), s, rtol=0, atol=1e-5)
+        bd.boundary.fill_(0.6)  # β n = 2.4: coordinates 0, 1
+        R = bd.R.detach()
+        torch.testing.assert_close(bd(b, s), project_swap(b, s, R[:, :2]), rtol=0, atol=1e-5)
+        assert bd.learned_dim() == 2 and bd.gain() == 1.0
+        torch.testing.assert_close(bd.edit_directions(), R[:, :2])
+        bd.boundary.fill_(0.1)  # β n = 0.4 < ½: nothing is swapped, and dim says so
+        torch.testing.assert_close(bd(b, s), b, rtol=0, atol=1e-6)
+        assert bd.learned_dim() == 0 and bd.gain() == 0.0
 
 
 def test_boundless_extra_loss_param_groups_and_temperature():

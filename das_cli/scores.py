@@ -1,0 +1,77 @@
+"""Scores beside IIA: its Wilson interval, and how large and how unnatural the applied edit is.
+
+`gain` is ‖M‖₂ of the map an intervention applies, h = b + M (s − b). `ood` is the largest
+|z-score| of the edited test vectors along the directions M writes, each direction's mean and
+standard deviation taken over the unedited training activations (base and source prompts).
+An interchange moves a base vector to values the model produces itself (|z| of a few); an
+edit far outside them steers the model rather than interchanging a variable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scipy.stats import binomtest
+from torch import Tensor
+
+from .data import PairSet, resolve_positions
+from .interventions import Intervention
+from .sites import Site, gather, read_sites
+
+
+def wilson_interval(hits: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval of the proportion hits / n (NaN, NaN when n is 0)."""
+    if n == 0:
+        return math.nan, math.nan
+    interval = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def largest_z(edited: Tensor, natural: Tensor, directions: Tensor) -> float:
+    """max |(x·u − mean)/std| over rows x of `edited` and directions u, mean and std (ddof 1) of `natural`·u.
+
+    `directions`: n × r orthonormal columns, or 1-D coordinate indices. Directions along which the
+    natural activations do not vary are left out; NaN when no direction is left.
+    """
+    if directions.dtype.is_floating_point:
+        along = lambda x: x.float() @ directions.to(x.device, torch.float32)  # noqa: E731
+    else:
+        along = lambda x: x.float()[:, directions.to(x.device)]  # noqa: E731
+    reference = along(natural)
+    if reference.shape[1] == 0 or reference.shape[0] < 2:
+        return math.nan
+    mean, std = reference.mean(0), reference.std(0)
+    varies = std > 0
+    if not bool(varies.any()):
+        return math.nan
+    z = (along(edited.to(natural.device)) - mean) / std
+    return float(z[:, varies].abs().max())
+
+
+@torch.no_grad()
+def edit_scores(intervention: Intervention, natural: Tensor, base: Tensor, source: Tensor) -> dict[str, float]:
+    """`gain` and `ood` of the intervention (in eval mode) applied to test vectors `base`, `source` ([M, n])."""
+    device = intervention._device()
+    edited = intervention(base.to(device), source.to(device))
+    return {"gain": intervention.gain(), "ood": largest_z(edited.cpu(), natural.cpu(), intervention.edit_directions().cpu())}
+
+
+@torch.no_grad()
+def base_vectors(lm, site: Site, position: tuple, pairs: PairSet, batch_size: int, cache: dict | None = None) -> Tensor:
+    """The unedited site vectors of every base prompt at `position` ([N, P*C] float32 on the CPU), group by group.
+
+    With `cache` (a per-site dict), the site's tensors of the base prompts are read once and kept
+    there under "test_base" for the site's other cells.
+    """
+    cache = {} if cache is None else cache
+    if "test_base" not in cache:
+        cache["test_base"] = [
+            torch.cat([read_sites(lm, [site], ids[i : i + batch_size])[0] for i in range(0, len(ids), batch_size)])
+            for ids in (group.base_ids.to(lm.device) for group in pairs.groups)
+        ]
+    every_column = torch.arange(site.width)
+    return torch.cat([
+        gather(acts, resolve_positions(group, position, "base").to(acts.device), every_column.to(acts.device)).float().cpu()
+        for group, acts in zip(pairs.groups, cache["test_base"])
+    ])

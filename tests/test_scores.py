@@ -1,0 +1,198 @@
+"""Scores beside IIA: Wilson interval, graded scores, gain and ood, the CE / penalty split, checked by hand."""
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY, run_cli
+
+from das_cli.interventions import INTERVENTIONS, DASIntervention, ObliqueDASIntervention, SiteActivations, build_intervention
+from das_cli.scores import edit_scores, largest_z, wilson_interval
+from das_cli.train import Evaluation, evaluate_kinds, fit
+
+N = 6
+
+
+# --- Wilson interval ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "hits,n,lo,hi",
+    [
+        (62, 100, 0.522, 0.709),
+        # 0 of 12: lo = 0, hi = z² / (n + z²) = 3.8415 / 15.8415
+        (0, 12, 0.0, 1.959964**2 / (12 + 1.959964**2)),
+        (12, 12, 12 / (12 + 1.959964**2), 1.0),
+    ],
+)
+def test_wilson_interval_known_values(hits, n, lo, hi):
+    low, high = wilson_interval(hits, n)
+    assert low == pytest.approx(lo, abs=5e-4) and high == pytest.approx(hi, abs=5e-4)
+
+
+def test_wilson_interval_of_no_pairs_is_nan():
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+# --- graded scores ------------------------------------------------------------------------
+
+
+class FixedEngine:
+    """An engine whose logits per pair are given: two groups, vocabulary of 3."""
+
+    def __init__(self, logits: list[list[float]], labels: list[int], kinds: list[str] | None = None):
+        self.all_logits, self.all_labels = torch.tensor(logits), torch.tensor(labels)
+        half = len(labels) // 2
+        self.offsets = [0, half]
+        kinds = kinds or []
+        self.groups = [_Group(half, kinds[:half]), _Group(len(labels) - half, kinds[half:])]
+        self.lm = SimpleNamespace(device=torch.device("cpu"))
+
+    def _index(self, batch):
+        return torch.cat([self.offsets[g] + rows for g, rows in batch])
+
+    def logits(self, batch, intervention):
+        return self.all_logits[self._index(batch)]
+
+    def labels(self, batch):
+        return self.all_labels[self._index(batch)]
+
+
+class _Group:
+    def __init__(self, size: int, kinds: list[str]):
+        self.size, self.kinds = size, kinds
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def test_p_label_and_logit_diff_by_hand():
+    logits = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 1.0, 1.0]]
+    labels = [0, 0, 2, 1]
+    base = [torch.tensor([1, 0]), torch.tensor([-1, 2])]  # pair 2: unknown, pair 3: base answer 2
+    result = evaluate_kinds(FixedEngine(logits, labels), None, batch_size=3, base_labels=base)
+    e = math.e
+    p = [e**2 / (e**2 + 2), 1 / (e + 2), e**3 / (e**3 + 2), 1 / 3]
+    scores = result.graded_scores()
+    assert result.scores()["iia"] == 0.5  # pairs 0 and 2 have their label on top
+    assert scores["p_label"] == pytest.approx(sum(p) / 4, rel=1e-6)
+    # pair 0: 2 − 0 (base answer 1); pair 1: base answer is the label, left out; pair 2 unknown; pair 3: 1 − 1
+    assert scores["logit_diff"] == pytest.approx((2.0 + 0.0) / 2, rel=1e-6)
+    assert scores["iia_lo"] == pytest.approx(wilson_interval(2, 4)[0]) and scores["iia_hi"] == pytest.approx(wilson_interval(2, 4)[1])
+    unknown = evaluate_kinds(FixedEngine(logits, labels), None, batch_size=3).graded_scores()
+    assert math.isnan(unknown["logit_diff"]) and unknown["p_label"] == pytest.approx(scores["p_label"])
+
+
+def test_graded_scores_count_the_pairs_iia_counts():
+    """With isolate pairs, iia is the cause score; its interval and p_label are over cause pairs only."""
+    result = Evaluation(
+        hits={"cause": 62, "isolate": 10}, counts={"cause": 100, "isolate": 10}, loss=0.0,
+        label_probability={"cause": 50.0, "isolate": 9.0}, logit_diff={"cause": 20.0}, logit_diff_counts={"cause": 80},
+    )
+    scores = result.graded_scores()
+    assert scores["iia_lo"] == pytest.approx(0.522, abs=5e-4) and scores["iia_hi"] == pytest.approx(0.709, abs=5e-4)
+    assert scores["p_label"] == pytest.approx(0.5) and scores["logit_diff"] == pytest.approx(0.25)
+
+
+# --- loss and penalty ---------------------------------------------------------------------
+
+
+class SquareEngine:
+    """Loss = mean squared intervened vector; base 0, source 2 everywhere (one group of 8)."""
+
+    def __init__(self, n: int):
+        self.groups = [_Group(8, [])]
+        self.lm = SimpleNamespace(device=torch.device("cpu"))
+        self.n = n
+
+    def loss(self, batch, intervention):
+        rows = sum(len(r) for _, r in batch)
+        return intervention(torch.zeros(rows, self.n), torch.full((rows, self.n), 2.0)).pow(2).mean()
+
+
+def test_loss_is_the_cross_entropy_and_the_penalty_is_apart():
+    """dbm with lr 0: the mask stays σ(0) = ½, so h = 1 (loss 1) and the L1 term is 0.01 · ½."""
+    dbm = build_intervention("dbm", N, l1_weight=0.01)
+    result = fit(SquareEngine(N), dbm, epochs=2, lr=0.0, batch_size=4, lr_end_factor=1.0, seed=0, progress=False)
+    assert result.steps == 4
+    assert result.loss == pytest.approx(1.0) and result.penalty == pytest.approx(0.005)
+    das = fit(SquareEngine(N), DASIntervention(N, 1), epochs=1, lr=0.0, batch_size=4, lr_end_factor=1.0, seed=0, progress=False)
+    assert das.penalty == 0.0
+
+
+# --- gain and ood -------------------------------------------------------------------------
+
+
+def test_largest_z_by_hand():
+    natural = torch.tensor([[1.0, 5.0, 0.0], [2.0, 5.0, 0.0], [3.0, 5.0, 0.0]])  # e0: mean 2, std 1; e1 constant
+    edited = torch.tensor([[5.0, 9.0, 0.0], [0.0, 5.0, 0.0]])
+    assert largest_z(edited, natural, torch.tensor([0])) == pytest.approx(3.0)
+    assert largest_z(edited, natural, torch.tensor([0, 1])) == pytest.approx(3.0)  # e1 never varies: left out
+    assert math.isnan(largest_z(edited, natural, torch.tensor([1])))
+    diagonal = torch.tensor([[1.0], [1.0], [0.0]]) / math.sqrt(2)  # along (e0 + e1)/√2: mean 7/√2, std 1/√2
+    assert largest_z(edited, natural, diagonal) == pytest.approx(abs(14 / math.sqrt(2) - 7 / math.sqrt(2)) * math.sqrt(2))
+    assert math.isnan(largest_z(edited, natural, torch.zeros(3, 0)))
+
+
+def applied_map(module) -> torch.Tensor:
+    """M of h = b + M (s − b), read off column by column (b = 0, s = eᵢ)."""
+    with torch.no_grad():
+        return module(torch.zeros(module.n, module.n), torch.eye(module.n)).T
+
+
+def ready(name: str):
+    torch.manual_seed(1)
+    options = {"vanilla": {"neurons": [1, 4]}, "das": {"dim": 2}, "oblique_das": {"dim": 2, "max_gain": 1e9},
+               "pca": {"dim": 2}, "random": {"dim": 2}}.get(name, {})
+    module = build_intervention(name, N, **options)
+    if module.needs_activations:
+        module.fit_activations(SiteActivations(torch.randn(40, N), torch.arange(40) % 2, ["a", "b"]))
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+    return module.eval()
+
+
+@pytest.mark.parametrize("name", sorted(INTERVENTIONS))
+def test_gain_is_the_norm_of_the_applied_map_and_directions_span_what_it_writes(name):
+    module = ready(name)
+    M = applied_map(module)
+    assert module.gain() == pytest.approx(float(torch.linalg.matrix_norm(M, ord=2)), abs=1e-4)
+    directions = module.edit_directions()
+    U = torch.eye(N)[:, directions] if not directions.dtype.is_floating_point else directions
+    torch.testing.assert_close(U @ (U.T @ M), M, rtol=0, atol=1e-4)  # M writes only within span(U)
+
+
+def test_oblique_edit_scores_see_the_stretch():
+    """Read along e0, write along e0 + 3 e1 (unbounded): an edit of 2 along e0 moves e1 by 6."""
+    module = ObliqueDASIntervention(2, dim=1, max_gain=math.inf)
+    with torch.no_grad():
+        module.read_basis.copy_(torch.tensor([[1.0], [0.0]]))
+        module.write_offset.copy_(torch.tensor([[0.0], [3.0]]))
+    natural = torch.tensor([[0.0, -1.0], [0.0, 1.0], [2.0, 0.0], [2.0, 0.0]])
+    base, source = torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.0]])  # edited: (2, 6)
+    scores = edit_scores(module.eval(), natural, base, source)
+    assert scores["gain"] == pytest.approx(math.sqrt(10))
+    write = torch.tensor([1.0, 3.0]) / math.sqrt(10)
+    along = natural @ write
+    expected = abs((torch.tensor([2.0, 6.0]) @ write - along.mean()) / along.std())
+    assert scores["ood"] == pytest.approx(float(expected), rel=1e-5)
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+def test_new_columns_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(["model=tiny_llama", "layers=[1]", "intervention=boundless_das", f"hydra.run.dir={out}"] + TINY)
+    assert result.returncode == 0, result.stderr
+    row = pd.read_csv(out / "iia.csv").iloc[0]
+    assert row["iia_lo"] <= row["iia"] <= row["iia_hi"]
+    assert (row["iia_lo"], row["iia_hi"]) == pytest.approx(wilson_interval(round(row["iia"] * row["n_test"]), row["n_test"]))
+    assert 0 <= row["p_label"] <= 1 and math.isfinite(row["logit_diff"])  # IOI knows the base's answer
+    assert row["gain"] == (1.0 if row["dim"] > 0 else 0.0) and row["ood"] >= 0
+    assert row["penalty"] > 0 and row["loss"] > 0  # λ·β is reported apart from the cross-entropy
+    best = next(line for line in result.stdout.splitlines() if line.startswith("best:"))
+    assert f"95% CI [{row['iia_lo']:.2f}, {row['iia_hi']:.2f}]" in best

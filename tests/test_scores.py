@@ -190,7 +190,8 @@ def test_new_columns_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     row = pd.read_csv(out / "iia.csv").iloc[0]
     assert row["iia_lo"] <= row["iia"] <= row["iia_hi"]
-    assert (row["iia_lo"], row["iia_hi"]) == pytest.approx(wilson_interval(round(row["iia"] * row["n_test"]), row["n_test"]))
+    flips = row["n_test"] // 2  # iia counts the flips; as many non-flips score iia_isolate
+    assert (row["iia_lo"], row["iia_hi"]) == pytest.approx(wilson_interval(round(row["iia"] * flips), flips))
     assert 0 <= row["p_label"] <= 1 and math.isfinite(row["logit_diff"])  # IOI knows the base's answer
     assert row["gain"] == (1.0 if row["dim"] > 0 else 0.0) and row["ood"] >= 0
     assert row["penalty"] > 0 and row["loss"] > 0  # λ·β is reported apart from the cross-entropy

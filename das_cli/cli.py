@@ -82,6 +82,7 @@ def preflight(argv: list[str]) -> None:
         return
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     check_groups(overrides, multirun)
+    check_output_folder(overrides, multirun)
     if multirun:
         check_shards(overrides)
         return
@@ -92,6 +93,26 @@ def preflight(argv: list[str]) -> None:
         fail(str(e))
     except Exception as e:  # Hydra's composition and override-grammar errors
         fail(" ".join(str(e).split()).split(" Config search path")[0])
+
+
+def check_output_folder(overrides: list[str], multirun: bool) -> None:
+    """hydra.run.dir / hydra.sweep.dir must be a folder we can write (one line, exit 2, before Hydra tries)."""
+    from .folder import make_folder
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name == key and value and "${" not in value:
+            try:
+                make_folder(value, key)
+            except DasError as e:
+                fail(str(e))
+
+
+def interrupted(error: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line (the sweep's says how many cells are kept and how to resume), exit 130."""
+    print(f"das-cli: {error or 'interrupted'}", file=sys.stderr)
+    sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path=str(C.conf_dir()), config_name="config")
@@ -124,8 +145,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    preflight(sys.argv[1:])
-    _hydra_main()
+    try:
+        preflight(sys.argv[1:])
+        _hydra_main()
+    except KeyboardInterrupt as e:
+        interrupted(e)
     from .callbacks import PROBLEMS
 
     if JOB_PROBLEMS or PROBLEMS:  # a multirun with failures (a single run exits from _hydra_main)

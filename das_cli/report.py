@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         print(f"{PROG}: error: {args.folder}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the cells are untouched; the tables are written atomically
+        print(f"{PROG}: interrupted; no table was half-written, run it again", file=sys.stderr)
+        sys.exit(130)
     print(report.text())
     sys.exit(0 if report.ok else 1)
 

@@ -8,7 +8,9 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -28,6 +30,11 @@ def table(folder) -> pd.DataFrame:
 
 def mtimes(folder) -> dict:
     return {p.parent.name: p.stat().st_mtime_ns for p in folder.glob("cells/*/metrics.json")}
+
+
+def report_command() -> list[str]:
+    exe = shutil.which("das-cli-report")
+    return [exe] if exe else [sys.executable, "-m", "das_cli.report"]
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -84,11 +91,6 @@ def test_missing_subspace_is_retrained_and_report_never_tracebacks(finished, tmp
     assert rerun.returncode == 0 and (out / "cells" / CELLS[2] / "subspace.safetensors").exists()
 
 
-def report_command() -> list[str]:
-    exe = shutil.which("das-cli-report")
-    return [exe] if exe else [os.sys.executable, "-m", "das_cli.report"]
-
-
 def test_changed_config_is_refused_even_without_run_json(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     (out / "run.json").unlink()
@@ -102,7 +104,7 @@ def test_changed_config_is_refused_even_without_run_json(finished, tmp_path):
 
 def test_edited_data_file_is_refused(tmp_path):
     data = tmp_path / "pairs.jsonl"
-    lines = (layout.Path(__file__).parents[1] / "conf" / "examples" / "ioi_pairs.jsonl").read_text().splitlines()
+    lines = (Path(__file__).parents[1] / "conf" / "examples" / "ioi_pairs.jsonl").read_text().splitlines()
     data.write_text("\n".join(lines) + "\n")
     args = ["model=tiny_gpt2", "layers=[0]", "positions=[last]", "dataset=file", f"dataset.path={data}",
             "train.epochs=1", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
@@ -115,7 +117,7 @@ def test_edited_data_file_is_refused(tmp_path):
     assert pd.read_csv(tmp_path / "run" / "iia.csv")["n_train"].tolist() == [42]
 
 
-def test_eval_batch_size_and_seed_identity(finished, tmp_path):
+def test_changed_eval_batch_size_is_refused(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     result = run_cli(GRID + TINY + [f"hydra.run.dir={out}", "eval.batch_size=7"])
     assert result.returncode == 2 and "changed: eval.batch_size" in result.stderr
@@ -221,9 +223,9 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
 def test_a_lock_held_by_a_live_process_blocks_and_a_dead_ones_does_not(tmp_path):
     path = tmp_path / "cells" / "x" / ".lock"
     holder = subprocess.Popen(
-        [os.sys.executable, "-c", "import sys, time; from pathlib import Path; from das_cli.folder import CellLock; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from das_cli.folder import CellLock; "
          f"lock = CellLock(Path({str(path)!r})); assert lock.acquire(); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(layout.Path(__file__).parents[1])})
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     try:
         assert holder.stdout.readline().strip() == "held"
         lock = layout.CellLock(path)
@@ -267,3 +269,16 @@ def test_ranked_cumulative_resumes_in_its_second_phase(tmp_path):
     again = das_cli.run(cfg, tmp_path).sort_values("cell").reset_index(drop=True)
     assert all((tmp_path / "cells" / cell / "metrics.json").exists() for cell in lost)
     pd.testing.assert_frame_equal(again[RESULT + ["heads"]], first[RESULT + ["heads"]])
+
+
+def test_report_ctrl_c_is_one_line(finished, monkeypatch, capsys):
+    from das_cli import report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "aggregate", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(finished)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err, err

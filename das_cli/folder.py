@@ -73,6 +73,17 @@ def grid_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("grid*.json"))
 
 
+def grid_ids(folder: Path) -> list[str]:
+    """The cell ids the job(s) that ran in this folder meant to run, in grid order (unreadable grid files skipped)."""
+    ids: list[str] = []
+    for path in grid_files(folder):
+        try:
+            ids += json.loads(path.read_text()).get("cells", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+    return list(dict.fromkeys(ids))
+
+
 def table_file(folder: Path, name: str = TABLE) -> Path:
     return Path(folder) / name
 

@@ -100,7 +100,7 @@ def aggregate(folder: str | Path, plots: bool = True, nested: bool = True) -> Re
     others = [j for j in _job_folders(folder, nested) if j not in jobs]  # jobs that finished no cell
     broken = {Path(folder, p).name for p, _ in damaged}
     missing = list(dict.fromkeys(
-        c for job in jobs + others for c in _grid(job)
+        c for job in jobs + others for c in layout.grid_ids(job)
         if (job_configs.get(job), c) not in found and c not in broken
     ))
     not_started = [j for j in others if not layout.grid_files(j)]
@@ -127,7 +127,7 @@ def _unique_rows(folder: Path, stored: list, swept: list[str]) -> list[tuple[str
                 )
             continue
         rows[key], where[key] = row, job
-        grid = grids.setdefault(job, _grid(job))
+        grid = grids.setdefault(job, layout.grid_ids(job))
         order[key] = (jobs.index(job), grid.index(cell.id) if cell.id in grid else len(grid), cell.id)
     return [(key[0], rows[key]) for key in sorted(rows, key=order.get)]
 
@@ -142,17 +142,6 @@ def _job_configs(stored: list) -> dict[Path, str]:
     for job, cell in stored:
         configs.setdefault(job, layout.config_key(cell.fingerprint))
     return configs
-
-
-def _grid(job: Path) -> list[str]:
-    """The cell ids the job(s) that ran in this folder meant to run, in grid order."""
-    ids: list[str] = []
-    for path in layout.grid_files(job):
-        try:
-            ids += json.loads(path.read_text()).get("cells", [])
-        except (OSError, ValueError, AttributeError):
-            continue
-    return list(dict.fromkeys(ids))
 
 
 def _job_folders(folder: Path, nested: bool = True) -> list[Path]:

@@ -25,19 +25,17 @@ class AggregateResults(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from .errors import DasError
-        from .report import MixedConfigs, aggregate
+        from .report import aggregate
 
         folder = str(config.hydra.sweep.dir)
-        try:
+        try:  # a multirun over hyperparameters (-m train.lr=0.01,0.1) merges too, the swept keys as columns
             report = aggregate(folder, plots=self.plots)
-        except MixedConfigs as e:  # e.g. -m train.lr=0.01,0.1: each job folder keeps its own table
-            log.warning("no merged table: %s", e)
-            return
         except DasError as e:
             log.error("no merged table: %s", e)
             PROBLEMS.append(str(e))
             return
         print(report.text())
         if not report.ok:
-            PROBLEMS.append(f"{len(report.failed)} failed and {len(report.missing)} missing cells, {len(report.not_started)} job(s) that ran no cell")
+            PROBLEMS.append(f"{len(report.failed)} failed, {len(report.missing)} missing and {len(report.damaged)} damaged cells, "
+                            f"{len(report.not_started)} job(s) that ran no cell")
             log.error("sweep %s: %s; see %s/iia.csv", folder, PROBLEMS[-1], folder)

@@ -108,6 +108,7 @@ def preflight(argv: list[str]) -> list[str]:
     except DasError as e:
         fail(str(e))
     renamed = dict(zip(overrides, checked))
+    check_output_folder(overrides, multirun)
     if multirun:
         check_shards(overrides)
         check_signal_delay(overrides)
@@ -135,6 +136,26 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 PYTHON_SHOW_WARNING = warnings.showwarning
 SHOWN_WARNINGS: set[str] = set()
+
+
+def check_output_folder(overrides: list[str], multirun: bool) -> None:
+    """hydra.run.dir / hydra.sweep.dir must be a folder we can write (one line, exit 2, before Hydra tries)."""
+    from .folder import make_folder
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name == key and value and "${" not in value:
+            try:
+                make_folder(value, key)
+            except DasError as e:
+                fail(str(e))
+
+
+def interrupted(error: KeyboardInterrupt) -> None:
+    """Ctrl-C: one line (the sweep's says how many cells are kept and how to resume), exit 130."""
+    print(f"das-cli: {error or 'interrupted'}", file=sys.stderr)
+    sys.exit(130)
 
 
 @hydra.main(version_base="1.3", config_path=str(C.conf_dir()), config_name="config")
@@ -168,8 +189,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     warnings.showwarning = show_warning
-    sys.argv[1:] = preflight(sys.argv[1:])
-    _hydra_main()
+    try:
+        sys.argv[1:] = preflight(sys.argv[1:])
+        _hydra_main()
+    except KeyboardInterrupt as e:
+        interrupted(e)
     from .callbacks import PROBLEMS
 
     if JOB_PROBLEMS or PROBLEMS:  # a multirun with failures (a single run exits from _hydra_main)

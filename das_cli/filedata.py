@@ -1,6 +1,6 @@
 """File-backed datasets (`dataset=file dataset.path=...`): one (base, source) pair per row.
 
-A JSONL, CSV or Parquet file holds the prompts, the counterfactual label and named positions
+A JSONL (or `.json`: JSON lines or one array of objects), CSV or Parquet file holds the prompts, the counterfactual label and named positions
 (README "File datasets" has the column table). Files are written by hand or by other tools, so
 every problem is reported on one line naming the file and the line (or Parquet row) it is on:
 "label is not one token" alone is useless in a file of a thousand rows.
@@ -99,7 +99,55 @@ def read_rows(path: Path) -> Iterator[Row]:
         return _csv_rows(path)
     if suffix == ".parquet":
         return _parquet_rows(path)
+    if suffix == ".json" and _starts_with_array(path):
+        return _json_array_rows(path)
     return _jsonl_rows(path)
+
+
+def _starts_with_array(path: Path) -> bool:
+    with path.open(encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                return line.lstrip().startswith("[")
+    return False
+
+
+def _json_array_rows(path: Path) -> Iterator[Row]:
+    """A `.json` file holding one JSON array of objects, pretty-printed or not; each object's row is
+    named by the line it starts on."""
+    text = path.read_text(encoding="utf-8-sig")
+    decoder = json.JSONDecoder()
+    at = text.index("[") + 1
+    while True:
+        at = _skip_space(path, text, at)
+        if text.startswith("]", at):
+            break
+        row = Row(path, f"line {text.count(chr(10), 0, at) + 1}", {})
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise Row(path, f"line {e.lineno}", {}).error(f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(value, dict):
+            raise row.error(f'expected a JSON object {{"base": ..., "source": ..., "label": ...}}, got {type(value).__name__}')
+        yield replace(row, cells=_flatten(row, value))
+        at = _skip_space(path, text, at)
+        if text.startswith(",", at):
+            at += 1
+        elif not text.startswith("]", at):
+            where = Row(path, f"line {text.count(chr(10), 0, at) + 1}", {})
+            raise where.error("not valid JSON (expected ',' or ']' after an object of the array)")
+    rest = text[at + 1:]
+    if rest.strip():
+        extra = at + 1 + len(rest) - len(rest.lstrip())
+        raise Row(path, f"line {text.count(chr(10), 0, extra) + 1}", {}).error("not valid JSON (text after the closing ']')")
+
+
+def _skip_space(path: Path, text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    if at >= len(text):
+        raise DasError(f"dataset.path={path} line {text.count(chr(10)) + 1}: not valid JSON (the array has no closing ']')")
+    return at
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic file writes: a reader (or a resumed run) never sees a half-written file.
+Files get the permissions a plain open() would give them (0666 less the umask), not mkstemp's 0600."""
 
 from __future__ import annotations
 
@@ -17,12 +18,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,7 +1,8 @@
 """The grid: one Cell per stream x layer x head set x position x seed, and how shards split it.
 
-A cell's id names it on disk (cells/<id>/) and seeds it: a cell gives the same result whatever
-else the sweep holds, alone, in a shard or in one job.
+A cell's id names it on disk (cells/<id>/) and, with its seed, seeds it: a cell gives the same result
+whatever else the sweep holds, alone, in a shard or in one job, and whether its seed came from
+`seed` or from `seeds` (seed 0 of `seeds=2` is the cell `seed=0` runs, under the same id).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 from . import config as C
 from .data import position_label
 from .files import atomic_write_json
+from .folder import grid_file
 from .models import LoadedModel
 from .sites import HEAD_STREAMS, head_counts
 
@@ -26,7 +28,7 @@ class Cell:
     layer: int
     position: tuple[int | str, ...]
     heads: tuple[int, ...] | None
-    replicate: int | None = None  # the seed of this replicate when `seeds` asks for several
+    replicate: int | None = None  # the cell's seed (None: the run's `seed`)
 
     @property
     def position_label(self) -> str:
@@ -37,10 +39,14 @@ class Cell:
         return "" if self.heads is None else "+".join(map(str, self.heads))
 
     @property
-    def id(self) -> str:
+    def site_id(self) -> str:
         heads = f"__H{self.heads_label}" if self.heads is not None else ""
-        replicate = f"__S{self.replicate}" if self.replicate is not None else ""
-        return f"{self.stream}__L{self.layer:02d}__P{self.position_label}{heads}{replicate}"
+        return f"{self.stream}__L{self.layer:02d}__P{self.position_label}{heads}"
+
+    @property
+    def id(self) -> str:
+        """The site id, plus __S<seed> for a seed other than 0 (one id per cell and seed, however asked for)."""
+        return self.site_id + (f"__S{self.replicate}" if self.replicate else "")
 
     def run_seed(self, run_seed: int) -> int:
         """The seed this cell reports: its replicate's, else the run's."""
@@ -48,7 +54,7 @@ class Cell:
 
     def seed(self, run_seed: int) -> int:
         """Derived from the run seed and the cell alone: a cell's result does not depend on what ran before."""
-        digest = hashlib.sha256(f"{self.run_seed(run_seed)}|{self.id}".encode()).digest()
+        digest = hashlib.sha256(f"{self.run_seed(run_seed)}|{self.site_id}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
 
@@ -60,7 +66,8 @@ def expand_grid(cfg: DictConfig, lm: LoadedModel, rankings: dict | None = None) 
     by descending IIA) it holds the cumulative cells.
     """
     ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"
-    streams, positions, replicates = C.streams(cfg), C.positions(cfg), C.replicates(cfg)
+    streams, positions = C.streams(cfg), C.positions(cfg)
+    replicates = [int(cfg.seed) if seed is None else seed for seed in C.replicates(cfg)]
     cells = []
     for stream in streams:
         for layer in C.layers(cfg, lm.n_layers):
@@ -103,8 +110,7 @@ def site_key(cell: Cell) -> tuple:
 def write_grid(folder: Path, shard: int, num_shards: int, cells: list[Cell]) -> None:
     """The ids of the cells this job means to run, before it runs them: `das-cli-report` names
     cells listed here but finished nowhere (a job killed or timed out) as missing."""
-    name = "grid.json" if num_shards == 1 else f"grid.shard{shard}of{num_shards}.json"
-    atomic_write_json(folder / name, {"shard": shard, "num_shards": num_shards, "cells": [c.id for c in cells]})
+    atomic_write_json(grid_file(folder, shard, num_shards), {"shard": shard, "num_shards": num_shards, "cells": [c.id for c in cells]})
 
 
 def layer_key(cell: Cell) -> tuple:

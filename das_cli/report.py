@@ -1,18 +1,21 @@
 """`das-cli-report <folder>`: one table for a whole sweep, however many jobs ran it.
 
 Reads every `cells/<cell-id>/metrics.json` under the folder, at any depth (a multirun's job
-subfolders, several shards, or one run folder), keeps one row per cell id and writes `iia.csv`,
-the pivots and heatmaps into the folder (`results.write_results`), then prints the summary.
+subfolders, several shards, or one run folder), keeps one row per cell and configuration and writes
+`iia.csv`, the pivots and heatmaps into the folder (`results.write_results`), then prints the summary.
+`das-cli` itself ends with the same call on its run folder, so the tables always hold every finished
+cell on disk, whichever job wrote it.
 
 Rules:
-- every job folder (the one holding `cells/`) must come from one configuration (`run.json`
-  fingerprint: model, dataset, intervention, train, seed, dtype); a sweep over such keys
-  (`-m train.lr=0.01,0.1`) gives incomparable tables: report each job folder on its own;
-- a cell id found in several job folders must carry the same numbers there (wall-clock
-  `seconds` aside); identical duplicates are kept once, different ones are an error;
+- a cell is identified by its id and its configuration (its fingerprint, the seed aside). Jobs of
+  different configurations (`-m intervention.dim=1,4` or `train.lr=0.01,0.1`) are merged into one
+  table with the keys that differ as columns (`intervention.dim`); pivots and heatmaps per value;
+- a cell found in several job folders with the same configuration must carry the same numbers
+  there (wall-clock `seconds` aside); identical duplicates are kept once, different ones are an error;
+- a damaged cell (unreadable metrics.json, missing or truncated subspace) is listed, never trusted;
 - a job writes the ids of its cells (`grid*.json`) before training; cells listed there but found
   nowhere are reported as missing (a job killed, timed out, or still running), failed cells are
-  listed with their error. Either makes the exit status 1; mistakes exit 2 with one line.
+  listed with their error. Any of these makes the exit status 1; mistakes exit 2 with one line.
 """
 
 from __future__ import annotations
@@ -20,22 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from . import folder as layout
 from .errors import DasError
 from .results import format_summary, write_results
 
 PROG = "das-cli-report"
 IGNORED = ("seconds",)  # differs between two runs of the same cell; not a result
-
-
-class MixedConfigs(DasError):
-    """The folder holds job folders of different configurations: no single table is meaningful."""
 
 
 @dataclass
@@ -46,132 +45,127 @@ class Report:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (cell id, error)
     missing: list[str] = field(default_factory=list)  # cell ids some job meant to run, found nowhere
     not_started: list[Path] = field(default_factory=list)  # job folders (Hydra's .hydra/) that wrote no grid
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (cell path, problem)
+    swept: list[str] = field(default_factory=list)  # configuration keys that differ between jobs (table columns)
 
     @property
     def ok(self) -> bool:
-        return not (self.failed or self.missing or self.not_started)
+        return not (self.failed or self.missing or self.not_started or self.damaged)
 
     def text(self) -> str:
-        lines = [format_summary(self.frame), ""]
+        lines = [format_summary(self.frame, by=self.swept), ""]
         jobs = f"{len(self.jobs)} job folder{'s' if len(self.jobs) != 1 else ''}"
-        lines.append(f"{len(self.frame)} cells from {jobs}; {len(self.failed)} failed, {len(self.missing)} missing")
+        lines.append(f"{len(self.frame)} cells from {jobs}; {len(self.failed)} failed, {len(self.missing)} missing"
+                     + (f", {len(self.damaged)} damaged" if self.damaged else ""))
+        if self.swept:
+            lines.append(f"configurations differ in: {', '.join(self.swept)} (columns of iia.csv)")
         for cell, error in self.failed:
             lines.append(f"  failed  {cell}: {error}")
+        for cell, problem in self.damaged:
+            lines.append(f"  damaged {cell}: {problem} (a rerun into its folder trains it again)")
         for cell in self.missing[:20]:
             lines.append(f"  missing {cell}")
         if len(self.missing) > 20:
             lines.append(f"  ... and {len(self.missing) - 20} more missing")
         for job in self.not_started:
-            lines.append(f"  job {self._rel(job)} ran no cell (failed before its grid; see its log)")
+            lines.append(f"  job {_rel(self.folder, job)} ran no cell (failed before its grid; see its log)")
         lines.append(f"results: {self.folder.resolve()}")
         return "\n".join(lines)
 
-    def _rel(self, path: Path) -> str:
-        return str(path.relative_to(self.folder)) if path != self.folder else "."
 
-
-def aggregate(folder: str | Path, plots: bool = True) -> Report:
-    """Merge every cell under `folder` into folder/iia.csv (+ pivots, heatmaps); see the module doc."""
+def aggregate(folder: str | Path, plots: bool = True, nested: bool = True) -> Report:
+    """Merge every cell under `folder` (only folder/cells/ without `nested`) into folder/iia.csv
+    (+ pivots, heatmaps); see the module doc."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DasError(f"{folder}: no such folder")
-    paths = sorted((p for p in folder.rglob("metrics.json") if p.parent.parent.name == "cells"), key=_natural)
+    paths = layout.metrics_files_under(folder) if nested else [layout.metrics_file(folder, c) for c in layout.cell_ids(folder)]
     if not paths:
         raise DasError(f"{folder}: no cells/*/metrics.json under this folder (is it a das-cli run or multirun folder?)")
-    jobs = list(dict.fromkeys(p.parent.parent.parent for p in paths))
-    _check_one_configuration(folder, jobs)
-    grids = {job: _grid(job) for job in jobs}
-    rows: dict[str, dict] = {}
-    where: dict[str, Path] = {}
-    order: dict[str, tuple] = {}
+    jobs = list(dict.fromkeys(layout.job_of(p) for p in paths))
+    stored, damaged = [], []
     for path in paths:
-        job = path.parent.parent.parent
-        row = json.loads(path.read_text())
-        cell = str(row.get("cell") or path.parent.name)
-        if cell in rows:
-            if _result(rows[cell]) != _result(row):
+        cell = layout.read_cell(layout.job_of(path), path.parent.name)
+        if cell.damaged:
+            damaged.append((_rel(folder, path.parent), cell.problem))
+        else:
+            stored.append((layout.job_of(path), cell))
+    configs = list(dict.fromkeys(layout.config_key(c.fingerprint) for _, c in stored))
+    swept = layout.changed_keys(*[json.loads(k) for k in configs]) if len(configs) > 1 else []
+    rows = _unique_rows(folder, stored, swept)
+    frame = write_results([row for _, row in rows], folder, _title(stored), plots=plots, by=swept)
+    failed = [(r["cell"], str(r["error"])) for _, r in rows if layout.is_error(r.get("error"))]
+    found = {(job_config, r["cell"]) for job_config, r in rows} | {(None, r["cell"]) for _, r in rows}
+    job_configs = _job_configs(stored)
+    others = [j for j in _job_folders(folder, nested) if j not in jobs]  # jobs that finished no cell
+    broken = {Path(folder, p).name for p, _ in damaged}
+    missing = list(dict.fromkeys(
+        c for job in jobs + others for c in layout.grid_ids(job)
+        if (job_configs.get(job), c) not in found and c not in broken
+    ))
+    not_started = [j for j in others if not layout.grid_files(j)]
+    return Report(folder, frame, jobs, failed, missing, not_started, damaged, swept)
+
+
+def _unique_rows(folder: Path, stored: list, swept: list[str]) -> list[tuple[str, dict]]:
+    """(configuration, row) once per cell and configuration, in job then grid order; swept keys become columns."""
+    rows: dict[tuple[str, str], dict] = {}
+    where: dict[tuple[str, str], Path] = {}
+    order: dict[tuple[str, str], tuple] = {}
+    grids: dict[Path, list[str]] = {}
+    jobs = list(dict.fromkeys(job for job, _ in stored))
+    for job, cell in stored:
+        key = (layout.config_key(cell.fingerprint), cell.id)
+        flat = layout.flatten(cell.fingerprint)
+        row = {**cell.row, **{k: _column_value(flat.get(k)) for k in swept}}
+        if key in rows:
+            if _result(rows[key]) != _result(row):
                 raise DasError(
-                    f"cell {cell}: different results in {_rel(folder, where[cell])} and {_rel(folder, job)} "
-                    f"(iia {rows[cell].get('iia')} vs {row.get('iia')}); two jobs ran the same cell, "
-                    "check sweep.shard / sweep.num_shards and the layer chunks"
+                    f"cell {cell.id}: different results in {_rel(folder, where[key])} and {_rel(folder, job)} "
+                    f"(iia {rows[key].get('iia')} vs {row.get('iia')}) with the same configuration; two jobs ran "
+                    "the same cell, check sweep.shard / sweep.num_shards and the layer chunks"
                 )
             continue
-        rows[cell], where[cell] = row, job
-        position = grids[job].index(cell) if cell in grids[job] else len(grids[job])
-        order[cell] = (jobs.index(job), position, cell)
-    ordered = [rows[c] for c in sorted(rows, key=order.get)]
-    frame = write_results(ordered, folder, _title(folder, jobs, ordered), plots=plots)
-    failed = [(r["cell"], str(r["error"])) for r in ordered if _is_error(r.get("error"))]
-    others = [j for j in _job_folders(folder) if j not in grids]  # jobs that finished no cell
-    expected = dict.fromkeys(c for job in jobs + others for c in (grids[job] if job in grids else _grid(job)))
-    missing = [c for c in expected if c not in rows]
-    not_started = [j for j in others if not _grid_files(j)]
-    return Report(folder, frame, jobs, failed, missing, not_started)
+        rows[key], where[key] = row, job
+        grid = grids.setdefault(job, layout.grid_ids(job))
+        order[key] = (jobs.index(job), grid.index(cell.id) if cell.id in grid else len(grid), cell.id)
+    return [(key[0], rows[key]) for key in sorted(rows, key=order.get)]
 
 
-def _check_one_configuration(folder: Path, jobs: list[Path]) -> None:
-    prints = {}
-    for job in jobs:
-        path = job / "run.json"
-        if path.exists():
-            prints[job] = json.loads(path.read_text()).get("fingerprint", {})
-    if len(prints) < 2:
-        return
-    first_job, first = next(iter(prints.items()))
-    for job, other in prints.items():
-        changed = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
-        if changed:
-            raise MixedConfigs(
-                f"{folder}: job folders {_rel(folder, first_job)} and {_rel(folder, job)} ran different "
-                f"configurations (changed: {', '.join(changed)}); run {PROG} on each job folder"
-            )
+def _column_value(value: object) -> object:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def _grid_files(job: Path) -> list[Path]:
-    return sorted(job.glob("grid*.json"))
+def _job_configs(stored: list) -> dict[Path, str]:
+    """Each job folder's configuration, from its first readable cell."""
+    configs: dict[Path, str] = {}
+    for job, cell in stored:
+        configs.setdefault(job, layout.config_key(cell.fingerprint))
+    return configs
 
 
-def _grid(job: Path) -> list[str]:
-    """The cell ids the job(s) that ran in this folder meant to run, in grid order."""
-    ids: list[str] = []
-    for path in _grid_files(job):
-        try:
-            ids += json.loads(path.read_text()).get("cells", [])
-        except (OSError, ValueError):
-            continue
-    return list(dict.fromkeys(ids))
-
-
-def _job_folders(folder: Path) -> list[Path]:
+def _job_folders(folder: Path, nested: bool = True) -> list[Path]:
     """Folders a job ran in: Hydra's (.hydra/config.yaml) and any with a grid file, the folder itself included."""
+    if not nested:
+        return [folder]
     found = [p.parent.parent for p in folder.rglob("config.yaml") if p.parent.name == ".hydra"]
     found += [p.parent for p in folder.rglob("grid*.json")]
-    return sorted(dict.fromkeys(found), key=_natural)
+    return sorted(dict.fromkeys(found), key=layout.natural_order)
 
 
 def _result(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in IGNORED and not (isinstance(v, float) and math.isnan(v))}
 
 
-def _is_error(value: object) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value) != ""
-
-
-def _title(folder: Path, jobs: list[Path], rows: list[dict]) -> str:
+def _title(stored: list) -> str:
+    rows = [cell.row for _, cell in stored]
     models = list(dict.fromkeys(str(r["model"]) for r in rows if r.get("model")))
     interventions = list(dict.fromkeys(str(r["intervention"]) for r in rows if r.get("intervention")))
-    dataset = ""
-    for job in jobs:
-        path = job / "run.json"
-        if path.exists():
-            ds = json.loads(path.read_text()).get("fingerprint", {}).get("dataset") or {}
-            dataset = f"{ds.get('name', '')} {ds.get('variable', '')}".strip()
-            break
-    return " · ".join(part for part in (", ".join(models), ", ".join(interventions), dataset) if part)
-
-
-def _natural(path: Path) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+    datasets = list(dict.fromkeys(
+        f"{ds.get('name', '')} {ds.get('variable', '')}".strip()
+        for _, cell in stored if isinstance(ds := cell.fingerprint.get("dataset"), dict)
+    ))
+    return " · ".join(part for part in (", ".join(models), ", ".join(interventions), ", ".join(datasets)) if part)
 
 
 def _rel(folder: Path, path: Path) -> str:
@@ -196,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:
         print(f"{PROG}: error: {args.folder}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the cells are untouched; the tables are written atomically
+        print(f"{PROG}: interrupted; no table was half-written, run it again", file=sys.stderr)
+        sys.exit(130)
     print(report.text())
     sys.exit(0 if report.ok else 1)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import folder as layout
 from .files import atomic_write
 
 COLUMNS: list[str] = [
@@ -130,52 +131,76 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
-def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", plots: bool = True) -> pd.DataFrame:
+def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", plots: bool = True,
+                  by: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
     """Write folder/iia.csv and, per (stream, heads), pivot_<name>.csv and heatmap_<name>.png.
 
     <name> is the stream, plus "_heads-<heads>" for head-level cells, sanitised to [A-Za-z0-9_.+-].
     With several seeds per cell, pivots and heatmaps show the mean; iia_seeds.csv and
     pivot_<name>_std.csv give the spread. Extra scores (EXTRA_SCORES) get pivot_<name>_<score>.csv
-    and heatmap_<name>_<score>.png. Floats are written in their shortest round-trip form. Returns the frame.
+    and heatmap_<name>_<score>.png. Columns `by` (configuration keys a multirun swept) split the pivots,
+    heatmaps and seed tables: one set per value, <name> ending in "_<key>-<value>".
+    Floats are written in their shortest round-trip form. Returns the frame.
     """
     folder = Path(folder)
     frame = results_frame(rows)
-    atomic_write(folder / "iia.csv", lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write(layout.table_file(folder), lambda tmp: frame.to_csv(tmp, index=False))
     write_head_importance(frame, folder)
+    for suffix, label, part in _split(frame, by):
+        _write_pivots(part, folder, " · ".join(t for t in (title, label) if t), plots, suffix)
+    return frame
+
+
+def _split(frame: pd.DataFrame, by) -> list[tuple[str, str, pd.DataFrame]]:
+    """(file name suffix, label, rows) per value of the `by` columns; [("", "", frame)] without them."""
+    if not by:
+        return [("", "", frame)]
+    keys = frame[list(by)].astype(str)
+    out = []
+    for values, part in frame.groupby([keys[k] for k in by], sort=False):
+        pairs = list(zip(by, values if isinstance(values, tuple) else (values,)))
+        suffix = "".join(f"_{_file_part(k)}-{_file_part(v)}" for k, v in pairs)
+        out.append((suffix, ", ".join(f"{k}={v}" for k, v in pairs), part))
+    return out
+
+
+def _write_pivots(frame: pd.DataFrame, folder: Path, title: str, plots: bool, suffix: str) -> None:
     spread = seed_spread(frame)
     if spread is not None:
-        atomic_write(folder / "iia_seeds.csv", lambda tmp: spread.to_csv(tmp, index=False))
+        atomic_write(layout.table_file(folder, f"iia_seeds{suffix}.csv"), lambda tmp: spread.to_csv(tmp, index=False))
     stds = pivot(frame, agg="std") if spread is not None else {}
     intervals = _interval_tables(frame) if spread is None else {}
     extras = {score: pivot(frame, score) for score in EXTRA_SCORES if score in frame and frame[score].notna().any()}
     for key, table in pivot(frame).items():
-        name = _file_part(key[0]) + (f"_heads-{_file_part(key[1])}" if key[1] else "")
-        _write_table(folder / f"pivot_{name}.csv", table)
+        name = _file_part(key[0]) + (f"_heads-{_file_part(key[1])}" if key[1] else "") + suffix
+        _write_table(layout.pivot_file(folder, name), table)
         if key in stds:
-            _write_table(folder / f"pivot_{name}_std.csv", stds[key])
+            _write_table(layout.pivot_file(folder, f"{name}_std"), stds[key])
         for score, tables in extras.items():
             if key in tables:
-                _write_table(folder / f"pivot_{name}_{score}.csv", tables[key])
+                _write_table(layout.pivot_file(folder, f"{name}_{score}"), tables[key])
         if plots:
             seeds = f" · mean of {int(spread['n_seeds'].max())} seeds" if spread is not None else ""
-            heatmap(table, folder / f"heatmap_{name}.png", _plot_title(*key, title) + seeds, stds.get(key),
+            heatmap(table, layout.heatmap_file(folder, name), _plot_title(*key, title) + seeds, stds.get(key),
                     interval=intervals.get(key))
             for score, tables in extras.items():
                 if key in tables:
-                    heatmap(tables[key], folder / f"heatmap_{name}_{score}.png", f"{score} · {_plot_title(*key, title)}",
-                            label=score)
-    return frame
+                    heatmap(tables[key], layout.heatmap_file(folder, f"{name}_{score}"),
+                            f"{score} · {_plot_title(*key, title)}", label=score)
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: table.to_csv(tmp))
 
 
-def format_summary(frame: pd.DataFrame) -> str:
+def format_summary(frame: pd.DataFrame, by: list[str] | tuple[str, ...] = ()) -> str:
     """Compact terminal text: per (stream, heads) the IIA pivot (2 decimals, a `max` column of the
     per-layer max over positions), the best cell, and the mean over layers of that max (MIB-style).
-    Failed (NaN) cells print as "—" and are left out of the best cell and the mean.
+    Failed (NaN) cells print as "—" and are left out of the best cell and the mean. With `by`
+    (swept configuration columns), one such summary per value, headed by it.
     """
+    if by:
+        return "\n\n".join(f"== {label} ==\n{format_summary(part)}" for _, label, part in _split(frame, by))
     tables = pivot(frame)
     if not tables:
         return "no results"
@@ -289,4 +314,4 @@ def write_head_importance(frame: pd.DataFrame, folder: str | os.PathLike) -> Non
         for head, share in json.loads(row.head_importance).items()
     ]
     table = pd.DataFrame(records)
-    atomic_write(Path(folder) / "head_importance.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(layout.table_file(folder, layout.HEADS_TABLE), lambda tmp: table.to_csv(tmp, index=False))

@@ -2,8 +2,9 @@
 
 `run(cfg, output_dir)` reads top to bottom: load model -> build data -> expand grid ->
 for each cell fit and evaluate -> write results. A finished cell is written atomically the
-moment it ends (cells/<cell-id>/metrics.json + subspace.safetensors); rerunning into the same
-folder skips finished cells.
+moment it ends (folder.py owns the layout); rerunning into the same folder skips finished cells
+of the same fingerprint, retrains damaged ones, and refuses cells of another configuration. The
+tables are built from every finished cell on disk (report.aggregate), not from this job's rows.
 """
 
 from __future__ import annotations
@@ -19,21 +20,21 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import config as C
 from .data import PairSet, resolve_positions, tokenize_pairs
 from .errors import DasError, choices_error
 from .examples import KINDS
-from .files import atomic_write, atomic_write_json
 from .interrupts import is_interruption
+from . import folder as layout
+from .folder import CellStore
 from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .scores import base_vectors, edit_scores
-from .results import bar_chart, format_summary, write_results
+from .results import bar_chart
 from .sites import Site, gather, head_counts, read_sites, resolve_site
 from .engines import BaseRun, base_run, make_engine
 from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
@@ -93,20 +94,15 @@ def check_intervention(cfg: DictConfig, cells: list[Cell], sites: dict) -> None:
         build_intervention(cfg.intervention.name, narrowest, **{k: v for k, v in options.items() if k != "name"})
 
 
-def check_resume(folder: Path, cfg: DictConfig) -> None:
-    """A folder holds cells of one configuration only; refuse to mix in incomparable ones."""
-    path = folder / "run.json"
-    current = json.loads(json.dumps(C.fingerprint(cfg), default=str))
-    if path.exists():
-        previous = json.loads(path.read_text())["fingerprint"]
-        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-        if changed:
-            raise DasError(
-                f"output folder {folder} holds cells from another configuration (changed: {', '.join(changed)}); "
-                "choose a new folder with hydra.run.dir=..."
-            )
-    else:
-        atomic_write_json(path, {"fingerprint": current})
+def run_fingerprint(cfg: DictConfig, lm: LoadedModel, train: PairSet, test: PairSet) -> dict:
+    """What decides every cell's numbers but its seed: config parts, the pairs' content, device type, eval batch."""
+    file = None
+    if cfg.dataset.name == "file":
+        from .filedata import resolve_path
+
+        file = resolve_path(str(cfg.dataset.path))
+    data = layout.data_hash({"train": train, "test": test}, file)
+    return layout.run_fingerprint(C.fingerprint(cfg), data, lm.device.type, int(cfg.eval.batch_size))
 
 
 @torch.no_grad()
@@ -139,13 +135,8 @@ def source_chunks(sites: list[Site], pairs: list[PairSet], element_bytes: int) -
     return chunks
 
 
-def cell_row(cell: Cell, folder: Path) -> dict | None:
-    """The finished row of a cell, if it is on disk and did not fail."""
-    path = folder / "cells" / cell.id / "metrics.json"
-    if not path.exists():
-        return None
-    row = json.loads(path.read_text())
-    return None if row.get("error") else row
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during the cells: finished cells are kept; the message says how to resume."""
 
 
 @dataclass
@@ -155,9 +146,11 @@ class Sweep:
     cfg: DictConfig
     lm: LoadedModel
     folder: Path
+    store: CellStore
     pairs: dict[str, PairSet]  # "train", "test"
     base: dict[str, BaseRun]
     accuracy: float  # base accuracy on the test prompts
+    layers: tuple[int, ...] = ()  # the layers the base runs cached for the fast engine
     upcoming: list[list[Site]] = field(default_factory=list)  # sites whose sources are still to be read, in chunks
     sources: dict[int, dict] = field(default_factory=dict)  # id(site) -> {"train"|"test": [G, S, C] per group}
 
@@ -178,21 +171,34 @@ class Sweep:
 
     def run_site(self, site: Site, cells: list[Cell]) -> list[dict]:
         """All cells of one site; the sources' site tensors are read once for all of them."""
-        done = {cell: cell_row(cell, self.folder) for cell in cells}
+        done = {cell: self.store.finished(cell) for cell in cells}
         if all(done.values()):
             return list(done.values())
         try:
             sources = self.sources_of(site)
         except CELL_FAILURES as e:  # e.g. out of memory reading the site: every pending cell of it fails
-            return [done[cell] or self.save_failure(cell, e) for cell in cells]
-        return [done[cell] or self.run_and_save(cell, site, sources) for cell in cells]
+            return [done[cell] or self.locked(cell, lambda c: self.save_failure(c, e)) for cell in cells]
+        return [done[cell] or self.locked(cell, lambda c: self.run_and_save(c, site, sources)) for cell in cells]
+
+    def locked(self, cell: Cell, work) -> dict | None:
+        """`work(cell)` under the cell's lock; None when another live process holds it (that one trains it)."""
+        with self.store.lock(cell).held() as mine:
+            if not mine:
+                log.warning("cell %s is being trained by %s; skipped here", cell.id, self.store.lock(cell).holder())
+                return None
+            done = self.store.finished(cell)  # another process may have finished it since we looked
+            if done:
+                return done
+            row = work(cell)
+            log.info("cell %s trained: iia %.3f%s", cell.id, row["iia"], f" ({row['error']})" if row.get("error") else "")
+            return row
 
     def run_and_save(self, cell: Cell, site: Site, sources: dict) -> dict:
         try:
             row, tensors = self.run_cell(cell, site, sources)
         except CELL_FAILURES as e:
             return self.save_failure(cell, e)
-        save_cell(self.folder, cell, row, tensors, bool(self.cfg.output.save_subspaces))
+        self.store.save(cell, row, tensors)
         return row
 
     def save_failure(self, cell: Cell, error: BaseException) -> dict:
@@ -207,7 +213,7 @@ class Sweep:
             torch.cuda.empty_cache()  # after an out-of-memory error the next cell starts from a clean cache
         row = _failed_row(cell, self.cfg, text)
         row.update(base_accuracy=self.accuracy, model=self.lm.name)
-        save_cell(self.folder, cell, row, {}, False)
+        self.store.save(cell, row, {})
         return row
 
     def engine(self, split: str, cell: Cell, site: Site, sources: dict):
@@ -256,7 +262,7 @@ class Sweep:
         if shares is not None:
             row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
             if cfg.output.plots:
-                bar_chart(shares, self.folder / "cells" / cell.id / "head_importance.png", f"{cell.id}: share of the subspace per head")
+                bar_chart(shares, layout.head_plot_file(self.folder, cell.id), f"{cell.id}: share of the subspace per head")
         row["seconds"] = time.perf_counter() - start
         return row, tensors
 
@@ -301,13 +307,6 @@ def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, fl
     return head_importance(basis, len(cell.position), site.heads or tuple(range(n_heads)), head_dim)
 
 
-def save_cell(folder: Path, cell: Cell, row: dict, tensors: dict, save_subspace: bool) -> None:
-    cell_dir = folder / "cells" / cell.id
-    if save_subspace and tensors:
-        atomic_write(cell_dir / "subspace.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write_json(cell_dir / "metrics.json", row)
-
-
 def _failed_row(cell: Cell, cfg: DictConfig, error: str) -> dict:
     return {
         "stream": cell.stream, "layer": cell.layer, "position": cell.position_label, "heads": cell.heads_label,
@@ -317,40 +316,61 @@ def _failed_row(cell: Cell, cfg: DictConfig, error: str) -> dict:
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
-    """Run the sweep `cfg` describes into `output_dir`; returns the IIA table (one row per cell)."""
+    """Run the sweep `cfg` describes into `output_dir`; returns the IIA table of every finished cell there."""
     cfg = C.typed(cfg)
     C.validate(cfg)
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = layout.make_folder(output_dir)
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
     train, test = build_pairs(cfg, lm)
     cells = expand_grid(cfg, lm)
     sites = resolve_sites(lm, cells)
     check_positions(cells, train, test)
     check_intervention(cfg, cells, sites)
-    check_resume(folder, cfg)
+    fingerprint = run_fingerprint(cfg, lm, train, test)
+    layout.check_resume(folder, fingerprint)
+    store = CellStore(folder, fingerprint, int(cfg.seed), bool(cfg.output.save_subspaces))
     ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"  # phase 2 needs all single heads of a layer
     shard, num_shards = int(cfg.sweep.shard), int(cfg.sweep.num_shards)
     grid_size, cells = len(cells), shard_cells(cells, shard, num_shards, layer_key if ranked else site_key, not ranked)
     if num_shards > 1:
         log.info("shard %d of %d: %d of %d cells", shard, num_shards, len(cells), grid_size)
     write_grid(folder, shard, num_shards, cells)
-    pending = [c for c in cells if cell_row(c, folder) is None]
-    sweep = _start(cfg, lm, folder, train, test, layers=tuple(sorted({c.layer for c in pending})))
+    pending = [c for c in cells if store.finished(c) is None]
+    sweep = _start(cfg, lm, folder, store, train, test, layers=_layers(pending))
     log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(test), sweep.accuracy)
-    rows = run_cells(sweep, cells, sites)
-    if cfg.heads == "cumulative" and cfg.head_order == "ranked":  # second phase: heads added best first
-        mine = {layer_key(c) for c in cells}  # this shard's (stream, layer)s
-        first_phase = set(cells)
-        cumulative = [c for c in expand_grid(cfg, lm, head_rankings(rows)) if c not in first_phase and layer_key(c) in mine]
-        write_grid(folder, shard, num_shards, cells + cumulative)
-        sites = resolve_sites(lm, cumulative)
-        rows += run_cells(sweep, cumulative, sites)
-    title = f"{lm.name} · {cfg.intervention.name} · {cfg.dataset.name} {cfg.dataset.get('variable', '')}".strip()
-    frame = write_results(rows, folder, title, plots=bool(cfg.output.plots))
-    print(format_summary(frame))
-    print(f"results: {folder.resolve()}")
-    return frame
+    try:
+        run_cells(sweep, cells, sites)
+        if ranked:
+            _second_phase(sweep, cells, train, test, shard, num_shards)
+    except KeyboardInterrupt:
+        finished = layout.count_finished(folder)
+        raise Interrupted(f"interrupted; {finished} finished cells are kept in {folder}; "
+                          f"to resume, run the same command with hydra.run.dir={folder}") from None
+    from .report import aggregate
+
+    report = aggregate(folder, plots=bool(cfg.output.plots), nested=False)
+    print(report.text())
+    return report.frame
+
+
+def _second_phase(sweep: Sweep, cells: list[Cell], train: PairSet, test: PairSet, shard: int, num_shards: int) -> None:
+    """heads=cumulative head_order=ranked: the cumulative cells, heads added best first by the single-head
+    rows on disk (this process's and others'), for the layers whose single heads are all on disk."""
+    cfg, lm, folder, store = sweep.cfg, sweep.lm, sweep.folder, sweep.store
+    held = {layer_key(c) for c in cells if layout.read_cell(folder, c.id) is None}  # another process has some
+    mine = {layer_key(c) for c in cells} - held
+    singles = [row for row in map(store.finished, cells) if row]
+    first_phase = set(cells)
+    cumulative = [c for c in expand_grid(cfg, lm, head_rankings(singles)) if c not in first_phase and layer_key(c) in mine]
+    write_grid(folder, shard, num_shards, cells + cumulative)
+    layers = _layers([c for c in cumulative if store.finished(c) is None])
+    if not set(layers) <= set(sweep.layers):  # resumed after phase 1: cache the layers phase 2 still needs
+        sweep = _start(cfg, lm, folder, store, train, test, layers)
+    run_cells(sweep, cumulative, resolve_sites(lm, cumulative))
+
+
+def _layers(cells: list[Cell]) -> tuple[int, ...]:
+    return tuple(sorted({c.layer for c in cells}))
 
 
 def resolve_sites(lm: LoadedModel, cells: list[Cell]) -> dict[tuple, Site]:
@@ -358,23 +378,26 @@ def resolve_sites(lm: LoadedModel, cells: list[Cell]) -> dict[tuple, Site]:
 
 
 def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list[dict]:
-    pending = dict.fromkeys(site_key(c) for c in cells if cell_row(c, sweep.folder) is None)
+    """The rows of `cells`, run where not finished; cells another process holds are left out."""
+    pending = dict.fromkeys(site_key(c) for c in cells if sweep.store.finished(c) is None)
     sweep.read_ahead([sites[key] for key in pending])
     rows = []
     with tqdm(total=len(cells), desc="cells", disable=not sweep.cfg.progress) as bar:
         for key, site_cells in groupby(cells, key=site_key):
             for row in sweep.run_site(sites[key], list(site_cells)):
-                rows.append(row)
                 bar.update()
-                bar.set_postfix_str(f"{row['cell']} iia={row['iia']:.2f}")
+                if row is not None:
+                    rows.append(row)
+                    bar.set_postfix_str(f"{row['cell']} iia={row['iia']:.2f}")
     return rows
 
 
-def _start(cfg: DictConfig, lm: LoadedModel, folder: Path, train: PairSet, test: PairSet, layers: tuple[int, ...]) -> Sweep:
+def _start(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore, train: PairSet, test: PairSet,
+           layers: tuple[int, ...]) -> Sweep:
     """One forward over the base prompts: base accuracy, plus the fast engine's caches for pending layers."""
     keep = bool(layers) and cfg.train.engine == "fast"
     batch = int(cfg.eval.batch_size)
     base = {"test": base_run(lm, test, batch, keep, layers)}
     if keep:
         base["train"] = base_run(lm, train, batch, keep, layers)
-    return Sweep(cfg, lm, folder, {"train": train, "test": test}, base, base["test"].accuracy(test))
+    return Sweep(cfg, lm, folder, store, {"train": train, "test": test}, base, base["test"].accuracy(test), layers)

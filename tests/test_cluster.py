@@ -219,14 +219,19 @@ def test_report_deduplicates_and_refuses_conflicts(killed, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1 and "block_output__L01__Ps2" in err, err
     shutil.rmtree(tmp_path / "b" / "cells")
-    run = json.loads((tmp_path / "b" / "run.json").read_text())
-    run["fingerprint"]["seed"] = 1
-    (tmp_path / "b" / "run.json").write_text(json.dumps(run))
+    # job b ran another configuration (train.lr): its cells are kept apart, the changed key becomes a column
     shutil.copytree(killed[0] / "cells", tmp_path / "b" / "cells", ignore=lambda d, names: [n for n in names if "L00" in n])
+    for path in (tmp_path / "b" / "cells").glob("*/metrics.json"):
+        record = json.loads(path.read_text())
+        record["fingerprint"]["train"]["lr"] = 0.5
+        path.write_text(json.dumps(record))
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "--no-plots"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "changed: seed" in err and len(err.strip().splitlines()) == 1, err
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "configurations differ in: train.lr" in out, out
+    merged = pd.read_csv(tmp_path / "iia.csv")
+    assert sorted(merged["train.lr"].value_counts().items()) == [(0.01, 6), (0.5, 4)]
+    assert (tmp_path / "pivot_block_output_train.lr-0.5.csv").exists()
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def _cache_mb(cfg, load_model, build_pairs, base_run) -> float:
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
     layers = tuple(C.layers(cfg, lm.n_layers))
     total = 0
-    for pairs in build_pairs(cfg, lm):
+    for pairs in build_pairs(cfg, lm).values():
         run = base_run(lm, pairs, int(cfg.eval.batch_size), True, layers)
         for group_prefix, group_residuals in zip(run.prefixes, run.residuals):
             total += sum(k.nbytes + v.nbytes for k, v in filter(None, group_prefix))
@@ -111,7 +111,8 @@ def export_cell(overrides: list[str], path: Path) -> None:
     lm = load_model(cfg.model, "cpu", "float32")
     (cell,) = expand_grid(cfg, lm)
     seed = cell.seed(int(cfg.seed))
-    train, test = build_pairs(cfg, lm)
+    pairs = build_pairs(cfg, lm)
+    train, test = pairs["train"], pairs["test"]
 
     def groups(pairs):
         return [{"base_ids": g.base_ids, "source_ids": g.source_ids, "labels": g.labels,

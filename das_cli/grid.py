@@ -90,17 +90,23 @@ def _stream_head_sets(cfg: DictConfig, lm: LoadedModel, stream: str, ranked: boo
 
 
 def head_rankings(rows: list[dict]) -> dict[tuple, list[int]]:
-    """(stream, layer, position) -> heads by descending single-head IIA, the mean over seeds (ties: lower head first)."""
+    """(stream, layer, position) -> heads by descending single-head validation IIA (training IIA where the
+    run has no validation split; never test IIA), the mean over seeds (ties: lower head first)."""
+    score = "iia_val" if any(_number(row.get("iia_val")) for row in rows) else "train_iia"
     singles: dict[tuple, dict[int, list[float]]] = {}
     for row in rows:
         heads = str(row.get("heads") or "")
-        if heads and "+" not in heads and not math.isnan(row["iia"]):
+        if heads and "+" not in heads and _number(row.get(score)):
             key = (row["stream"], row["layer"], row["position"])
-            singles.setdefault(key, {}).setdefault(int(heads), []).append(row["iia"])
+            singles.setdefault(key, {}).setdefault(int(heads), []).append(row[score])
     return {
         key: [h for _, h in sorted((-sum(v) / len(v), h) for h, v in per_head.items())]
         for key, per_head in singles.items()
     }
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 def site_key(cell: Cell) -> tuple:

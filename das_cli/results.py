@@ -23,12 +23,12 @@ from .files import atomic_write
 
 COLUMNS: list[str] = [
     "stream", "layer", "position", "heads", "intervention", "dim", "seed",
-    "iia", "iia_lo", "iia_hi", "p_label", "logit_diff", "gain", "ood",
-    "train_iia", "loss", "penalty", "base_accuracy", "n_train", "n_test", "seconds",
+    "iia", "iia_lo", "iia_hi", "iia_val", "p_label", "logit_diff", "gain", "ood",
+    "train_iia", "loss", "penalty", "base_accuracy", "n_train", "n_val", "n_test", "seconds",
 ]
 TEXT_COLUMNS = ["stream", "position", "heads", "intervention"]
-INT_COLUMNS = ["layer", "dim", "seed", "n_train", "n_test"]
-FLOAT_COLUMNS = ["iia", "iia_lo", "iia_hi", "p_label", "logit_diff", "gain", "ood",
+INT_COLUMNS = ["layer", "dim", "seed", "n_train", "n_val", "n_test"]
+FLOAT_COLUMNS = ["iia", "iia_lo", "iia_hi", "iia_val", "p_label", "logit_diff", "gain", "ood",
                  "train_iia", "loss", "penalty", "base_accuracy", "seconds"]
 
 
@@ -195,7 +195,8 @@ def _write_table(path: Path, table: pd.DataFrame) -> None:
 
 def format_summary(frame: pd.DataFrame, by: list[str] | tuple[str, ...] = ()) -> str:
     """Compact terminal text: per (stream, heads) the IIA pivot (2 decimals, a `max` column of the
-    per-layer max over positions), the best cell, and the mean over layers of that max (MIB-style).
+    per-layer max over positions), the best cell (chosen on validation IIA, else training IIA; see
+    `selection_score`), and the mean over layers of that max (MIB-style).
     Failed (NaN) cells print as "—" and are left out of the best cell and the mean. With `by`
     (swept configuration columns), one such summary per value, headed by it.
     """
@@ -206,23 +207,26 @@ def format_summary(frame: pd.DataFrame, by: list[str] | tuple[str, ...] = ()) ->
         return "no results"
     spread = seed_spread(frame)
     intervals = _interval_tables(frame) if spread is None else {}
-    text = "\n\n".join(_group_summary(stream, heads, table, intervals.get((stream, heads)))
-                       for (stream, heads), table in tables.items())
+    chooser, source = selection_score(frame)
+    choices = pivot(frame, chooser)
+    extras = {score: pivot(frame, score) for score in EXTRA_SCORES if score in frame and frame[score].notna().any()}
+    text = "\n\n".join(
+        _group_summary(stream, heads, table, choices[stream, heads], source, intervals.get((stream, heads)),
+                       {score: tables[stream, heads] for score, tables in extras.items() if (stream, heads) in tables})
+        for (stream, heads), table in tables.items())
     if spread is not None:
         text += (f"\n\nIIA above is the mean of {int(spread['n_seeds'].max())} seeds per cell; standard deviation "
                  f"median {spread['iia_std'].median():.3f}, max {spread['iia_std'].max():.3f} (iia_seeds.csv)")
-    for score in EXTRA_SCORES:
-        if score in frame and frame[score].notna().any():
-            best = max(
-                ((float(v), stream, heads, layer, position)
-                 for (stream, heads), table in pivot(frame, score).items()
-                 for (layer, position), v in table.stack().items()),
-                key=lambda item: item[0],
-            )
-            v, stream, heads, layer, position = best
-            name = stream + (f" heads {heads}" if heads else "")
-            text += f"\n{score}: best {name} L{layer} @ {position}  {v:.2f}"
     return text
+
+
+def selection_score(frame: pd.DataFrame) -> tuple[str, str]:
+    """The column every choice among cells is made on, and its name: validation IIA where the run has a
+    validation split, else training IIA. Never test IIA: the numbers reported for a choice must not have
+    made it."""
+    if "iia_val" in frame and frame["iia_val"].notna().any():
+        return "iia_val", "validation"
+    return "train_iia", "training"
 
 
 def _interval_tables(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]]:
@@ -233,8 +237,11 @@ def _interval_tables(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[pd.Data
     return {key: (lows[key], highs[key]) for key in lows}
 
 
-def _group_summary(stream: str, heads: str, table: pd.DataFrame,
-                   interval: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> str:
+def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.DataFrame, source: str,
+                   interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+                   extras: dict[str, pd.DataFrame] | None = None) -> str:
+    """The pivot, the best cell (chosen on `choice`, the validation or training IIA; reported with its test
+    IIA, interval and extra scores), and the mean over layers of the max over positions (MIB-style)."""
     name = stream + (f" heads {heads}" if heads else "")
     shown = table.copy()
     shown.columns = [str(p) for p in shown.columns]
@@ -242,13 +249,19 @@ def _group_summary(stream: str, heads: str, table: pd.DataFrame,
     shown["max"] = layer_max
     lines = [name, shown.to_string(float_format=lambda v: f"{v:.2f}", na_rep="—")]
     failed = int(table.isna().sum().sum())
-    if layer_max.isna().all():
+    candidates = choice.reindex_like(table).where(table.notna()).stack()
+    if layer_max.isna().all() or candidates.empty:
         return "\n".join(lines + [f"best: none ({failed} failed cells)"])
-    layer, position = table.stack().idxmax()
+    layer, position = candidates.idxmax()
     best = f"best: {name} L{layer} @ {position}  IIA {table.loc[layer, position]:.2f}"
     if interval is not None and not np.isnan(interval[0].loc[layer, position]):
         best += f"  95% CI [{interval[0].loc[layer, position]:.2f}, {interval[1].loc[layer, position]:.2f}]"
+    best += f"  (chosen on {source} IIA {candidates.max():.2f})"
     lines.append(best)
+    at_best = [f"{score} {scores.loc[layer, position]:.2f}" for score, scores in (extras or {}).items()
+               if position in scores.columns and layer in scores.index]
+    if at_best:
+        lines.append("  at this cell: " + ", ".join(at_best))
     lines.append(f"mean over layers of the max over positions: {layer_max.mean():.2f}")
     if failed:
         lines.append(f"({failed} failed {'cell' if failed == 1 else 'cells'} skipped)")

@@ -47,26 +47,26 @@ log = logging.getLogger(__name__)
 CELL_FAILURES = (torch.cuda.OutOfMemoryError, RuntimeError, FloatingPointError, ValueError)
 
 
-def build_pairs(cfg: DictConfig, lm: LoadedModel) -> tuple[PairSet, PairSet]:
-    """Train and test pairs; training keeps the kinds `dataset.train_kinds` names (default: cause only)."""
+def build_pairs(cfg: DictConfig, lm: LoadedModel) -> dict[str, PairSet]:
+    """The pairs of each split ("train", "test", and "val" where the dataset holds one); training keeps
+    the kinds `dataset.train_kinds` names (default: cause only), validation and test keep every kind."""
     ds = cfg.dataset
     if ds.name == "file":
         from .filedata import load_file_dataset
 
         splits = load_file_dataset(ds, lm.tokenizer)
-        train, test = splits.train, splits.test
     else:
         splits = make_ioi(lm.tokenizer, ds.variable, int(ds.n_train), int(ds.n_test), int(ds.seed), int(ds.get("n_val", 0)))
-        train, test = splits.train, splits.test
     kinds = list(ds.get("train_kinds") or ["cause"])
     for kind in kinds:
         if kind not in KINDS:
             raise choices_error("dataset.train_kinds", kind, KINDS)
-    train = [e for e in train if e.kind in kinds]
-    if not train or not test:
-        empty = "train" if not train else "test"
-        raise DasError(f"dataset: the {empty} split has no pairs (dataset.train_kinds={kinds})")
-    return tokenize_pairs(lm.tokenizer, train, "train"), tokenize_pairs(lm.tokenizer, test, "test")
+    examples = dict(splits.items())
+    examples["train"] = [e for e in splits.train if e.kind in kinds]
+    for name in ("train", "test"):
+        if not examples.get(name):
+            raise DasError(f"dataset: the {name} split has no pairs (dataset.train_kinds={kinds})")
+    return {name: tokenize_pairs(lm.tokenizer, part, name) for name, part in examples.items()}
 
 
 def check_positions(cells: list[Cell], *pair_sets: PairSet) -> None:
@@ -94,14 +94,14 @@ def check_intervention(cfg: DictConfig, cells: list[Cell], sites: dict) -> None:
         build_intervention(cfg.intervention.name, narrowest, **{k: v for k, v in options.items() if k != "name"})
 
 
-def run_fingerprint(cfg: DictConfig, lm: LoadedModel, train: PairSet, test: PairSet) -> dict:
+def run_fingerprint(cfg: DictConfig, lm: LoadedModel, pairs: dict[str, PairSet]) -> dict:
     """What decides every cell's numbers but its seed: config parts, the pairs' content, device type, eval batch."""
     file = None
     if cfg.dataset.name == "file":
         from .filedata import resolve_path
 
         file = resolve_path(str(cfg.dataset.path))
-    data = layout.data_hash({"train": train, "test": test}, file)
+    data = layout.data_hash(pairs, file)
     return layout.run_fingerprint(C.fingerprint(cfg), data, lm.device.type, int(cfg.eval.batch_size))
 
 
@@ -147,12 +147,12 @@ class Sweep:
     lm: LoadedModel
     folder: Path
     store: CellStore
-    pairs: dict[str, PairSet]  # "train", "test"
+    pairs: dict[str, PairSet]  # "train", "test", "val" (when the dataset has a validation split)
     base: dict[str, BaseRun]
     accuracy: float  # base accuracy on the test prompts
     layers: tuple[int, ...] = ()  # the layers the base runs cached for the fast engine
     upcoming: list[list[Site]] = field(default_factory=list)  # sites whose sources are still to be read, in chunks
-    sources: dict[int, dict] = field(default_factory=dict)  # id(site) -> {"train"|"test": [G, S, C] per group}
+    sources: dict[int, dict] = field(default_factory=dict)  # id(site) -> {split: [G, S, C] per group}
 
     def read_ahead(self, sites: list[Site]) -> None:
         """Source activations of the sites still to run, several sites per forward (within a memory budget)."""
@@ -245,7 +245,7 @@ class Sweep:
             "stream": cell.stream, "layer": cell.layer, "position": cell.position_label, "heads": cell.heads_label,
             "intervention": cfg.intervention.name, "dim": intervention.learned_dim(), "seed": cell.run_seed(int(cfg.seed)),
             **scores.scores(), "train_iia": train_scores.scores()["iia"], "loss": result.loss, "base_accuracy": self.accuracy,
-            "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]),
+            "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]), **self.validation(cell, site, sources, intervention),
             "seconds": 0.0, "test_loss": scores.loss, "width": width, "steps": result.steps,
             "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "engine": cfg.train.engine,
             **scores.graded_scores(), "penalty": result.penalty,
@@ -265,6 +265,13 @@ class Sweep:
                 bar_chart(shares, layout.head_plot_file(self.folder, cell.id), f"{cell.id}: share of the subspace per head")
         row["seconds"] = time.perf_counter() - start
         return row, tensors
+
+    def validation(self, cell: Cell, site: Site, sources: dict, intervention) -> dict:
+        """`iia_val` on the validation split (what the tool's choices among cells read), and its size."""
+        if "val" not in self.pairs:
+            return {}
+        scores = evaluate_kinds(self.engine("val", cell, site, sources), intervention, int(self.cfg.eval.batch_size))
+        return {"iia_val": scores.scores()["iia"], "n_val": len(self.pairs["val"])}
 
     def site_activations(self, cell: Cell, site: Site, sources: dict, train) -> SiteActivations:
         """The train prompts' unedited site vectors at the cell's positions: base prompts, then sources.
@@ -321,12 +328,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     C.validate(cfg)
     folder = layout.make_folder(output_dir)
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
-    train, test = build_pairs(cfg, lm)
+    pairs = build_pairs(cfg, lm)
     cells = expand_grid(cfg, lm)
     sites = resolve_sites(lm, cells)
-    check_positions(cells, train, test)
+    check_positions(cells, *pairs.values())
     check_intervention(cfg, cells, sites)
-    fingerprint = run_fingerprint(cfg, lm, train, test)
+    fingerprint = run_fingerprint(cfg, lm, pairs)
     layout.check_resume(folder, fingerprint)
     store = CellStore(folder, fingerprint, int(cfg.seed), bool(cfg.output.save_subspaces))
     ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"  # phase 2 needs all single heads of a layer
@@ -336,12 +343,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
         log.info("shard %d of %d: %d of %d cells", shard, num_shards, len(cells), grid_size)
     write_grid(folder, shard, num_shards, cells)
     pending = [c for c in cells if store.finished(c) is None]
-    sweep = _start(cfg, lm, folder, store, train, test, layers=_layers(pending))
-    log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(test), sweep.accuracy)
+    sweep = _start(cfg, lm, folder, store, pairs, layers=_layers(pending))
+    log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(pairs["test"]), sweep.accuracy)
     try:
         run_cells(sweep, cells, sites)
         if ranked:
-            _second_phase(sweep, cells, train, test, shard, num_shards)
+            _second_phase(sweep, cells, shard, num_shards)
     except KeyboardInterrupt:
         finished = layout.count_finished(folder)
         raise Interrupted(f"interrupted; {finished} finished cells are kept in {folder}; "
@@ -353,7 +360,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     return report.frame
 
 
-def _second_phase(sweep: Sweep, cells: list[Cell], train: PairSet, test: PairSet, shard: int, num_shards: int) -> None:
+def _second_phase(sweep: Sweep, cells: list[Cell], shard: int, num_shards: int) -> None:
     """heads=cumulative head_order=ranked: the cumulative cells, heads added best first by the single-head
     rows on disk (this process's and others'), for the layers whose single heads are all on disk."""
     cfg, lm, folder, store = sweep.cfg, sweep.lm, sweep.folder, sweep.store
@@ -365,7 +372,7 @@ def _second_phase(sweep: Sweep, cells: list[Cell], train: PairSet, test: PairSet
     write_grid(folder, shard, num_shards, cells + cumulative)
     layers = _layers([c for c in cumulative if store.finished(c) is None])
     if not set(layers) <= set(sweep.layers):  # resumed after phase 1: cache the layers phase 2 still needs
-        sweep = _start(cfg, lm, folder, store, train, test, layers)
+        sweep = _start(cfg, lm, folder, store, sweep.pairs, layers)
     run_cells(sweep, cumulative, resolve_sites(lm, cumulative))
 
 
@@ -392,12 +399,10 @@ def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list
     return rows
 
 
-def _start(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore, train: PairSet, test: PairSet,
+def _start(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore, pairs: dict[str, PairSet],
            layers: tuple[int, ...]) -> Sweep:
     """One forward over the base prompts: base accuracy, plus the fast engine's caches for pending layers."""
     keep = bool(layers) and cfg.train.engine == "fast"
     batch = int(cfg.eval.batch_size)
-    base = {"test": base_run(lm, test, batch, keep, layers)}
-    if keep:
-        base["train"] = base_run(lm, train, batch, keep, layers)
-    return Sweep(cfg, lm, folder, store, {"train": train, "test": test}, base, base["test"].accuracy(test), layers)
+    base = {name: base_run(lm, split, batch, keep, layers) for name, split in pairs.items() if keep or name == "test"}
+    return Sweep(cfg, lm, folder, store, pairs, base, base["test"].accuracy(pairs["test"]), layers)

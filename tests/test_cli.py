@@ -31,6 +31,8 @@ def test_table_has_one_row_per_cell(sweep):
     assert table[["iia_isolate", "iia_mean"]].notna().all().all()  # IOI io_position reports collateral damage
     assert (table["iia_mean"] == (table["iia"] + table["iia_isolate"]) / 2).all()
     assert "results:" in result.stdout and "best:" in result.stdout
+    assert (table["n_val"] == 50).all() and table["iia_val"].between(0, 1).all()  # dataset.n_val's default
+    assert "(chosen on validation IIA" in result.stdout
 
 
 def test_output_contract_files(sweep):

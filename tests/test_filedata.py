@@ -314,4 +314,5 @@ def test_cli_isolation_scores_with_an_estimated_baseline(tmp_path):
     row = pd.read_csv(tmp_path / "iia.csv").iloc[0]
     assert row["n_train"] == 45 and row["steps"] == 0  # both kinds train (11 of the 56 training rows validate); nothing is trained by gradient
     assert row["iia"] == row["iia_cause"] and row["iia_mean"] == pytest.approx((row["iia_cause"] + row["iia_isolate"]) / 2)
-    assert (tmp_path / "pivot_block_output_iia_mean.csv").exists() and "iia_mean: best" in result.stdout
+    assert (tmp_path / "pivot_block_output_iia_mean.csv").exists() and "at this cell: iia_isolate" in result.stdout
+    assert row["n_val"] == 11 and 0 <= row["iia_val"] <= 1 and "(chosen on validation IIA" in result.stdout

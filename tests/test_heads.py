@@ -46,12 +46,16 @@ def test_head_importance_by_hand():
     assert shares == pytest.approx({3: 0.0, 5: 1.0})
 
 
-def test_rankings_order_heads_by_single_head_iia():
+def test_rankings_order_heads_by_single_head_validation_iia():
+    """Validation IIA decides (test IIA never does); without a validation split, training IIA."""
     rows = [
-        {"stream": "s", "layer": 1, "position": "last", "heads": h, "iia": iia}
-        for h, iia in (("0", 0.1), ("1", 0.7), ("2", 0.1), ("0+1", 0.9), ("3", float("nan")))
+        {"stream": "s", "layer": 1, "position": "last", "heads": h, "iia": test, "iia_val": val, "train_iia": train}
+        for h, test, val, train in (("0", 0.9, 0.1, 0.5), ("1", 0.1, 0.7, 0.2), ("2", 0.5, 0.1, 0.9),
+                                    ("0+1", 0.9, 0.9, 0.9), ("3", 0.2, float("nan"), 0.3))
     ]
     assert head_rankings(rows) == {("s", 1, "last"): [1, 0, 2]}
+    without_validation = [{k: v for k, v in row.items() if k != "iia_val"} for row in rows]
+    assert head_rankings(without_validation) == {("s", 1, "last"): [2, 0, 3, 1]}
 
 
 def test_leave_one_out_sweep_has_one_row_per_head(tmp_path):

@@ -138,6 +138,19 @@ def test_format_summary_best_cell_and_mib_mean(rows):
     assert "mean over layers of the max over positions: 0.43" in text.split("\n\n")[0]
 
 
+def test_best_cell_is_chosen_on_validation_never_on_test(rows):
+    for r in rows:  # validation prefers layer 0 @ last of block_output, test prefers layer 2
+        r["iia_val"] = 0.9 if (r["stream"], r["layer"], r["position"]) == ("block_output", 0, "last") else 0.2
+        r["iia_isolate"] = 0.5 + 0.1 * r["layer"]
+    text = format_summary(results_frame(rows)).split("\n\n")[1]
+    assert "best: block_output L0 @ last  IIA 0.10  (chosen on validation IIA 0.90)" in text
+    assert "  at this cell: iia_isolate 0.50" in text
+    for r in rows:
+        del r["iia_val"]
+    text = format_summary(results_frame(rows)).split("\n\n")[1]
+    assert "best: block_output L2 @ last  IIA 0.30  (chosen on training IIA 0.40)" in text
+
+
 def test_nan_cells_are_kept_in_pivot_and_skipped_by_summary(rows, tmp_path):
     for r in rows:
         if r["stream"] == "block_output" and r["layer"] == 2:

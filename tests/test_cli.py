@@ -155,4 +155,4 @@ def test_model_path_with_the_default_model_is_loaded(tmp_path):
     missing = tmp_path / "no_checkpoint_here"
     result = run_cli([f"model.name_or_path={missing}", "layers=[0]"] + TINY + [f"hydra.run.dir={tmp_path / 'out'}"])
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(f"das-cli: error: model.name_or_path={missing}: could not load")
+    assert result.stderr.strip().splitlines()[-1] == f"das-cli: error: model.name_or_path={missing}: no such folder, and not a hub id (namespace/name)"

@@ -259,7 +259,7 @@ def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.Data
     best += f"  (chosen on {source} IIA {candidates.max():.2f})"
     lines.append(best)
     at_best = [f"{score} {scores.loc[layer, position]:.2f}" for score, scores in (extras or {}).items()
-               if position in scores.columns and layer in scores.index]
+               if position in scores.columns and layer in scores.index and not np.isnan(scores.loc[layer, position])]
     if at_best:
         lines.append("  at this cell: " + ", ".join(at_best))
     lines.append(f"mean over layers of the max over positions: {layer_max.mean():.2f}")

@@ -378,6 +378,7 @@ class Checkpoint:
         record = {"fingerprint": json.dumps(self.fingerprint, sort_keys=True), "step": step, "total": total, "state": state}
         atomic_write(self.path, lambda tmp: torch.save(record, tmp))
         self.saved = (step, total)
+        log.info("cell %s checkpointed at step %d/%d in %s", self.cell_id, step, total, self.path)
 
     def load(self, total: int) -> tuple[int, dict] | None:
         """(step, state) of a checkpoint of this cell and fingerprint with `total` steps; None (with a

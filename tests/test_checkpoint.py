@@ -203,3 +203,18 @@ def test_a_signal_inside_an_update_is_handled_after_it():
         assert signal.getsignal(signal.SIGUSR2) is handler  # restored on leaving
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_torch_random_state_is_saved_and_restored():
+    from das_cli.train import TrainingState
+
+    def state():
+        layer = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.Adam(layer.parameters())
+        return TrainingState(layer, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.device("cpu"))
+
+    saved = state().saved()  # torch's random state as it was here
+    expected = torch.rand(3)
+    torch.rand(5)
+    assert state().resume((4, saved)) == 4
+    assert torch.equal(torch.rand(3), expected)

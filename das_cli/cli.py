@@ -11,6 +11,7 @@ job's cells into one table in the sweep folder and lists the failures, and the e
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
 from .errors import DasError
+from .interrupts import raise_terminated
 
 log = logging.getLogger(__name__)
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -153,9 +155,10 @@ def check_output_folder(overrides: list[str], multirun: bool) -> None:
 
 
 def interrupted(error: KeyboardInterrupt) -> None:
-    """Ctrl-C: one line (the sweep's says how many cells are kept and how to resume), exit 130."""
+    """Ctrl-C or SIGTERM: one line (the sweep's says how many cells are kept, which cell is checkpointed
+    and how to resume), exit 130 (SIGTERM: 143)."""
     print(f"das-cli: {error or 'interrupted'}", file=sys.stderr)
-    sys.exit(130)
+    sys.exit(getattr(error, "status", 130))
 
 
 @hydra.main(version_base="1.3", config_path=str(C.conf_dir()), config_name="config")
@@ -189,6 +192,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     warnings.showwarning = show_warning
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # SIGTERM stops like Ctrl-C (checkpoint, one line)
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         sys.argv[1:] = preflight(sys.argv[1:])
         _hydra_main()

@@ -8,6 +8,8 @@ reading a finished cell back with checks, and the lock a process holds while it 
     <folder>/cells/<id>/subspace.safetensors   the learned tensors (output.save_subspaces)
     <folder>/cells/<id>/head_importance.png
     <folder>/cells/<id>/.lock                  locked (fcntl) by the process training the cell
+    <folder>/cells/<id>/checkpoint.pt          the training state of a cell stopped mid-way (SIGTERM, Ctrl-C,
+                                               SLURM's signal) with the cell's fingerprint; removed when it ends
     <folder>/iia.csv, iia_seeds.csv, head_importance.csv, pivot_*.csv, heatmap_*.png
                                                tables of every finished cell on disk
 """
@@ -37,6 +39,7 @@ CELLS = "cells"
 METRICS = "metrics.json"
 SUBSPACE = "subspace.safetensors"
 LOCK = ".lock"
+CHECKPOINT = "checkpoint.pt"
 TABLE = "iia.csv"
 SEEDS_TABLE = "iia_seeds.csv"
 HEADS_TABLE = "head_importance.csv"
@@ -59,6 +62,10 @@ def metrics_file(folder: Path, cell_id: str) -> Path:
 
 def subspace_file(folder: Path, cell_id: str) -> Path:
     return cell_dir(folder, cell_id) / SUBSPACE
+
+
+def checkpoint_file(folder: Path, cell_id: str) -> Path:
+    return cell_dir(folder, cell_id) / CHECKPOINT
 
 
 def head_plot_file(folder: Path, cell_id: str) -> Path:
@@ -312,6 +319,7 @@ def save_cell(folder: Path, cell_id: str, row: dict, fingerprint: dict, tensors:
         path = atomic_write(subspace_file(folder, cell_id), lambda tmp: save_file(tensors, tmp))
         record["sha256"] = _sha256(path)
     atomic_write_json(metrics_file(folder, cell_id), {**row, "fingerprint": fingerprint, "subspace": record})
+    checkpoint_file(folder, cell_id).unlink(missing_ok=True)  # the cell has ended: its mid-way state is spent
 
 
 class CellStore:
@@ -320,6 +328,7 @@ class CellStore:
     def __init__(self, folder: Path, run: dict, run_seed: int, save_subspaces: bool) -> None:
         self.folder, self.run, self.run_seed, self.save_subspaces = Path(folder), run, run_seed, save_subspaces
         self.warned: set[str] = set()
+        self.in_flight: Checkpoint | None = None  # the checkpoint of the cell this process trains last
 
     def fingerprint(self, cell) -> dict:
         return cell_fingerprint(self.run, cell.run_seed(self.run_seed))
@@ -346,6 +355,54 @@ class CellStore:
 
     def lock(self, cell) -> "CellLock":
         return CellLock(cell_dir(self.folder, cell.id) / LOCK)
+
+    def checkpoint(self, cell) -> "Checkpoint":
+        self.in_flight = Checkpoint(checkpoint_file(self.folder, cell.id), cell.id, self.fingerprint(cell))
+        return self.in_flight
+
+
+# --- a cell stopped mid-way ----------------------------------------------------------------------
+
+class Checkpoint:
+    """A cell's training state saved when the job is stopped mid-cell (torch.save, atomically), and read
+    back by the rerun when it was written with the same cell fingerprint. `saved` is (step, total steps)
+    once this process has saved one."""
+
+    def __init__(self, path: Path, cell_id: str, fingerprint: dict) -> None:
+        self.path, self.cell_id, self.fingerprint = Path(path), cell_id, fingerprint
+        self.saved: tuple[int, int] | None = None
+
+    def save(self, state: dict, step: int, total: int) -> None:
+        import torch
+
+        record = {"fingerprint": json.dumps(self.fingerprint, sort_keys=True), "step": step, "total": total, "state": state}
+        atomic_write(self.path, lambda tmp: torch.save(record, tmp))
+        self.saved = (step, total)
+        log.info("cell %s checkpointed at step %d/%d in %s", self.cell_id, step, total, self.path)
+
+    def load(self, total: int) -> tuple[int, dict] | None:
+        """(step, state) of a checkpoint of this cell and fingerprint with `total` steps; None (with a
+        one-line warning for one that cannot be used: the cell trains from scratch) otherwise."""
+        import torch
+
+        if not self.path.exists():
+            return None
+        try:
+            record = torch.load(self.path, map_location="cpu", weights_only=True)
+            fingerprint, step, state = json.loads(record["fingerprint"]), int(record["step"]), record["state"]
+        except Exception as e:  # truncated, not a checkpoint, unreadable: any of torch's errors
+            return self._unusable(f"it is damaged ({(str(e).splitlines() or [type(e).__name__])[0]})")
+        if fingerprint != json.loads(json.dumps(self.fingerprint)):
+            changed = changed_keys(fingerprint, self.fingerprint)
+            return self._unusable(f"it comes from another configuration (changed: {', '.join(changed)})")
+        if record.get("total") != total or not 0 <= step <= total:
+            return self._unusable(f"its step {step}/{record.get('total')} does not fit this cell's {total} steps")
+        log.info("cell %s resumes from its checkpoint at step %d/%d", self.cell_id, step, total)
+        return step, state
+
+    def _unusable(self, why: str) -> None:
+        log.warning("cell %s: %s is not used, %s; training it from the start", self.cell_id, CHECKPOINT, why)
+        return None
 
 
 class CellLock:

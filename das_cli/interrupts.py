@@ -9,6 +9,9 @@ running until SLURM kills it; it must propagate, as must anything else a signal 
 from __future__ import annotations
 
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 def is_interruption(error: BaseException) -> bool:
@@ -38,3 +41,66 @@ def _signal_handler_codes() -> set:
         if code is not None:
             codes.add(code)
     return codes
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (e.g. `kill`, a local scheduler): stops like Ctrl-C, with the shell's status for it."""
+
+    status = 143
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated("terminated (SIGTERM)")
+
+
+def stops_the_job(error: BaseException) -> bool:
+    """Ctrl-C, SIGTERM, an exit, or an interruption: the job ends, the work in flight is worth keeping."""
+    return isinstance(error, (KeyboardInterrupt, SystemExit)) or is_interruption(error)
+
+
+class WholeSteps:
+    """While training, the job's stop signals (SIGINT, SIGTERM, SIGUSR2) wait for the optimiser update
+    they arrive in: inside `update()` a signal is noted and its handler runs when the update ends, so
+    whatever it raises leaves the parameters, the optimiser and the schedule at the end of a whole step.
+    Outside the main thread (where Python cannot set handlers) nothing is deferred."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self) -> None:
+        self.previous: dict = {}
+        self.pending: list[int] = []
+        self.updating = False
+
+    def __enter__(self) -> "WholeSteps":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._arrived)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @contextmanager
+    def update(self) -> Iterator[None]:
+        self.updating = True
+        try:
+            yield
+        finally:
+            self.updating = False
+            while self.pending:
+                self._forward(self.pending.pop(0), None)
+
+    def _arrived(self, signum, frame) -> None:
+        if self.updating:
+            self.pending.append(signum)
+        else:
+            self._forward(signum, frame)
+
+    def _forward(self, signum: int, frame) -> None:
+        handler = self.previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        elif handler == signal.SIG_DFL:  # what the signal would have done: end the process
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)

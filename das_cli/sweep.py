@@ -28,7 +28,7 @@ from .errors import DasError, choices_error
 from .examples import KINDS
 from .interrupts import is_interruption
 from . import folder as layout
-from .folder import CellStore
+from .folder import CellStore, Checkpoint
 from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
@@ -136,7 +136,12 @@ def source_chunks(sites: list[Site], pairs: list[PairSet], element_bytes: int) -
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during the cells: finished cells are kept; the message says how to resume."""
+    """Ctrl-C or SIGTERM during the cells: finished cells are kept, the cell in flight is checkpointed;
+    the message says how to resume; `status` is the exit status (130, or 143 for SIGTERM)."""
+
+    def __init__(self, message: str, status: int = 130) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -235,7 +240,8 @@ class Sweep:
         if intervention.needs_activations:
             intervention.fit_activations(self.site_activations(cell, site, sources, train))
         t = cfg.train
-        result = fit(train, intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor), seed, bool(cfg.progress))
+        result = fit(train, intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor), seed,
+                     bool(cfg.progress), self.store.checkpoint(cell))
         if math.isnan(result.loss) and result.steps:
             raise FloatingPointError("training loss became NaN")
         batch = int(cfg.eval.batch_size)
@@ -349,15 +355,22 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
         run_cells(sweep, cells, sites)
         if ranked:
             _second_phase(sweep, cells, shard, num_shards)
-    except KeyboardInterrupt:
-        finished = layout.count_finished(folder)
-        raise Interrupted(f"interrupted; {finished} finished cells are kept in {folder}; "
-                          f"to resume, run the same command with hydra.run.dir={folder}") from None
+    except KeyboardInterrupt as stop:
+        raise _interrupted(stop, folder, store.in_flight) from None
     from .report import aggregate
 
     report = aggregate(folder, plots=bool(cfg.output.plots), nested=False)
     print(report.text())
     return report.frame
+
+
+def _interrupted(stop: KeyboardInterrupt, folder: Path, in_flight: Checkpoint | None) -> Interrupted:
+    """The one line Ctrl-C or SIGTERM ends with: what is kept, and how to resume."""
+    saved = in_flight.saved if in_flight else None
+    checkpointed = f"cell {in_flight.cell_id} checkpointed at step {saved[0]}/{saved[1]}; " if saved else ""
+    return Interrupted(f"{str(stop) or 'interrupted'}; {layout.count_finished(folder)} finished cells are kept in {folder}; "
+                       f"{checkpointed}to resume, run the same command with hydra.run.dir={folder}",
+                       getattr(stop, "status", 130))
 
 
 def _second_phase(sweep: Sweep, cells: list[Cell], shard: int, num_shards: int) -> None:

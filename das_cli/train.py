@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 from .data import PairSet, batches, resolve_positions, to_device
 from .interventions import Intervention
 from .engines import CellGroup, ReferenceEngine
+from .folder import Checkpoint
+from .interrupts import WholeSteps, stops_the_job
 from .scores import wilson_interval
 from .sites import gather
 
@@ -63,10 +66,13 @@ def fit(
     lr_end_factor: float,
     seed: int,
     progress: bool = True,
+    checkpoint: Checkpoint | None = None,
 ) -> Fit:
     """Adam on the intervention's parameters only; CE on the counterfactual label token.
 
     The intervention is in train mode while fitting and left in eval mode (e.g. a hard mask).
+    With a `checkpoint`: training resumes from the one on disk (if usable), and a stop of the job
+    (SIGTERM, Ctrl-C, SLURM's signal) saves the state at the last whole step before it propagates.
     """
     intervention.eval()
     if not intervention.trainable or epochs == 0:
@@ -75,28 +81,86 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     sizes = [len(group) for group in engine.groups]
     plan = [to_device(batches(sizes, batch_size, generator), engine.lm.device) for _ in range(epochs)]
-    total = max(1, sum(len(epoch) for epoch in plan))
+    steps = [(e, batch) for e, epoch in enumerate(plan) for batch in epoch]
+    first_steps = [sum(len(epoch) for epoch in plan[:e]) for e in range(epochs)]
+    total = max(1, len(steps))
     optimizer = torch.optim.Adam(intervention.param_groups(lr))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (lr_end_factor - 1) * min(s / total, 1.0))
-    bar = tqdm(total=total, desc="steps", leave=False, disable=not progress, mininterval=1.0)
-    step, epoch_losses, epoch_penalties = 0, [], []
-    for epoch in plan:
-        epoch_losses, epoch_penalties = [], []
-        for batch in epoch:
-            intervention.set_progress(step / total)
-            cross_entropy, penalty = engine.loss(batch, intervention), intervention.extra_loss()
-            optimizer.zero_grad(set_to_none=True)
-            (cross_entropy + penalty).backward()
-            optimizer.step()
-            schedule.step()
-            epoch_losses.append(cross_entropy.detach())
-            epoch_penalties.append(penalty.detach())
-            step += 1
-            bar.update()
-    bar.close()
+    state = TrainingState(intervention, optimizer, schedule, engine.lm.device)
+    step = state.resume(checkpoint.load(len(steps))) if checkpoint else 0
+    progress_bar = partial(tqdm, total=total, initial=step, desc="steps", leave=False, disable=not progress, mininterval=1.0)
+    try:
+        with WholeSteps() as whole, progress_bar() as bar:
+            while step < len(steps):
+                epoch, batch = steps[step]
+                if step == first_steps[epoch]:
+                    state.losses, state.penalties = [], []
+                intervention.set_progress(step / total)
+                cross_entropy, penalty = engine.loss(batch, intervention), intervention.extra_loss()
+                optimizer.zero_grad(set_to_none=True)
+                (cross_entropy + penalty).backward()
+                with whole.update():
+                    optimizer.step()
+                    schedule.step()
+                    state.losses.append(cross_entropy.detach())
+                    state.penalties.append(penalty.detach())
+                    step += 1
+                    state.rng = rng_state(engine.lm.device)
+                bar.update()
+    except BaseException as stop:
+        if checkpoint is not None and stops_the_job(stop):
+            checkpoint.save(state.saved(), step, len(steps))
+        raise
     intervention.set_progress(1.0)
     intervention.eval()
-    return Fit(loss=float(torch.stack(epoch_losses).mean()), steps=step, penalty=float(torch.stack(epoch_penalties).mean()))
+    return Fit(loss=float(torch.stack(state.losses).mean()), steps=step, penalty=float(torch.stack(state.penalties).mean()))
+
+
+class TrainingState:
+    """What decides the rest of a fit at a step boundary: the intervention's parameters and buffers, the
+    optimiser, the schedule, torch's random state, and the current epoch's losses so far (the Fit's
+    loss is their epoch mean). The batch order is not saved: fit rebuilds it from the seed."""
+
+    def __init__(self, intervention: Intervention, optimizer, schedule, device: torch.device) -> None:
+        self.intervention, self.optimizer, self.schedule, self.device = intervention, optimizer, schedule, device
+        self.losses: list[Tensor] = []
+        self.penalties: list[Tensor] = []
+        self.rng = rng_state(device)
+
+    def saved(self) -> dict:
+        return {
+            "intervention": self.intervention.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(), "rng": self.rng,
+            "losses": [t.cpu() for t in self.losses], "penalties": [t.cpu() for t in self.penalties],
+        }
+
+    def resume(self, checkpoint: tuple[int, dict] | None) -> int:
+        """The step to go on from: the checkpoint's (its state restored), or 0 without one."""
+        if checkpoint is None:
+            return 0
+        step, saved = checkpoint
+        self.intervention.load_state_dict(saved["intervention"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.schedule.load_state_dict(saved["schedule"])
+        set_rng_state(saved["rng"], self.device)
+        self.rng = saved["rng"]
+        self.losses = [t.to(self.device) for t in saved["losses"]]
+        self.penalties = [t.to(self.device) for t in saved["penalties"]]
+        return step
+
+
+def rng_state(device: torch.device) -> dict:
+    """torch's random state (and the accelerator's, on one) at this moment."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @dataclass

@@ -1,16 +1,19 @@
 """SLURM sweeps: interruptions are no cell failures, the launch-time signal check, and (marked `slurm`)
 array sweeps on a real cluster (`bash .ci/slurm_cluster.sh up`): the merged table, a requeue mid-sweep,
-a job out of requeues."""
+a cell checkpointed by the time-limit signal and resumed by the requeued job, a job out of requeues."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
 
 import pandas as pd
 import pytest
+import torch
 from conftest import TINY, das_cli_command, run_cli
+from safetensors.torch import load_file
 from test_cluster import CELLS, GRID, RESULT, SETTINGS, results
 
 # The shipped profile, fitted to a small CPU node: the rest (array, requeues, signal) stays as shipped.
@@ -128,6 +131,11 @@ def job_states(job: str) -> list[str]:
 
 def requeue(job: str) -> None:
     subprocess.run(["scontrol", "requeue", job], check=True)
+    start_again(job)
+
+
+def start_again(job: str) -> None:
+    """Once the requeued job is back in the queue, start it now."""
     # SLURM holds a requeued job back (reason BeginTime) for a couple of minutes; let it start again now.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -169,6 +177,44 @@ def test_requeue_mid_sweep_loses_and_duplicates_nothing(local_table, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in before} == before  # cells finished before the requeue: not rerun
     assert sorted(p.parent.name for p in tmp_path.glob("*/cells/*/metrics.json")) == sorted(CELLS)  # each once
     pd.testing.assert_frame_equal(results(tmp_path)[RESULT], local_table)
+
+
+# One cell of 120 steps (40 epochs of 3 batches), its progress bar in the job's log.
+ONE_LONG_CELL = ["model=tiny_gpt2", "layers=[1]", "positions=[last]", "progress=true", "train.epochs=40"] + [
+    a for a in TINY if not a.startswith(("train.epochs=", "progress="))]
+
+
+@pytest.mark.slurm
+def test_time_limit_signal_mid_cell_checkpoints_and_the_requeued_job_resumes_it(tmp_path):
+    """SLURM's time-limit signal (USR2, sent by hand) once the cell trains: submitit requeues the job, the cell is
+    checkpointed on the way out; the requeued job resumes it from that step to the numbers of a local run."""
+    local = tmp_path / "local"
+    assert run_cli(ONE_LONG_CELL + [f"hydra.run.dir={local}"]).returncode == 0
+    folder = tmp_path / "slurm"
+    launcher = ["hydra/launcher=slurm", f"hydra.launcher.partition={default_partition()}"] + NODE_FIT
+    proc = launch(["-m", *launcher, f"hydra.sweep.dir={folder}"] + ONE_LONG_CELL)
+    deadline = time.monotonic() + 300
+    while not any("steps:" in p.read_text() for p in folder.glob(".submitit/*/*_log.err")):
+        assert proc.poll() is None, f"das-cli ended before training: {proc.communicate()}"
+        assert time.monotonic() < deadline, "training did not begin in 300 s"
+        time.sleep(0.05)
+    job = array_job(folder)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    start_again(job)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert job_states(job).count("REQUEUED") == 1  # (accounting may not show the second run ended yet)
+    logs = "".join(p.read_text() for p in (folder / ".submitit").glob("*/*_log.out"))
+    saved = re.search(r"cell (\S+) checkpointed at step (\d+)/(\d+)", logs)
+    assert saved and int(saved[2]) < int(saved[3]) == 120, logs
+    assert f"cell {saved[1]} resumes from its checkpoint at step {saved[2]}/120" in logs
+    cell = folder / "0" / "cells" / saved[1]
+    assert (cell / "metrics.json").exists() and not (cell / "checkpoint.pt").exists()
+    numbers = ["iia", "train_iia", "loss", "test_loss", "steps"]
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "0" / "iia.csv")[numbers], pd.read_csv(local / "iia.csv")[numbers],
+                                  check_exact=True)
+    ours, theirs = load_file(cell / "subspace.safetensors"), load_file(local / "cells" / saved[1] / "subspace.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.slurm

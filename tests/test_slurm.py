@@ -123,10 +123,19 @@ def array_job(folder) -> str:
     return next(p.name.split("_")[0] for p in (folder / ".submitit").iterdir() if p.name[0].isdigit())
 
 
-def job_states(job: str) -> list[str]:
-    """Every run of every task of the array job, from accounting (requeued runs included)."""
-    out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State"], capture_output=True, text=True, check=True)
-    return out.stdout.split()
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED_PENDING", "COMPLETING", "CONFIGURING", "RESIZING", "SUSPENDED")
+
+
+def job_states(job: str, settle_s: float = 60.0) -> list[str]:
+    """Every run of every task of the array job, from accounting (requeued runs included). slurmdbd records a
+    run's end a little after the job ends, so read again (up to `settle_s`) while a run still shows as active."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State"], capture_output=True, text=True, check=True)
+        states = out.stdout.split()
+        if not any(s.startswith(ACTIVE_STATES) for s in states) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
 
 
 def requeue(job: str) -> None:

@@ -32,6 +32,7 @@ from .folder import CellStore
 from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
+from .artefacts import describe
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .scores import base_vectors, edit_scores
 from .results import bar_chart
@@ -198,7 +199,7 @@ class Sweep:
             row, tensors = self.run_cell(cell, site, sources)
         except CELL_FAILURES as e:
             return self.save_failure(cell, e)
-        self.store.save(cell, row, tensors)
+        self.store.save(cell, row, tensors, describe(self.cfg, self.lm, cell, int(row["width"])))
         return row
 
     def save_failure(self, cell: Cell, error: BaseException) -> dict:

@@ -9,6 +9,7 @@ tables are built from every finished cell on disk (report.aggregate), not from t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -90,9 +91,21 @@ def check_intervention(cfg: DictConfig, cells: list[Cell], sites: dict) -> None:
         neurons = options.get("neurons") or []
         if any(not 0 <= int(n) < width for n in neurons):
             raise DasError(f"intervention.neurons: indices must be in 0..{width - 1} (the width of cell {cell.id})")
+    if cfg.intervention.name == "fixed":  # the file's width must be every cell's
+        check_fixed_width(cfg.intervention.path, cells, sites)
     if cells:  # unknown options and bad values fail now, not after the first cell's setup
         narrowest = min(sites[site_key(c)].width * len(c.position) for c in cells)
         build_intervention(cfg.intervention.name, narrowest, **{k: v for k, v in options.items() if k != "name"})
+
+
+def check_fixed_width(path: str, cells: list[Cell], sites: dict) -> None:
+    from .artefacts import load_directions
+
+    n = load_directions(path).shape[0]
+    for cell in cells:
+        width = sites[site_key(cell)].width * len(cell.position)
+        if width != n:
+            raise DasError(f"intervention.path={path}: a subspace of width {n} does not fit cell {cell.id} (width {width})")
 
 
 def run_fingerprint(cfg: DictConfig, lm: LoadedModel, pairs: dict[str, PairSet]) -> dict:
@@ -103,7 +116,13 @@ def run_fingerprint(cfg: DictConfig, lm: LoadedModel, pairs: dict[str, PairSet])
 
         file = resolve_path(str(cfg.dataset.path))
     data = layout.data_hash(pairs, file)
-    return layout.run_fingerprint(C.fingerprint(cfg), data, lm.device.type, int(cfg.eval.batch_size))
+    parts = C.fingerprint(cfg)
+    if cfg.intervention.name == "fixed":  # the subspace, not only its file name, decides the numbers
+        from .artefacts import load_directions
+
+        basis = load_directions(cfg.intervention.path)
+        parts["intervention_subspace"] = hashlib.sha256(f"{tuple(basis.shape)}".encode() + basis.numpy().tobytes()).hexdigest()
+    return layout.run_fingerprint(parts, data, lm.device.type, int(cfg.eval.batch_size))
 
 
 @torch.no_grad()

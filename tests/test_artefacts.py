@@ -138,3 +138,22 @@ def test_patch_refuses_a_model_of_another_width(tmp_path):
     with pytest.raises(DasError, match=f"cell {cell.id}: width {cell.width} does not fit"):
         with das_cli.patch(other, cell, torch.tensor([[1, 2]]), torch.tensor([[3, 4]])):
             pass
+
+
+@pytest.mark.slow
+def test_patch_on_smollm2_a_full_swap_at_the_last_block_gives_the_sources_next_token(tmp_path):
+    cfg = das_cli.compose(["model=smollm2_135m", "dataset=ravel_cities", "intervention=vanilla", "layers=[-1]",
+                           "positions=[last]", "output.plots=false", "progress=false", "device=cpu"])
+    das_cli.run(cfg, tmp_path)
+    (cell_id,) = layout.cell_ids(tmp_path)
+    cell = das_cli.load_cell(layout.cell_dir(tmp_path, cell_id))
+    assert cell.artefact["model"]["name"] == "smollm2_135m" and cell.width == 576
+    lm = load_model(cfg.model, "cpu", "float32")
+    base = lm.tokenizer("Paris is a city in the country of", return_tensors="pt").input_ids
+    source = lm.tokenizer("Tokyo is a city in the country of", return_tensors="pt").input_ids
+    args = dict(max_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+    plain = lm.model.generate(base, **args)[0, base.shape[1]:]
+    source_next = lm.model.generate(source, **args)[0, source.shape[1]]
+    with das_cli.patch(lm, cell, base, source):
+        edited = lm.model.generate(base, **args)[0, base.shape[1]:]
+    assert edited[0] == source_next != plain[0]  # the last block's whole output is the source's

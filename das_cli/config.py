@@ -193,6 +193,7 @@ class RunSchema:
     output: OutputConfig = field(default_factory=OutputConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    from_run: Optional[str] = None  # a finished run folder: evaluate its saved cells, train nothing (transfer.py)
 
 
 # ---- conf/ and composing ----

@@ -354,7 +354,7 @@ def test_build_intervention_errors():
     with pytest.raises(DasError) as err:
         build_intervention("lora", 4)
     assert str(err.value) == (
-        "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, mean_diff, oblique_das, pca, probe, random, vanilla"
+        "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, fixed, mean_diff, oblique_das, pca, probe, random, vanilla"
     )
 
     with pytest.raises(DasError, match=r"intervention\.rank.*valid options: dim, full_rotation, orthogonal_map"):

@@ -115,6 +115,12 @@ class VanillaOptions:
     neurons: Optional[List[int]] = None
 
 
+@dataclass
+class FixedOptions:
+    name: str = MISSING
+    path: Optional[str] = None  # a basis / mask file or a das-cli cell folder; required
+
+
 # The fields besides `name` are the keyword arguments of interventions.build_intervention (a test keeps them in step).
 INTERVENTIONS: dict[str, type] = {
     "vanilla": VanillaOptions,
@@ -126,6 +132,7 @@ INTERVENTIONS: dict[str, type] = {
     "random": DimOptions,
     "dbm": DbmOptions,
     "oblique_das": ObliqueDasOptions,
+    "fixed": FixedOptions,
 }
 GROUP_SCHEMAS: dict[str, dict[str | None, type]] = {"model": {None: ModelSchema}, "dataset": DATASETS,
                                                      "intervention": INTERVENTIONS}
@@ -186,6 +193,7 @@ class RunSchema:
     output: OutputConfig = field(default_factory=OutputConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    from_run: Optional[str] = None  # a finished run folder: evaluate its saved cells, train nothing (transfer.py)
 
 
 # ---- conf/ and composing ----
@@ -454,6 +462,13 @@ def _constructor_errors(options: DictConfig) -> list[str]:
 
     values = {k: v for k, v in OmegaConf.to_container(options).items() if k != "name"}
     width = max([1, values.get("dim") or 1, *[n + 1 for n in values.get("neurons") or []]])
+    if options.name == "fixed" and values.get("path"):  # the file decides the width
+        from .artefacts import load_directions
+
+        try:
+            width = load_directions(values["path"]).shape[0]
+        except DasError as e:
+            return [str(e)]
     try:
         build_intervention(options.name, width, **values)
     except DasError as e:

@@ -43,7 +43,7 @@ CHECKPOINT = "checkpoint.pt"
 TABLE = "iia.csv"
 SEEDS_TABLE = "iia_seeds.csv"
 HEADS_TABLE = "head_importance.csv"
-RECORD_KEYS = ("fingerprint", "subspace")  # in metrics.json next to the row; not table columns
+RECORD_KEYS = ("fingerprint", "subspace", "artefact")  # in metrics.json next to the row; not table columns
 
 
 # --- paths -------------------------------------------------------------------------------------
@@ -246,6 +246,7 @@ class StoredCell:
     fingerprint: dict | None = None
     subspace: dict | None = None  # {"tensors": [names], "sha256": hex | None (not saved)}
     problem: str = ""
+    artefact: dict | None = None  # what using the cell alone needs (artefacts.describe); None in older folders
 
     @property
     def damaged(self) -> bool:
@@ -272,9 +273,11 @@ def read_cell(folder: Path, cell_id: str, verify: bool = True) -> StoredCell | N
     if not isinstance(data, dict) or data.get("cell") != cell_id or "iia" not in data:
         return StoredCell(cell_id, problem=f"{METRICS} is not the row of cell {cell_id}")
     fingerprint, subspace = data.pop("fingerprint", None), data.pop("subspace", None)
+    artefact = data.pop("artefact", None)
     if not isinstance(fingerprint, dict):
         return StoredCell(cell_id, problem=f"{METRICS} has no configuration fingerprint")
-    stored = StoredCell(cell_id, data, fingerprint, subspace if isinstance(subspace, dict) else None)
+    stored = StoredCell(cell_id, data, fingerprint, subspace if isinstance(subspace, dict) else None,
+                        artefact=artefact if isinstance(artefact, dict) else None)
     if verify and stored.subspace and stored.subspace.get("sha256"):
         problem = _subspace_problem(subspace_file(folder, cell_id), stored.subspace["sha256"])
         if problem:
@@ -310,15 +313,19 @@ def count_finished(folder: Path) -> int:
     return sum(1 for cell in stored if cell and not cell.damaged and not cell.failed)
 
 
-def save_cell(folder: Path, cell_id: str, row: dict, fingerprint: dict, tensors: dict, save_subspace: bool) -> None:
-    """The subspace first, then metrics.json (row + fingerprint + the subspace's checksum), each atomically."""
+def save_cell(folder: Path, cell_id: str, row: dict, fingerprint: dict, tensors: dict, save_subspace: bool,
+              artefact: dict | None = None) -> None:
+    """The subspace first, then metrics.json (row + fingerprint + the subspace's checksum + `artefact`), each
+    atomically. The artefact description also goes into the safetensors metadata (as JSON under "artefact")."""
     record = {"tensors": sorted(tensors), "sha256": None}
     if save_subspace and tensors:
         from safetensors.torch import save_file
 
-        path = atomic_write(subspace_file(folder, cell_id), lambda tmp: save_file(tensors, tmp))
+        metadata = {"artefact": json.dumps(artefact)} if artefact else None
+        path = atomic_write(subspace_file(folder, cell_id), lambda tmp: save_file(tensors, tmp, metadata=metadata))
         record["sha256"] = _sha256(path)
-    atomic_write_json(metrics_file(folder, cell_id), {**row, "fingerprint": fingerprint, "subspace": record})
+    extra = {"artefact": artefact} if artefact else {}
+    atomic_write_json(metrics_file(folder, cell_id), {**row, "fingerprint": fingerprint, "subspace": record, **extra})
     checkpoint_file(folder, cell_id).unlink(missing_ok=True)  # the cell has ended: its mid-way state is spent
 
 
@@ -350,8 +357,8 @@ class CellStore:
             return None
         return stored.row
 
-    def save(self, cell, row: dict, tensors: dict) -> None:
-        save_cell(self.folder, cell.id, row, self.fingerprint(cell), tensors, self.save_subspaces)
+    def save(self, cell, row: dict, tensors: dict, artefact: dict | None = None) -> None:
+        save_cell(self.folder, cell.id, row, self.fingerprint(cell), tensors, self.save_subspaces, artefact)
 
     def lock(self, cell) -> "CellLock":
         return CellLock(cell_dir(self.folder, cell.id) / LOCK)

@@ -597,6 +597,23 @@ class ObliqueDASIntervention(Intervention):
         }
 
 
+class FixedIntervention(FixedSubspaceIntervention):
+    """A subspace given in a file (`path`: an n × k basis, a 0/1 mask of length n, or a das-cli cell folder);
+    nothing is trained or estimated. A mask swaps its neurons; a basis is orthonormalised if it is not
+    (artefacts.load_directions)."""
+
+    method = "fixed"
+
+    def __init__(self, n: int, path: str):
+        from .artefacts import load_directions
+
+        basis = load_directions(path)
+        if basis.shape[0] != n:
+            raise DasError(f"intervention.path={path}: a subspace of width {basis.shape[0]} does not fit a site of width {n}")
+        super().__init__(n, basis.shape[1])
+        self.set_basis(basis)
+
+
 INTERVENTIONS: dict[str, type[Intervention]] = {
     "vanilla": VanillaIntervention,
     "das": DASIntervention,
@@ -607,6 +624,7 @@ INTERVENTIONS: dict[str, type[Intervention]] = {
     "random": RandomIntervention,
     "dbm": DBMIntervention,
     "oblique_das": ObliqueDASIntervention,
+    "fixed": FixedIntervention,
 }
 
 

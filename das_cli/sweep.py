@@ -9,6 +9,7 @@ tables are built from every finished cell on disk (report.aggregate), not from t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -32,6 +33,8 @@ from .folder import CellStore, Checkpoint
 from .interventions import SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
+from .artefacts import describe
+from . import transfer
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .scores import base_vectors, edit_scores
 from .results import bar_chart
@@ -89,9 +92,21 @@ def check_intervention(cfg: DictConfig, cells: list[Cell], sites: dict) -> None:
         neurons = options.get("neurons") or []
         if any(not 0 <= int(n) < width for n in neurons):
             raise DasError(f"intervention.neurons: indices must be in 0..{width - 1} (the width of cell {cell.id})")
+    if cfg.intervention.name == "fixed":  # the file's width must be every cell's
+        check_fixed_width(cfg.intervention.path, cells, sites)
     if cells:  # unknown options and bad values fail now, not after the first cell's setup
         narrowest = min(sites[site_key(c)].width * len(c.position) for c in cells)
         build_intervention(cfg.intervention.name, narrowest, **{k: v for k, v in options.items() if k != "name"})
+
+
+def check_fixed_width(path: str, cells: list[Cell], sites: dict) -> None:
+    from .artefacts import load_directions
+
+    n = load_directions(path).shape[0]
+    for cell in cells:
+        width = sites[site_key(cell)].width * len(cell.position)
+        if width != n:
+            raise DasError(f"intervention.path={path}: a subspace of width {n} does not fit cell {cell.id} (width {width})")
 
 
 def run_fingerprint(cfg: DictConfig, lm: LoadedModel, pairs: dict[str, PairSet]) -> dict:
@@ -102,7 +117,15 @@ def run_fingerprint(cfg: DictConfig, lm: LoadedModel, pairs: dict[str, PairSet])
 
         file = resolve_path(str(cfg.dataset.path))
     data = layout.data_hash(pairs, file)
-    return layout.run_fingerprint(C.fingerprint(cfg), data, lm.device.type, int(cfg.eval.batch_size))
+    parts = C.fingerprint(cfg)
+    if cfg.get("from_run"):
+        parts.update(transfer.provenance(cfg))
+    if cfg.intervention.name == "fixed":  # the subspace, not only its file name, decides the numbers
+        from .artefacts import load_directions
+
+        basis = load_directions(cfg.intervention.path)
+        parts["intervention_subspace"] = hashlib.sha256(f"{tuple(basis.shape)}".encode() + basis.numpy().tobytes()).hexdigest()
+    return layout.run_fingerprint(parts, data, lm.device.type, int(cfg.eval.batch_size))
 
 
 @torch.no_grad()
@@ -158,6 +181,7 @@ class Sweep:
     layers: tuple[int, ...] = ()  # the layers the base runs cached for the fast engine
     upcoming: list[list[Site]] = field(default_factory=list)  # sites whose sources are still to be read, in chunks
     sources: dict[int, dict] = field(default_factory=dict)  # id(site) -> {split: [G, S, C] per group}
+    loaded: dict = field(default_factory=dict)  # from_run: cell -> the source cell, its intervention frozen
 
     def read_ahead(self, sites: list[Site]) -> None:
         """Source activations of the sites still to run, several sites per forward (within a memory budget)."""
@@ -203,7 +227,9 @@ class Sweep:
             row, tensors = self.run_cell(cell, site, sources)
         except CELL_FAILURES as e:
             return self.save_failure(cell, e)
-        self.store.save(cell, row, tensors)
+        if cell in self.loaded:
+            row["trained_in"] = str(self.cfg.from_run)
+        self.store.save(cell, row, tensors, describe(self.cfg, self.lm, cell, int(row["width"])))
         return row
 
     def save_failure(self, cell: Cell, error: BaseException) -> dict:
@@ -236,7 +262,7 @@ class Sweep:
         train, test = self.engine("train", cell, site, sources), self.engine("test", cell, site, sources)
         width = train.groups[0].source_values.shape[1]
         options = {k: v for k, v in OmegaConf.to_container(cfg.intervention).items() if k != "name"}
-        intervention = build_intervention(cfg.intervention.name, width, **options).to(self.lm.device)
+        intervention = self.new_intervention(cell, width, options).to(self.lm.device)
         if intervention.needs_activations:
             intervention.fit_activations(self.site_activations(cell, site, sources, train))
         t = cfg.train
@@ -271,6 +297,12 @@ class Sweep:
                 bar_chart(shares, layout.head_plot_file(self.folder, cell.id), f"{cell.id}: share of the subspace per head")
         row["seconds"] = time.perf_counter() - start
         return row, tensors
+
+    def new_intervention(self, cell: Cell, width: int, options: dict):
+        """The cell's intervention: built afresh, or (from_run) the source cell's, frozen."""
+        if cell in self.loaded:
+            return self.loaded[cell].intervention
+        return build_intervention(self.cfg.intervention.name, width, **options)
 
     def validation(self, cell: Cell, site: Site, sources: dict, intervention) -> dict:
         """`iia_val` on the validation split (what the tool's choices among cells read), and its size."""
@@ -330,19 +362,25 @@ def _failed_row(cell: Cell, cfg: DictConfig, error: str) -> dict:
 
 def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     """Run the sweep `cfg` describes into `output_dir`; returns the IIA table of every finished cell there."""
+    narrowed = None
+    if cfg.get("from_run"):  # the source run's intervention and cells; nothing is trained
+        cfg, narrowed = transfer.configure(cfg)
     cfg = C.typed(cfg)
     C.validate(cfg)
     folder = layout.make_folder(output_dir)
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
     pairs = build_pairs(cfg, lm)
-    cells = expand_grid(cfg, lm)
+    loaded = transfer.cells(cfg, lm, narrowed) if narrowed is not None else None
+    cells = list(loaded) if loaded else expand_grid(cfg, lm)
     sites = resolve_sites(lm, cells)
+    if loaded:
+        transfer.check_widths(loaded, sites)
     check_positions(cells, *pairs.values())
     check_intervention(cfg, cells, sites)
     fingerprint = run_fingerprint(cfg, lm, pairs)
     layout.check_resume(folder, fingerprint)
     store = CellStore(folder, fingerprint, int(cfg.seed), bool(cfg.output.save_subspaces))
-    ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked"  # phase 2 needs all single heads of a layer
+    ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked" and not loaded  # phase 2 needs all single heads of a layer
     shard, num_shards = int(cfg.sweep.shard), int(cfg.sweep.num_shards)
     grid_size, cells = len(cells), shard_cells(cells, shard, num_shards, layer_key if ranked else site_key, not ranked)
     if num_shards > 1:
@@ -350,6 +388,7 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     write_grid(folder, shard, num_shards, cells)
     pending = [c for c in cells if store.finished(c) is None]
     sweep = _start(cfg, lm, folder, store, pairs, layers=_layers(pending))
+    sweep.loaded = loaded or {}
     log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(pairs["test"]), sweep.accuracy)
     try:
         run_cells(sweep, cells, sites)

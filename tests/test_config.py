@@ -13,9 +13,13 @@ from das_cli.errors import DasError
 
 
 @pytest.mark.parametrize("group", C.CONFIG_GROUPS)
-def test_every_shipped_config_composes(group):
+def test_every_shipped_config_composes(group, tmp_path):
+    import torch
+
+    torch.save(torch.eye(4)[:, :1], tmp_path / "basis.pt")
+    paths = {("dataset", "file"): ["dataset.path=ravel_cities.csv"], ("intervention", "fixed"): [f"intervention.path={tmp_path / 'basis.pt'}"]}
     for choice in C.group_choices(group):
-        path = ["dataset.path=ravel_cities.csv"] if (group, choice) == ("dataset", "file") else []
+        path = paths.get((group, choice), [])
         cfg = C.compose([f"{group}={choice}"] + path)
         C.validate(C.typed(cfg))
         assert cfg[group].name == choice or (group == "dataset" and cfg.dataset.name == "file")  # file-backed presets

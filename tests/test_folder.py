@@ -114,7 +114,7 @@ def test_edited_data_file_is_refused(tmp_path):
     second = run_cli(args)
     assert second.returncode == 2, second.stderr
     assert "changed: data" in error_lines(second.stderr)[0]
-    assert pd.read_csv(tmp_path / "run" / "iia.csv")["n_train"].tolist() == [42]
+    assert pd.read_csv(tmp_path / "run" / "iia.csv")["n_train"].tolist() == [34]  # 8 of the 42 training pairs validate
 
 
 def test_changed_eval_batch_size_is_refused(finished, tmp_path):

@@ -1,6 +1,9 @@
 """Hand-computed checks of the intervention maths."""
 
 import math
+import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +24,18 @@ N = 8
 
 def make(name: str, n: int = N):
     """The intervention with its default options (dim 3 for das); those estimated from data are fitted on random vectors."""
-    options = {"das": {"dim": 3}}.get(name, {})
+    options = {"das": {"dim": 3}, "fixed": {"path": fixed_basis_file(n)}}.get(name, {})
     module = build_intervention(name, n, **options)
     if module.needs_activations:
         module.fit_activations(SiteActivations(torch.randn(30, n), torch.arange(30) % 3, ["x", "y", "z"]))
     return module
+
+
+def fixed_basis_file(n: int) -> str:
+    """intervention=fixed reads its subspace from a file: two orthonormal columns of width n."""
+    path = Path(tempfile.gettempdir()) / f"das_cli_test_fixed_basis_{os.getpid()}_{n}.pt"
+    torch.save(torch.linalg.qr(torch.randn(n, 2, generator=torch.Generator().manual_seed(3)))[0], path)
+    return str(path)
 
 
 def train_a_little(module, steps: int = 5):
@@ -344,7 +354,7 @@ def test_build_intervention_errors():
     with pytest.raises(DasError) as err:
         build_intervention("lora", 4)
     assert str(err.value) == (
-        "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, mean_diff, oblique_das, pca, probe, random, vanilla"
+        "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, fixed, mean_diff, oblique_das, pca, probe, random, vanilla"
     )
 
     with pytest.raises(DasError, match=r"intervention\.rank.*valid options: dim, full_rotation, orthogonal_map"):

@@ -115,7 +115,8 @@ def export_cell(overrides: list[str], path: Path) -> None:
     train, test = pairs["train"], pairs["test"]
 
     def groups(pairs):
-        return [{"base_ids": g.base_ids, "source_ids": g.source_ids, "labels": g.labels,
+        assert all(g.labels.shape[1] == 1 for g in pairs.groups), "the pyvene peer scores one-token labels"
+        return [{"base_ids": g.base_ids, "source_ids": g.source_ids, "labels": g.labels[:, 0],
                  "base_pos": resolve_positions(g, cell.position, "base")[:, 0],
                  "source_pos": resolve_positions(g, cell.position, "source")[:, 0]} for g in pairs.groups]
 

@@ -7,6 +7,11 @@ pieces), so a dataset of many lengths still trains on full batches; the engines 
 Source prompts of a group are right-padded to the longest: with causal attention a token's
 activations never depend on tokens after it, so padding changes no source vector the swap reads,
 and each row keeps its own length for positions counted from the end.
+
+An answer (label, base label) may be several tokens. Labels are [G, K] token ids, right-padded with
+-1 to the longest answer of the split, so every group of a split has one width K; the engines feed
+the base prompt followed by the label's tokens but the last (`teacher_forced`) and read the answer at
+the prompt's last position and at each fed one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import DasError
-from .examples import Example, encode, single_token_id
+from .examples import Example, encode
 
 
 @dataclass
@@ -26,8 +31,8 @@ class PairGroup:
 
     base_ids: Tensor  # [G, T]
     source_ids: Tensor  # [G, S] right-padded to the longest source prompt of the group
-    labels: Tensor  # [G] counterfactual answer token ids
-    base_labels: Tensor  # [G] the base prompt's own answer token ids (-1: not given)
+    labels: Tensor  # [G, K] counterfactual answer token ids, right-padded with -1 ([G]: one token each)
+    base_labels: Tensor  # [G, K'] the base prompt's own answer token ids, -1 padded (a row of -1: not given)
     base_positions: dict[str, Tensor]  # name -> [G] token index
     source_positions: dict[str, Tensor]
     kinds: list[str] = field(default_factory=list)  # per pair: "cause" | "isolate"
@@ -52,23 +57,63 @@ class PairSet:
 
 
 def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
-    """Encode every pair, grouped by base length; labels must be single tokens (checked, with the offending example)."""
-    buckets: dict[int, list[tuple[Example, list[int], list[int]]]] = {}
-    for ex in examples:
+    """Encode every pair, grouped by base length; answers are checked (see `answer_tokens`), with the offending example."""
+    labels = [_answer_ids(tokenizer, ex.base, ex.label, "label", split) for ex in examples]
+    base_labels = [[] if ex.base_label is None else _answer_ids(tokenizer, ex.base, ex.base_label, "base_label", split) for ex in examples]
+    width, base_width = max(map(len, labels), default=1), max(map(len, base_labels), default=1)
+    buckets: dict[int, list[tuple]] = {}
+    for ex, label, base_label in zip(examples, labels, base_labels):
         base, source = encode(tokenizer, ex.base), encode(tokenizer, ex.source)
-        buckets.setdefault(len(base), []).append((ex, base, source))
-    return PairSet(groups=[_group(tokenizer, rows, split) for _, rows in sorted(buckets.items())])
+        buckets.setdefault(len(base), []).append((ex, base, source, _padded(label, width), _padded(base_label, base_width)))
+    return PairSet(groups=[_group(tokenizer, rows) for _, rows in sorted(buckets.items())])
 
 
-def _label_id(tokenizer, text: str, split: str) -> int:
-    token = single_token_id(tokenizer, text)
-    if token is None:
-        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
-        raise DasError(f"dataset: label {text!r} in the {split} split is not one token (it is {pieces})")
-    return token
+def answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], str | None]:
+    """The answer's token ids as the model must produce them after `prompt`, and what is wrong with them (None: nothing).
+
+    An answer is at least one token, and `prompt + answer` must tokenize as the prompt's tokens followed
+    by the answer's: where the tokenizer merges across the boundary ("Indones" + "ia"), the model never
+    sees the answer's tokens after this prompt, so training and scoring them would be meaningless.
+    """
+    ids = list(tokenizer(answer, add_special_tokens=False).input_ids)
+    if not ids:
+        return ids, "has no tokens"
+    prompt_ids, joined = encode(tokenizer, prompt), encode(tokenizer, prompt + answer)
+    apart = prompt_ids + ids
+    if joined == apart:
+        return ids, None
+    differ = next((i for i, (a, b) in enumerate(zip(joined, apart)) if a != b), min(len(joined), len(apart)))
+    start = max(0, min(differ, len(prompt_ids) - 1))
+    pieces = tokenizer.convert_ids_to_tokens
+    return ids, (
+        f"merges with the end of its prompt: prompt and answer tokenize together as {pieces(joined[start:])}, "
+        f"not as the prompt's tokens then the answer's {pieces(apart[start:])}; start it at a token boundary (e.g. with a leading space)"
+    )
 
 
-def _group(tokenizer, rows, split: str) -> PairGroup:
+def _answer_ids(tokenizer, prompt: str, answer: str, column: str, split: str) -> list[int]:
+    ids, problem = answer_tokens(tokenizer, prompt, answer)
+    if problem:
+        raise DasError(f"dataset: {column} {answer!r} in the {split} split {problem}")
+    return ids
+
+
+def _padded(ids: list[int], width: int) -> list[int]:
+    return ids + [-1] * (width - len(ids))
+
+
+def answer_matrix(labels: Tensor) -> Tensor:
+    """Answers as [G, K] token ids (-1 padded); a [G] tensor is one token per pair."""
+    return labels[:, None] if labels.dim() == 1 else labels
+
+
+def teacher_forced(labels: Tensor) -> Tensor:
+    """[G, K-1]: the tokens fed after the prompt, every answer token but the last; a shorter answer's
+    padding is fed as token 0 (it follows every token that is scored, so it changes no scored logit)."""
+    return answer_matrix(labels)[:, :-1].clamp_min(0)
+
+
+def _group(tokenizer, rows) -> PairGroup:
     exs = [r[0] for r in rows]
     source_lengths = torch.tensor([len(r[2]) for r in rows])
     width = int(source_lengths.max())
@@ -76,8 +121,8 @@ def _group(tokenizer, rows, split: str) -> PairGroup:
     return PairGroup(
         base_ids=torch.tensor([r[1] for r in rows]),
         source_ids=torch.tensor([r[2] + [pad] * (width - len(r[2])) for r in rows]),
-        labels=torch.tensor([_label_id(tokenizer, e.label, split) for e in exs]),
-        base_labels=torch.tensor([-1 if e.base_label is None else _label_id(tokenizer, e.base_label, split) for e in exs]),
+        labels=torch.tensor([r[3] for r in rows]),
+        base_labels=torch.tensor([r[4] for r in rows]),
         base_positions=_named(exs, "base_positions", torch.full((len(exs),), len(rows[0][1]) - 1)),
         source_positions=_named(exs, "source_positions", source_lengths - 1),
         kinds=[e.kind for e in exs],

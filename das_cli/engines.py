@@ -9,7 +9,12 @@
   instead of computing it. A last-token cell at layer l is a one-token forward through L - l blocks.
   A batch may hold prompts of several lengths; they are joined into one left-padded forward.
 
-Both give float32 logits [B, vocab] for the last position only, never the whole sequence's, and
+An answer of K tokens is teacher-forced: the base prompt is followed by the label's first K - 1
+tokens, and the answer is read at the prompt's last position and at each fed one. The fed tokens
+come after every intervened position, so for the fast engine they are part of the suffix it feeds;
+its cached keys and values (the prompt before the earliest intervened position) do not change.
+
+Both give float32 logits [B, K, vocab] at those K positions only, never the whole sequence's, and
 the training loss on them; the fast engine's loss reads the vocabulary weight once (`readout.py`).
 """
 
@@ -26,10 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
-from .data import Batch, PairSet
+from .data import Batch, PairSet, answer_matrix, teacher_forced
 from .models import LoadedModel
 from .names import ENGINES
-from .readout import Readout
+from .readout import Readout, answer_cross_entropy
 from .sites import Site, gather, hooked, resolve_site, scatter
 
 Intervene = Callable[[Tensor, Tensor], Tensor]  # (base's site values, source's) -> the edited values
@@ -42,14 +47,22 @@ class CellGroup:
     base_ids: Tensor  # [G, T]
     base_positions: Tensor  # [G, P]
     source_values: Tensor  # [G, P*C] the source's vector at the site, computed once without gradients
-    labels: Tensor  # [G]
+    labels: Tensor  # [G, K] answer token ids, -1 padded ([G]: one token each); one K for every group of a split
     prefix: list[tuple[Tensor, Tensor] | None] | None = None  # per layer (keys, values) [G, heads, T-1, d] of the base
     #   run; None for layers before the earliest swept one (their blocks are skipped)
-    residual: Tensor | None = None  # [G, T, hidden] residual stream entering the site's block in the base run
+    residual: Tensor | None = None  # [G, T+K-1, hidden] residual stream entering the site's block in the base run
+    #   (prompt and fed label tokens)
     kinds: list[str] | None = None  # per pair: "cause" | "isolate" (None: all cause)
+
+    def __post_init__(self) -> None:
+        self.labels = answer_matrix(self.labels)
 
     def __len__(self) -> int:
         return self.base_ids.shape[0]
+
+    def fed_ids(self, rows: Tensor, first: int = 0) -> Tensor:
+        """The rows' base prompts from column `first` on, followed by their teacher-forced label tokens."""
+        return torch.cat([self.base_ids[rows, first:], teacher_forced(self.labels[rows])], dim=1)
 
 
 class ReferenceEngine:
@@ -61,6 +74,10 @@ class ReferenceEngine:
     def __init__(self, lm: LoadedModel, site: Site, groups: list[CellGroup]):
         self.lm, self.site, self.groups = lm, site, groups
         self.columns = site.columns.to(lm.device)
+        widths = {group.labels.shape[1] for group in groups}
+        if len(widths) > 1:
+            raise ValueError(f"the groups' labels have different widths {sorted(widths)}; pad them to one (data.tokenize_pairs does)")
+        self.width = widths.pop() if widths else 1  # K: answer positions read per pair
 
     def _edit(self, positions: Tensor, source: Tensor, intervene: Intervene) -> Callable[[Tensor], Tensor]:
         def edit(hidden: Tensor) -> Tensor:
@@ -69,21 +86,23 @@ class ReferenceEngine:
         return edit
 
     def labels(self, batch: Batch) -> Tensor:
+        """[B, K] answer token ids (-1: past the end of a shorter answer)."""
         return torch.cat([self.groups[g].labels[rows] for g, rows in batch])
 
     def logits(self, batch: Batch, intervene: Intervene) -> Tensor:
-        """Float32 logits [B, vocab] at the last position of the batch's edited base prompts."""
+        """Float32 logits [B, K, vocab] of the batch's edited base prompts, teacher-forced: at the prompt's
+        last position and at each fed label token."""
         return torch.cat([self._piece_logits(self.groups[g], rows, intervene) for g, rows in batch])
 
     def loss(self, batch: Batch, intervene: Intervene) -> Tensor:
-        """Mean cross-entropy of those logits against the pairs' labels."""
-        return F.cross_entropy(self.logits(batch, intervene), self.labels(batch))
+        """Cross-entropy of those logits against the labels: mean over each label's tokens, then over pairs."""
+        return answer_cross_entropy(self.logits(batch, intervene), self.labels(batch))
 
     def _piece_logits(self, group: CellGroup, rows: Tensor, intervene: Intervene) -> Tensor:
         edit = self._edit(group.base_positions[rows], group.source_values[rows], intervene)
         with hooked(self.site, edit):
-            out = self.lm.model(input_ids=group.base_ids[rows], logits_to_keep=1)
-        return out.logits[:, -1].float()
+            out = self.lm.model(input_ids=group.fed_ids(rows), logits_to_keep=self.width)
+        return out.logits.float()
 
 
 class FastEngine(ReferenceEngine):
@@ -103,6 +122,10 @@ class FastEngine(ReferenceEngine):
         self.cached = all(group.prefix is not None for group in groups)
         self.readout = Readout(lm)
         self.window = getattr(lm.model.config, "sliding_window", None)
+        for group in groups:
+            fed = group.base_ids.shape[1] + self.width - 1
+            if group.residual is not None and group.residual.shape[1] != fed:
+                raise ValueError(f"the cached residual covers {group.residual.shape[1]} tokens, not the {fed} of prompt and fed label")
 
     def logits(self, batch: Batch, intervene: Intervene) -> Tensor:
         if not self.cached:
@@ -115,7 +138,7 @@ class FastEngine(ReferenceEngine):
         return self.readout.loss(self.final_hidden(batch, intervene), self.labels(batch))
 
     def final_hidden(self, batch: Batch, intervene: Intervene) -> Tensor:
-        """The edited base runs' final hidden state at their last position, [B, hidden]."""
+        """The edited base runs' final hidden state at the K answer positions, [B, K, hidden]."""
         if len(batch) == 1 or self._joinable(batch):
             return self._run(batch, intervene)
         return torch.cat([self._run([piece], intervene) for piece in batch])
@@ -129,28 +152,28 @@ class FastEngine(ReferenceEngine):
 
     def _joinable(self, batch: Batch) -> bool:
         length, pads, start = self._layout(batch)
-        return start >= max(pads) and (self.window is None or length <= self.window)
+        return start >= max(pads) and (self.window is None or length + self.width - 1 <= self.window)
 
     def _run(self, batch: Batch, intervene: Intervene) -> Tensor:
         length, pads, start = self._layout(batch)
         # per piece: its group, rows, left padding, and the first fed column in its own coordinates
         pieces = [(self.groups[g], rows, pad, start - pad) for (g, rows), pad in zip(batch, pads)]
         skipping = self.site.layer > 0 and all(group.residual is not None for group, *_ in pieces)
-        ids = torch.cat([group.base_ids[rows, own:] for group, rows, _, own in pieces])
+        ids = torch.cat([group.fed_ids(rows, own) for group, rows, _, own in pieces])
         positions = torch.cat([group.base_positions[rows] - own for group, rows, _, own in pieces])
         source = torch.cat([group.source_values[rows] for group, rows, *_ in pieces])
         residual = torch.cat([group.residual[rows, own:] for group, rows, _, own in pieces]) if skipping else None
         cache = self._prefix_cache(pieces, start, self.site.layer if skipping else 0) if start > 0 else None
         mask = position_ids = None
         if any(pads):
-            device = ids.device
-            mask = torch.cat([torch.arange(length, device=device).expand(len(rows), -1) >= pad for _, rows, pad, _ in pieces]).long()
-            position_ids = torch.cat([torch.arange(own, own + length - start, device=device).expand(len(rows), -1) for _, rows, _, own in pieces])
+            device, total = ids.device, length + self.width - 1
+            mask = torch.cat([torch.arange(total, device=device).expand(len(rows), -1) >= pad for _, rows, pad, _ in pieces]).long()
+            position_ids = torch.cat([torch.arange(own, own + total - start, device=device).expand(len(rows), -1) for _, rows, _, own in pieces])
         with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, self._edit(positions, source, intervene)):
             out = self.lm.model.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_arguments(self.lm.model.base_model, cache)
             )
-        return out.last_hidden_state[:, -1]
+        return out.last_hidden_state[:, -self.width :]
 
     def _prefix_cache(self, pieces: list, start: int, first_block: int) -> DynamicCache:
         """The base runs' keys and values before `start` (left-padded per piece), for blocks from `first_block` on.
@@ -220,25 +243,32 @@ def make_engine(name: str, lm: LoadedModel, site: Site, groups: list[CellGroup])
 
 @dataclass
 class BaseRun:
-    """The unedited base run, computed once per run: its top-1 answers, keys and values, residuals."""
+    """The unedited base run, computed once per run: its answers, keys and values, residuals."""
 
-    predictions: list[Tensor]  # per group [G] top-1 token id at the answer position
+    predictions: list[Tensor]  # per group [G, K'] top-1 token ids, the base label teacher-forced (K': its width)
     prefixes: list[list[tuple[Tensor, Tensor] | None]] | None = None  # per group, per layer (keys, values) [G, heads, T-1, d]
-    residuals: list[dict[int, Tensor]] | None = None  # per group, layer -> [G, T, hidden] entering that block
+    residuals: list[dict[int, Tensor]] | None = None  # per group, layer -> [G, T+K-1, hidden] entering that block, label fed
 
     def accuracy(self, pairs: PairSet) -> float:
-        """Top-1 accuracy on the base prompts whose own answer is known (NaN when none is)."""
-        hits = sum(int((p.cpu() == g.base_labels).sum()) for p, g in zip(self.predictions, pairs.groups))
-        known = sum(int((g.base_labels >= 0).sum()) for g in pairs.groups)
+        """Share of the base prompts whose own answer is known and is the top-1 token at every one of its
+        positions (NaN when none is known)."""
+        hits = known = 0
+        for predictions, group in zip(self.predictions, pairs.groups):
+            answers = answer_matrix(group.base_labels)
+            given = answers[:, 0] >= 0
+            right = ((predictions.cpu() == answers) | (answers < 0)).all(dim=1)
+            hits, known = hits + int((right & given).sum()), known + int(given.sum())
         return hits / known if known else float("nan")
 
 
 @torch.no_grad()
 def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool, layers: tuple[int, ...] = ()) -> BaseRun:
-    """One forward over every base prompt; keeps what the fast engine reuses if asked.
+    """The base prompts' own answers (top-1 with the base label teacher-forced); keeps what the fast engine reuses if asked.
 
+    The fast engine's caches come from the base prompts followed by the teacher-forced counterfactual
+    label (the tokens it feeds); with one-token answers that is the same forward as the answers'.
     Cache cost per pair of T tokens, in the model's dtype: 2 x layers x kv_heads x head_dim x (T - 1)
-    numbers of keys and values, plus hidden x T per swept layer of residual stream. With `layers`
+    numbers of keys and values, plus hidden x (T + K - 1) per swept layer of residual stream. With `layers`
     given, the fast engine skips the blocks before the earliest of them, so their keys and values
     are not kept (None). Each group's tensors are allocated once and filled batch by batch as the
     attention layers compute them; no batch's cache of every layer is ever held.
@@ -248,27 +278,34 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
     blocks = [resolve_site(lm, "block_input", layer) for layer in layers] if keep_prefix else []
     for group in pairs.groups:
         ids = group.base_ids.to(lm.device)
+        label_fed = teacher_forced(group.labels).to(lm.device)
+        answers_fed = teacher_forced(group.base_labels).to(lm.device)
+        same = label_fed.shape[1] == answers_fed.shape[1] == 0  # one-token answers: one forward serves both
         kept: dict = {}  # ("kv", layer, 0 | 1) -> keys | values;  ("residual", layer) -> residual
-        with ExitStack() as stack:  # only the swept layers' residuals, not every layer's hidden states
-            for site in blocks:
-                stack.enter_context(hooked(site, lambda hidden, layer=site.layer: _fill(kept, ("residual", layer), rows, hidden, len(ids))))
-            predictions = []
-            for i in range(0, len(ids), batch_size):
-                rows = slice(i, i + batch_size)
-                predictions.append(_base_batch(lm, ids[rows], first if keep_prefix else None, kept, rows, len(ids)))
-        run.predictions.append(torch.cat(predictions))
+        predictions = []
         if keep_prefix:
+            with ExitStack() as stack:  # only the swept layers' residuals, not every layer's hidden states
+                for site in blocks:
+                    stack.enter_context(hooked(site, lambda hidden, layer=site.layer: _fill(kept, ("residual", layer), rows, hidden, len(ids))))
+                for i in range(0, len(ids), batch_size):
+                    rows = slice(i, i + batch_size)
+                    fed = torch.cat([ids[rows], label_fed[rows]], dim=1)
+                    predictions.append(_base_batch(lm, fed, label_fed.shape[1] + 1, _RecordingCache(first, kept, rows, len(ids), ids.shape[1] - 1)))
             run.prefixes.append([(kept["kv", i, 0], kept["kv", i, 1]) if i >= first else None for i in range(lm.n_layers)])
             run.residuals.append({layer: kept["residual", layer] for layer in layers})
+        if not (keep_prefix and same):
+            width = answers_fed.shape[1] + 1
+            predictions = [_base_batch(lm, torch.cat([ids[i : i + batch_size], answers_fed[i : i + batch_size]], dim=1), width)
+                           for i in range(0, len(ids), batch_size)]
+        run.predictions.append(torch.cat(predictions))
     return run
 
 
-def _base_batch(lm: LoadedModel, ids: Tensor, first: int | None, kept: dict, rows: slice, total: int) -> Tensor:
-    """Top-1 answers of one batch of base prompts; with `first`, its keys and values before the last
-    position, from layer `first` on, are written into `kept` as the attention layers compute them."""
-    cache = None if first is None else _RecordingCache(first, kept, rows, total)
-    out = lm.model(input_ids=ids, logits_to_keep=1, **cache_arguments(lm.model, cache))
-    return out.logits[:, -1].argmax(-1)
+def _base_batch(lm: LoadedModel, ids: Tensor, width: int, cache: "_RecordingCache | None" = None) -> Tensor:
+    """[b, width] top-1 token ids at the last `width` positions of one batch; with a recording cache,
+    the keys and values of the prompt before its last position are written into it."""
+    out = lm.model(input_ids=ids, logits_to_keep=width, **cache_arguments(lm.model, cache))
+    return out.logits.argmax(-1)
 
 
 class _RecordingCache(DynamicCache):
@@ -276,14 +313,16 @@ class _RecordingCache(DynamicCache):
     before the last position into rows `rows` of `kept`, and attends to this forward's own, as an
     empty cache would let it. So a base run never holds a whole batch's keys and values of every layer."""
 
-    def __init__(self, first: int, kept: dict, rows: slice, total: int):
+    def __init__(self, first: int, kept: dict, rows: slice, total: int, prefix: int | None = None):
         super().__init__()
         self.first, self.kept, self.rows, self.total = first, kept, rows, total
+        self.prefix = prefix  # positions kept: the prompt but its last token (None: all but the last position)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if layer_idx >= self.first:
-            _fill(self.kept, ("kv", layer_idx, 0), self.rows, key_states[:, :, :-1], self.total)
-            _fill(self.kept, ("kv", layer_idx, 1), self.rows, value_states[:, :, :-1], self.total)
+            end = self.prefix if self.prefix is not None else key_states.shape[2] - 1
+            _fill(self.kept, ("kv", layer_idx, 0), self.rows, key_states[:, :, :end], self.total)
+            _fill(self.kept, ("kv", layer_idx, 1), self.rows, value_states[:, :, :end], self.total)
         return key_states, value_states
 
 

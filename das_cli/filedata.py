@@ -3,7 +3,7 @@
 A JSONL (or `.json`: JSON lines or one array of objects), CSV or Parquet file holds the prompts, the counterfactual label and named positions
 (README "File datasets" has the column table). Files are written by hand or by other tools, so
 every problem is reported on one line naming the file and the line (or Parquet row) it is on:
-"label is not one token" alone is useless in a file of a thousand rows.
+"label merges with its prompt" alone is useless in a file of a thousand rows.
 
 Positions are given per prompt as token indices or as marker substrings (the token holding the
 marker's last character) and are resolved here, once, into indices of `encode(tokenizer, prompt)`.
@@ -26,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import conf_dir
 from .errors import DasError
-from .examples import KINDS, SPLITS, Example, Splits, encode, single_token_id
+from .data import answer_tokens
+from .examples import KINDS, SPLITS, Example, Splits, encode
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 REQUIRED = ("base", "source", "label")
@@ -247,7 +248,7 @@ def parse_row(row: Row, tokenizer) -> Parsed:
         raise row.error(f"split {split!r} is not one of: {', '.join(SPLITS)}")
     for column in ("label", "base_label"):
         if column in text:
-            _check_one_token(row, tokenizer, column, text[column])
+            _check_answer(row, tokenizer, column, text["base"], text[column])
     base_specs, source_specs = _position_specs(row)
     example = Example(
         base=text["base"], source=text["source"], label=text["label"], base_label=text.get("base_label"),
@@ -266,10 +267,11 @@ def _text(row: Row, column: str) -> str:
     return value
 
 
-def _check_one_token(row: Row, tokenizer, column: str, text: str) -> None:
-    if single_token_id(tokenizer, text) is None:
-        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
-        raise row.error(f"{column} {text!r} is not one token (it is {pieces})")
+def _check_answer(row: Row, tokenizer, column: str, base: str, text: str) -> None:
+    """An answer may be several tokens, but they must be the ones the model sees after the base prompt."""
+    _, problem = answer_tokens(tokenizer, base, text)
+    if problem:
+        raise row.error(f"{column} {text!r} {problem}")
 
 
 Spec = tuple[str, Any]  # (the column it came from, a token index or a marker)

@@ -6,15 +6,15 @@ import math
 from functools import partial
 from dataclasses import dataclass, field
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import PairSet, batches, resolve_positions, to_device
+from .data import PairSet, answer_matrix, batches, resolve_positions, to_device
 from .interventions import Intervention
 from .engines import CellGroup, ReferenceEngine
 from .folder import Checkpoint
 from .interrupts import WholeSteps, stops_the_job
+from .readout import answer_cross_entropy
 from .scores import wilson_interval
 from .sites import gather
 
@@ -68,7 +68,7 @@ def fit(
     progress: bool = True,
     checkpoint: Checkpoint | None = None,
 ) -> Fit:
-    """Adam on the intervention's parameters only; CE on the counterfactual label token.
+    """Adam on the intervention's parameters only; CE on the counterfactual label's tokens (`engine.loss`).
 
     The intervention is in train mode while fitting and left in eval mode (e.g. a hard mask).
     With a `checkpoint`: training resumes from the one on disk (if usable), and a stop of the job
@@ -165,14 +165,16 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 @dataclass
 class Evaluation:
-    """Accuracy of the intervened model's top-1 token against the pairs' labels, per kind of pair."""
+    """Accuracy of the intervened model against the pairs' labels, per kind of pair: a pair is a hit when
+    every label token is the top-1 token at its position, the label teacher-forced (what greedy decoding
+    of the label's length would produce)."""
 
     hits: dict[str, int]
     counts: dict[str, int]
-    loss: float  # mean CE over all pairs
-    label_probability: dict[str, float] = field(default_factory=dict)  # per kind: sum over pairs of p(label)
-    logit_diff: dict[str, float] = field(default_factory=dict)  # per kind: sum of logit(label) − logit(base's answer)
-    logit_diff_counts: dict[str, int] = field(default_factory=dict)  # ... over pairs whose base answer is known and differs
+    loss: float  # mean CE over all pairs (each pair's: the mean over its label's tokens)
+    label_probability: dict[str, float] = field(default_factory=dict)  # per kind: sum over pairs of p(label), a product over its tokens
+    logit_diff: dict[str, float] = field(default_factory=dict)  # per kind: sum of logit(label) − logit(base's answer), first tokens
+    logit_diff_counts: dict[str, int] = field(default_factory=dict)  # ... over pairs whose base answer is known and whose first token differs
 
     def iia(self, kind: str | None = None) -> float:
         """IIA over the pairs of one kind, or over all pairs (NaN when there are none)."""
@@ -191,8 +193,9 @@ class Evaluation:
 
     def graded_scores(self) -> dict[str, float]:
         """On the pairs `iia` counts: its Wilson 95% interval (`iia_lo`, `iia_hi`), the mean probability of
-        the label (`p_label`), and the mean logit of the label minus that of the base's own answer
-        (`logit_diff`, over pairs whose base answer is known and differs from the label; NaN if none)."""
+        the label (`p_label`; several tokens: the product of their teacher-forced probabilities), and the mean
+        logit of the label's first token minus that of the base answer's first token (`logit_diff`, over
+        pairs whose base answer is known and starts with another token than the label; NaN if none)."""
         kinds = ["cause"] if "cause" in self.counts else list(self.counts)
         n = sum(self.counts[k] for k in kinds)
         lo, hi = wilson_interval(sum(self.hits.get(k, 0) for k in kinds), n)
@@ -206,25 +209,32 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int, base_labels: list[Tensor] | None = None) -> Evaluation:
-    """Per kind of pair: how often the intervened model's top-1 token equals the pair's label, the
-    label's probability and, where `base_labels` (per group, [G] token ids, -1 unknown) gives the
-    base's own answer, the label's logit minus that answer's."""
+    """Per kind of pair: how often every label token is the intervened model's top-1 token (teacher-forced),
+    the label's probability and, where `base_labels` (per group, [G, K'] token ids, -1 unknown) gives the
+    base's own answer, the first label token's logit minus the first answer token's.
+
+    An engine gives logits [B, K, vocab] and labels [B, K] (-1 past a shorter label's end); [B, vocab]
+    and [B] mean one token per pair."""
     result = Evaluation({}, {}, 0.0)
-    known = [labels.to(engine.lm.device) for labels in base_labels] if base_labels else None
+    known = [answer_matrix(labels)[:, 0].to(engine.lm.device) for labels in base_labels] if base_labels else None
     loss_sum, n = 0.0, 0
     for batch in to_device(batches([len(group) for group in engine.groups], batch_size), engine.lm.device):
-        logits = engine.logits(batch, intervention)
-        labels = engine.labels(batch)
-        chosen = logits.gather(1, labels[:, None])[:, 0]
-        probability = torch.softmax(logits, dim=-1).gather(1, labels[:, None])[:, 0]
+        logits, labels = engine.logits(batch, intervention), answer_matrix(engine.labels(batch))
+        logits = logits[:, None] if logits.dim() == 2 else logits
+        given, targets = labels >= 0, labels.clamp_min(0)
+        right = ((logits.argmax(-1) == labels) | ~given).all(dim=1)
+        token_log_p = torch.log_softmax(logits, dim=-1).gather(2, targets[..., None])[..., 0]
+        probability = (token_log_p * given).sum(dim=1).exp()
+        first = logits[:, 0]
+        chosen = first.gather(1, targets[:, :1])[:, 0]
         if known:
             base = torch.cat([known[g][rows] for g, rows in batch])
-            differs = (base >= 0) & (base != labels)
-            diff = chosen - logits.gather(1, base.clamp_min(0)[:, None])[:, 0]
+            differs = (base >= 0) & (base != labels[:, 0])
+            diff = chosen - first.gather(1, base.clamp_min(0)[:, None])[:, 0]
         else:
-            differs, diff = torch.zeros_like(labels, dtype=torch.bool), torch.zeros_like(chosen)
+            differs, diff = torch.zeros_like(right), torch.zeros_like(chosen)
         kinds = [engine.groups[g].kinds[i] if engine.groups[g].kinds else "cause" for g, rows in batch for i in rows.tolist()]
-        rows = zip(kinds, (logits.argmax(-1) == labels).tolist(), probability.tolist(), diff.tolist(), differs.tolist())
+        rows = zip(kinds, right.tolist(), probability.tolist(), diff.tolist(), differs.tolist())
         for kind, ok, p, d, counted in rows:
             _add(result.hits, kind, int(ok))
             _add(result.counts, kind, 1)
@@ -232,7 +242,7 @@ def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int, base_
             if counted:
                 _add(result.logit_diff, kind, d)
                 _add(result.logit_diff_counts, kind, 1)
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        loss_sum += float(answer_cross_entropy(logits, labels, reduction="sum"))
         n += len(labels)
     result.loss = loss_sum / max(n, 1)
     return result
@@ -243,6 +253,6 @@ def _add(totals: dict, key: str, value) -> None:
 
 
 def evaluate(engine: ReferenceEngine, intervention, batch_size: int) -> tuple[float, float]:
-    """(IIA over all pairs, mean CE): top-1 of the intervened model equals the pair's label."""
+    """(IIA over all pairs, mean CE): every label token is the intervened model's top-1 (teacher-forced)."""
     result = evaluate_kinds(engine, intervention, batch_size)
     return result.iia(), result.loss

@@ -1,4 +1,4 @@
-"""Tokenising pairs: groups by length, single-token labels, position resolution and its errors."""
+"""Tokenising pairs: groups by length, labels of one or several tokens, position resolution and its errors."""
 
 import pytest
 import torch
@@ -26,9 +26,16 @@ def test_groups_by_length_and_labels_are_token_ids(tokenizer):
     assert int(group.base_positions["last"][0]) == group.base_ids.shape[1] - 1
 
 
-def test_label_that_is_not_one_token_is_a_clear_error(tokenizer):
-    with pytest.raises(DasError, match=r"label ' Maryanne-Louise' in the test split is not one token"):
-        tokenize_pairs(tokenizer, [example(label=" Maryanne-Louise")], "test")
+def test_labels_are_padded_to_the_splits_longest(tokenizer):
+    pairs = tokenize_pairs(tokenizer, [example(), example("When Mary and John went to the park, John gave it to", label=" New Zealand")], "test")
+    ids = tokenizer(" New Zealand", add_special_tokens=False).input_ids
+    assert len(ids) == 2 and [g.labels.tolist() for g in pairs.groups] == [[[tokenizer(" Mary").input_ids[0], -1]], [ids]]
+    assert all(g.base_labels.shape == (1, 1) for g in pairs.groups)
+
+
+def test_label_that_merges_with_its_prompt_is_a_clear_error(tokenizer):
+    with pytest.raises(DasError, match=r"label 'ten' in the test split merges with the end of its prompt"):
+        tokenize_pairs(tokenizer, [example(base="It happens of", label="ten")], "test")
 
 
 def test_positions_ints_names_and_errors(tokenizer):

@@ -1,5 +1,6 @@
 """The fast engine (cached base prefix, forward from the earliest intervened position) gives the
-same logits, gradients and training run as the reference engine (full forward with a hook)."""
+same logits, gradients and training run as the reference engine (full forward with a hook), with
+one-token labels and with labels of several tokens (teacher-forced after the prompt)."""
 
 import warnings
 from pathlib import Path
@@ -40,7 +41,21 @@ def base_prefixes(lm, pairs, batch_size):
     return base_run(lm, pairs, batch_size, keep_prefix=True).prefixes
 
 
-def random_pairs(seed: int = 0) -> PairSet:
+def answers(gen: torch.Generator, widths: tuple[int, ...] | None) -> torch.Tensor:
+    """Random answers, one per row: [G] one token each (widths None), else [G, max(widths)] with row i's
+    answer `widths[i]` tokens long and -1 after it."""
+    if widths is None:
+        return torch.randint(0, 1000, (G,), generator=gen)
+    labels = torch.randint(0, 1000, (G, max(widths)), generator=gen)
+    for i, width in enumerate(widths):
+        labels[i, width:] = -1
+    return labels
+
+
+MULTI = (1, 3, 2, 3)  # label widths per row: one-token and multi-token answers in one group
+
+
+def random_pairs(seed: int = 0, widths: tuple[int, ...] | None = None) -> PairSet:
     """Two groups of random prompts; a named position `s1` that varies by row on both sides."""
     gen = torch.Generator().manual_seed(seed)
     groups = []
@@ -49,7 +64,7 @@ def random_pairs(seed: int = 0) -> PairSet:
             PairGroup(
                 base_ids=torch.randint(0, 1000, (G, t), generator=gen),
                 source_ids=torch.randint(0, 1000, (G, s), generator=gen),
-                labels=torch.randint(0, 1000, (G,), generator=gen),
+                labels=answers(gen, widths),
                 base_labels=torch.randint(0, 1000, (G,), generator=gen),
                 base_positions={"s1": torch.tensor([1, 3, 2, t - 2]), "last": torch.full((G,), t - 1)},
                 source_positions={"s1": torch.tensor([4, 1, s - 2, 2]), "last": torch.full((G,), s - 1)},
@@ -106,7 +121,9 @@ POSITIONS = {
 }
 
 
-def hand_groups(lm, site, pairs, prefixes, position: str, seed: int = 0, residuals=None) -> list[CellGroup]:
+def hand_groups(lm, site, pairs, prefixes, position: str, seed: int = 0, residuals=None, own_labels=False) -> list[CellGroup]:
+    """Cells of `pairs` with random source values; random one-token labels, or the pairs' own (`own_labels`:
+    the labels the base run fed, which the cached residual of fed positions was computed with)."""
     gen = torch.Generator().manual_seed(seed)
     groups = []
     for g, (group, prefix) in enumerate(zip(pairs.groups, prefixes)):
@@ -116,7 +133,7 @@ def hand_groups(lm, site, pairs, prefixes, position: str, seed: int = 0, residua
                 base_ids=group.base_ids,
                 base_positions=positions,
                 source_values=torch.randn(G, positions.shape[1] * site.width, generator=gen),
-                labels=torch.randint(0, 1000, (G,), generator=gen),
+                labels=group.labels if own_labels else torch.randint(0, 1000, (G,), generator=gen),
                 prefix=prefix,
                 residual=residuals[g][site.layer] if residuals else None,
             )
@@ -135,8 +152,9 @@ def das_swap(W: torch.Tensor):
 
 
 def unedited_last_logits(lm, ids):
+    """[B, 1, vocab]: the engines' shape for one-token answers."""
     with torch.no_grad():
-        return lm.model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+        return lm.model(input_ids=ids, logits_to_keep=1).logits.float()
 
 
 # --- the prefix cache ------------------------------------------------------------------------
@@ -183,6 +201,7 @@ def test_base_run_predictions_and_accuracy(lm, pairs):
     # base labels: right on rows 0 and 2 of the first group only
     relabelled = PairSet(groups=[])
     for i, (group, p) in enumerate(zip(pairs.groups, plain.predictions)):
+        p = p[:, 0]
         base_labels = (p + 1) % 1000
         if i == 0:
             base_labels[[0, 2]] = p[[0, 2]]
@@ -244,14 +263,14 @@ def compare_engines(lm, site, groups, rows, seed=0):
             with torch.no_grad():
                 logits = engine.logits([(g, rows)], das_swap(W))
             loss = engine.loss([(g, rows)], das_swap(W))  # the fast one reads logits once
-            torch.testing.assert_close(loss.detach(), F.cross_entropy(logits, group.labels[rows]), atol=ATOL, rtol=0)
+            torch.testing.assert_close(loss.detach(), F.cross_entropy(logits[:, 0], group.labels[rows, 0]), atol=ATOL, rtol=0)
             (grad,) = torch.autograd.grad(loss, W)
             out.append((logits, grad))
         results[cls.__name__] = out
     for g, ((ref_logits, ref_grad), (fast_logits, fast_grad)) in enumerate(
         zip(results["ReferenceEngine"], results["FastEngine"])
     ):
-        assert fast_logits.shape == (len(rows), lm.model.config.vocab_size)
+        assert fast_logits.shape == (len(rows), 1, lm.model.config.vocab_size)
         torch.testing.assert_close(fast_logits, ref_logits, atol=ATOL, rtol=0, msg=lambda m: f"group {g} logits: {m}")
         torch.testing.assert_close(fast_grad, ref_grad, atol=ATOL, rtol=0, msg=lambda m: f"group {g} grad: {m}")
     return results
@@ -319,6 +338,64 @@ def test_mixed_length_batch_equals_reference(lm, pairs, prefixes, residuals, str
     assert torch.equal(fast.labels(MIXED), torch.cat([groups[0].labels[MIXED[0][1]], groups[1].labels[MIXED[1][1]]]))
 
 
+# --- labels of several tokens ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multi_pairs():
+    return random_pairs(seed=3, widths=MULTI)
+
+
+@pytest.fixture(scope="module")
+def multi_base(lm, multi_pairs):
+    return base_run(lm, multi_pairs, batch_size=3, keep_prefix=True, layers=SKIP_LAYERS)
+
+
+MULTI_STREAMS = ["block_input", "block_output", "attention_value_output", "head_key_output", "value_output", "mlp_activation"]
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip_blocks", "all_blocks"])
+@pytest.mark.parametrize("position", list(POSITIONS))
+@pytest.mark.parametrize("stream", MULTI_STREAMS)
+def test_multi_token_labels_fast_equals_reference(lm, multi_pairs, multi_base, stream, position, skip):
+    """Labels of 1 to 3 tokens in one batch, teacher-forced: both engines give the same logits at every
+    answer position, loss and gradient, for rows of one prompt length and for a batch of two lengths."""
+    site = site_of(lm, stream)
+    residuals = multi_base.residuals if skip else None
+    groups = hand_groups(lm, site, multi_pairs, multi_base.prefixes, position, residuals=residuals, own_labels=True)
+    fast, reference = FastEngine(lm, site, groups), ReferenceEngine(lm, site, groups)
+    W0 = orthonormal(groups[0].source_values.shape[1], 2)
+    for batch in ([(0, torch.tensor([1, 0, 3]))], MIXED):
+        out = {}
+        for engine in (reference, fast):
+            W = W0.clone().requires_grad_(True)
+            with torch.no_grad():
+                logits = engine.logits(batch, das_swap(W))
+            loss = engine.loss(batch, das_swap(W))
+            out[engine] = (logits, loss.detach(), torch.autograd.grad(loss, W)[0])
+        assert out[fast][0].shape == (sum(len(rows) for _, rows in batch), max(MULTI), lm.model.config.vocab_size)
+        for name, got, expected in zip(("logits", "loss", "grad"), out[fast], out[reference]):
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+        assert out[reference][2].abs().amax() > 0  # the edit reaches the loss
+
+
+def test_fed_labels_leave_the_cached_prefix_alone(lm, multi_pairs, multi_base):
+    """The base run behind the fast engine feeds the labels after the prompt: the prompt's keys and values
+    are those of the prompt alone, and the residual holds one more position per fed token."""
+    single = PairSet(groups=[PairGroup(**{**g.__dict__, "labels": g.labels[:, 0]}) for g in multi_pairs.groups])
+    plain = base_run(lm, single, batch_size=3, keep_prefix=True, layers=SKIP_LAYERS)
+    for group, multi_prefix, prefix, multi_residual, residual in zip(
+        multi_pairs.groups, multi_base.prefixes, plain.prefixes, multi_base.residuals, plain.residuals
+    ):
+        for layer, (a, b) in enumerate(zip(multi_prefix, prefix)):
+            if layer >= min(SKIP_LAYERS):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        t = group.base_ids.shape[1]
+        for layer in SKIP_LAYERS:
+            assert multi_residual[layer].shape[1] == t + max(MULTI) - 1
+            torch.testing.assert_close(multi_residual[layer][:, :t], residual[layer], atol=1e-6, rtol=0)
+
+
 def test_fast_engine_without_prefix_falls_back(lm, pairs, prefixes):
     site = site_of(lm, "mlp_output")
     groups = hand_groups(lm, site, pairs, prefixes, "middle+last")
@@ -346,15 +423,20 @@ TRAIN_CASES = [
 ]
 
 
+@pytest.mark.parametrize("widths", [None, MULTI], ids=["one_token", "multi_token"])
 @pytest.mark.parametrize("stream,position", TRAIN_CASES)
-def test_training_is_engine_independent(lm, stream, position):
-    pairs = random_pairs(seed=1)
-    # labels: the base's own prediction on half the rows, the source's on the other half, so IIA is
-    # neither 0 nor 1 by construction
+def test_training_is_engine_independent(lm, stream, position, widths):
+    pairs = random_pairs(seed=1, widths=widths)
+    # labels (their first tokens): the base's own prediction on half the rows, the source's on the other
+    # half, so one-token IIA is neither 0 nor 1 by construction
     for group in pairs.groups:
-        base_pred = unedited_last_logits(lm, group.base_ids).argmax(-1)
-        source_pred = unedited_last_logits(lm, group.source_ids).argmax(-1)
-        group.labels = torch.where(torch.arange(G) % 2 == 0, base_pred, source_pred)
+        base_pred = unedited_last_logits(lm, group.base_ids)[:, 0].argmax(-1)
+        source_pred = unedited_last_logits(lm, group.source_ids)[:, 0].argmax(-1)
+        first = torch.where(torch.arange(G) % 2 == 0, base_pred, source_pred)
+        if widths is None:
+            group.labels = first
+        else:
+            group.labels[:, 0] = first
     site = site_of(lm, stream)
     source_acts = [read_site(lm, site, group.source_ids) for group in pairs.groups]
     prefixes = base_prefixes(lm, pairs, batch_size=4)

@@ -1,6 +1,7 @@
 """Every model family in `FAMILIES`, on a tiny random model of its own: each stream hooks the tensor
-it claims, vanilla swaps behave, the fast engine equals the reference engine, heads split and
-join back exactly, and the hooked module paths are pinned.
+it claims, vanilla swaps behave, the fast engine equals the reference engine (one-token labels, and
+labels of several tokens over two prompt lengths), heads split and join back exactly, and the hooked
+module paths are pinned.
 
 Expected tensors are computed from the block's weights and norms (called directly, never through
 a hook), so a wrong path, side or column layout in the family table shows up as a mismatch.
@@ -225,13 +226,22 @@ def test_vanilla_full_swap(lm, ids, other_ids, stream):
 G = 4
 
 
-def random_pairs(gen: torch.Generator, rows: int, lengths: tuple[int, ...]) -> PairSet:
-    """One group of `rows` random pairs per base length (sources as long as their bases)."""
+def random_answers(gen: torch.Generator, widths: tuple[int, ...]) -> torch.Tensor:
+    """[rows, max(widths)] random answers, row i `widths[i]` tokens long, -1 after its end."""
+    labels = torch.randint(0, 1000, (len(widths), max(widths)), generator=gen)
+    for i, width in enumerate(widths):
+        labels[i, width:] = -1
+    return labels
+
+
+def random_pairs(gen: torch.Generator, rows: int, lengths: tuple[int, ...], widths: tuple[int, ...] | None = None) -> PairSet:
+    """One group of `rows` random pairs per base length (sources as long as their bases); one-token
+    labels, or labels `widths[i]` tokens long on row i."""
     return PairSet(groups=[
         PairGroup(
             base_ids=torch.randint(0, 1000, (rows, t), generator=gen),
             source_ids=torch.randint(0, 1000, (rows, t), generator=gen),
-            labels=torch.randint(0, 1000, (rows,), generator=gen),
+            labels=torch.randint(0, 1000, (rows,), generator=gen) if widths is None else random_answers(gen, widths),
             base_labels=torch.randint(0, 1000, (rows,), generator=gen),
             base_positions={},
             source_positions={},
@@ -276,7 +286,7 @@ def test_fast_equals_reference(lm, pairs, base, stream, position):
         ref = ReferenceEngine(lm, site, [cell]).logits([(0, rows)], lambda b, s: swap(b))
         fast = FastEngine(lm, site, [cell]).logits([(0, rows)], lambda b, s: swap(b))
     torch.testing.assert_close(fast, ref, atol=ENGINE_ATOL, rtol=0)
-    assert (ref - last_logits(lm, group.base_ids[rows])).abs().amax() > 1e-6  # the swap does something
+    assert (ref[:, 0] - last_logits(lm, group.base_ids[rows])).abs().amax() > 1e-6  # the swap does something
 
     W.requires_grad_(True)  # the training loss and its gradient (the fast engine's reads the vocabulary once)
     losses = [engine(lm, site, [cell]).loss([(0, rows)], lambda b, s: swap(b)) for engine in (ReferenceEngine, FastEngine)]
@@ -285,16 +295,20 @@ def test_fast_equals_reference(lm, pairs, base, stream, position):
     torch.testing.assert_close(grads[1], grads[0], atol=ENGINE_ATOL, rtol=0)
 
 
+MULTI = (3, 1, 2)  # label widths per row: one-token and multi-token answers in one group
+
+
 def check_two_lengths_like_reference(lm, stream: str, position: str, seed: int, joined: bool) -> None:
-    """A batch of two prompt lengths (9 and 6 tokens) through both engines: the same logits, with the
+    """A batch of two prompt lengths (9 and 6 tokens), with labels of 1 to 3 tokens teacher-forced after
+    them, through both engines: the same logits at every answer position, loss and gradient, with the
     fast engine's lengths joined into one forward or not as `joined` says; the base run's answers are
     the plain model's."""
     gen = torch.Generator().manual_seed(seed)
     lengths = (T, T - 3)
-    pairs = random_pairs(gen, B, lengths)
+    pairs = random_pairs(gen, B, lengths, MULTI)
     base = base_run(lm, pairs, batch_size=2, keep_prefix=True, layers=(LAYER,))
     for group, predictions in zip(pairs.groups, base.predictions):
-        assert torch.equal(predictions, last_logits(lm, group.base_ids).argmax(-1))
+        assert torch.equal(predictions[:, 0], last_logits(lm, group.base_ids).argmax(-1))
     site = resolve_site(lm, stream, LAYER)
     cells = [
         CellGroup(
@@ -310,23 +324,31 @@ def check_two_lengths_like_reference(lm, stream: str, position: str, seed: int, 
     batch = [(0, torch.tensor([2, 0])), (1, torch.tensor([1, 2, 0]))]
     fast = FastEngine(lm, site, cells)
     assert fast._joinable(batch) == joined
-    W = torch.linalg.qr(torch.randn(site.width, 2, generator=gen))[0]
+    W0 = torch.linalg.qr(torch.randn(site.width, 2, generator=gen))[0]
+    out = []
+    for engine in (ReferenceEngine(lm, site, cells), fast):
+        W = W0.clone().requires_grad_(True)
 
-    def intervene(b, s):
-        return b + ((s - b) @ W) @ W.T
+        def intervene(b, s):
+            return b + ((s - b) @ W) @ W.T
 
+        with torch.no_grad():
+            logits = engine.logits(batch, intervene)
+        loss = engine.loss(batch, intervene)
+        out.append((logits, loss.detach(), torch.autograd.grad(loss, W)[0]))
+    assert out[0][0].shape == (5, max(MULTI), lm.model.config.vocab_size)
+    for name, expected, got in zip(("logits", "loss", "grad"), *out):
+        torch.testing.assert_close(got, expected, atol=ENGINE_ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
     with torch.no_grad():
-        expected = ReferenceEngine(lm, site, cells).logits(batch, intervene)
-        torch.testing.assert_close(fast.logits(batch, intervene), expected, atol=ENGINE_ATOL, rtol=0)
         unedited = torch.cat([last_logits(lm, cells[g].base_ids[rows]) for g, rows in batch])
-    assert (expected - unedited).abs().amax() > 1e-6  # the swap does something
+    assert (out[0][0][:, 0] - unedited).abs().amax() > 1e-6  # the swap does something
 
 
 @pytest.mark.parametrize("position", ["middle", "last"])
 @pytest.mark.parametrize("stream", WHOLE_STREAMS)
 def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):
-    """The fast engine's one left-padded forward (masked prefix, each row's own position ids) gives
-    each row's own logits."""
+    """The fast engine's one left-padded forward (masked prefix, each row's own position ids, the
+    labels' tokens fed after the prompts) gives each row's own logits."""
     check_two_lengths_like_reference(lm, stream, position, seed=4, joined=True)
 
 

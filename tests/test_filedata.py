@@ -129,8 +129,10 @@ ROW_ERRORS = {
     "not a string": ([good(), good(1, label=3)], r"line 2: label must be a string, got 3"),
     "unknown kind": ([good(), good(1, kind="causal")], r"line 2: kind 'causal' is not one of: cause, isolate"),
     "unknown split": ([good(), good(1, split="dev")], r"line 2: split 'dev' is not one of: train, val, test"),
-    "label tokens": ([good(), good(1, label=" New York")], r"line 2: label ' New York' is not one token \(it is \['ĠNew', 'ĠYork'\]\)"),
-    "base_label tokens": ([good(), good(1, base_label=" New York")], r"line 2: base_label ' New York' is not one token"),
+    # "of" + "ten" is the one token " often" after the prompt: the label's own tokens never follow it there
+    "label merges": ([good(), good(1, label="ten")], r"line 2: label 'ten' merges with the end of its prompt: prompt and answer "
+                     r"tokenize together as \['Ġoften'\], not as the prompt's tokens then the answer's \['Ġof', 'ten'\]"),
+    "base_label merges": ([good(), good(1, base_label="ficial")], r"line 2: base_label 'ficial' merges with the end of its prompt"),
     "marker missing": ([good(), good(1, **{"base_positions.city": "Berlin"})],
                        r"line 2: base_positions.city: marker 'Berlin' is not in the base prompt 'Rome is"),
     "index out of range": ([good(), good(1, **{"source_positions.third": 9})],
@@ -142,7 +144,7 @@ ROW_ERRORS = {
     "unknown column": ([good(), good(1, lable=" Europe")], r"line 2: unknown column 'lable'; valid columns: base, source, label, "),
     "reserved name": ([good(**{"positions.last": 0})], r"line 1: positions.last: the position name 'last' is reserved"),
     "split on some rows": ([good(), good(1, split=None)], r"line 2: has no split, unlike line 1; give split on every row or on none"),
-    "blank lines count": ([good(), "", good(1, label=" New York")], r"line 3: label ' New York'"),
+    "blank lines count": ([good(), "", good(1, label="ten")], r"line 3: label 'ten'"),
 }
 
 
@@ -156,8 +158,14 @@ def test_bad_rows_are_named_by_line(tokenizer, tmp_path, case):
 
 
 def test_csv_lines_count_the_header(tokenizer, tmp_path):
-    with pytest.raises(DasError, match=r"pairs.csv line 3: label ' New York' is not one token"):
-        load(tokenizer, write_csv(tmp_path / "pairs.csv", [good(), good(1, label=" New York")]))
+    with pytest.raises(DasError, match=r"pairs.csv line 3: label 'ten' merges with the end of its prompt"):
+        load(tokenizer, write_csv(tmp_path / "pairs.csv", [good(), good(1, label="ten")]))
+
+
+def test_labels_of_several_tokens_are_read(tokenizer, tmp_path):
+    rows = [good(label=" New Zealand", base_label=" Saudi Arabia"), good(1, label=" New York")]
+    train, test = load(tokenizer, write_jsonl(tmp_path / "pairs.jsonl", rows))
+    assert (train[0].label, train[0].base_label, test[0].label) == (" New Zealand", " Saudi Arabia", " New York")
     with pytest.raises(DasError, match=r"pairs.csv line 1: unknown column 'lable'"):
         load(tokenizer, write_csv(tmp_path / "pairs.csv", [good(lable="x")]))
 
@@ -297,12 +305,14 @@ def test_cli_runs_the_shipped_ravel_dataset(tmp_path):
 
 
 def test_cli_names_the_bad_line(tmp_path):
-    path = write_jsonl(tmp_path / "pairs.jsonl", [good(), good(1, label=" New York")])
+    path = write_jsonl(tmp_path / "pairs.jsonl", [good(), good(1, label="ten")])
     args = ["dataset=file", f"dataset.path={path}", "model=tiny_llama", "layers=[1]", "progress=false"]
     result = run_cli(args + [f"hydra.run.dir={tmp_path / 'out'}"])
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line]
-    assert errors == [f"das-cli: error: dataset.path={path} line 2: label ' New York' is not one token (it is ['ĠNew', 'ĠYork'])"]
+    assert errors == [f"das-cli: error: dataset.path={path} line 2: label 'ten' merges with the end of its prompt: prompt and answer "
+                      "tokenize together as ['Ġoften'], not as the prompt's tokens then the answer's ['Ġof', 'ten']; "
+                      "start it at a token boundary (e.g. with a leading space)"]
     assert "Traceback" not in result.stderr
 
 

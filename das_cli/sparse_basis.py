@@ -96,28 +96,38 @@ def fit_rotation(jacobians: dict[str, Tensor], steps: int = 500, lr: float = 0.1
 
     generator = torch.Generator().manual_seed(seed)
     starts = [None] + [torch.linalg.qr(torch.randn(n, n, generator=generator))[0] for _ in range(restarts)]
-    rotation, history = min((_descend(objective, n, start, steps, lr) for start in starts), key=lambda fit: fit[1][-1] if fit[1] else 0.0)
+    rotation, _, history = min((_descend(objective, n, start, steps, lr) for start in starts), key=lambda fit: fit[1])
     identity = torch.eye(n)
     with torch.no_grad():
         zeros = [sum(zeros_fraction(rotate(j, m, side)) for side, j in prepared.items()) / len(prepared) for m in (identity, rotation)]
         return RotationFit(rotation, float(objective(identity)), float(objective(rotation)), zeros[0], zeros[1], history)
 
 
-def _descend(objective, n: int, start: Tensor | None, steps: int, lr: float) -> tuple[Tensor, list[float]]:
+def _descend(objective, n: int, start: Tensor | None, steps: int, lr: float) -> tuple[Tensor, float, list[float]]:
+    """Adam from `start`; returns the sparsest rotation met (the start included), its objective, the history.
+
+    Adam's first steps move every generator entry by about `lr`, which can leave the start's basin:
+    with few steps the last rotation may be less sparse than the start, so the best one is kept.
+    """
     rotation = Rotation(n, start)
     optimizer = torch.optim.Adam(rotation.parameters(), lr=lr)
     # decaying to 1% lets the entries that should vanish settle at zero instead of circling it
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, END_LR_FACTOR, total_iters=max(steps, 1))
     history = []
-    for _ in range(steps):
-        loss = objective(rotation())
+    best, best_loss = None, float("inf")
+    for _ in range(steps + 1):
+        current = rotation()
+        loss = objective(current)
+        if float(loss.detach()) < best_loss:
+            best, best_loss = current.detach().clone(), float(loss.detach())
+        if len(history) == steps:  # the last rotation, scored only
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         history.append(float(loss.detach()))
-    with torch.no_grad():
-        return rotation(), history
+    return best, best_loss, history
 
 
 def _site_width(jacobians: dict[str, Tensor]) -> int:
@@ -213,10 +223,14 @@ def _jacobian(run, start: Tensor, n_out: int) -> Tensor:
 
 # --- the intervention: a binary mask over the rotated coordinates --------------------------------
 
+import logging  # noqa: E402
+import time  # noqa: E402
+
 from .data import PairSet, resolve_positions  # noqa: E402  (below the maths, which needs neither)
 from .errors import DasError, choices_error  # noqa: E402
 from .interventions import INTERVENTIONS, DBMIntervention, _check_shapes, _saved  # noqa: E402
 
+log = logging.getLogger(__name__)
 JACOBIAN_PLOT = "jacobian_rotation.png"
 LOGITS_PLOT = "mask_logits.png"
 
@@ -254,11 +268,17 @@ class SparseBasisIntervention(DBMIntervention):
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[: self.n_prompts]
         sides = ("output", "input") if self.side == "both" else (self.side,)
         jacobian_of = {"output": producer_jacobian, "input": reader_jacobian}
+        start = time.perf_counter()
         jacobians = {
             side: torch.stack([jacobian_of[side](lm, site, prompts[k][0], int(p)).cpu() for k in order.tolist() for p in prompts[k][1]])
             for side in sides
         }
-        return self.fit_jacobians(jacobians, seed)
+        middle = time.perf_counter()
+        figures = self.fit_jacobians(jacobians, seed)
+        log.info("sparse_basis: %d Jacobians in %.1f s, rotation of %d (%d steps, %d starts) in %.1f s",
+                 sum(len(j) for j in jacobians.values()), middle - start, site.width, self.steps, self.restarts + 1,
+                 time.perf_counter() - middle)
+        return figures
 
     def fit_jacobians(self, jacobians: dict[str, Tensor], seed: int = 0) -> dict:
         """Learn R from given Jacobians ("output": [K, w, m] and/or "input": [K, m, w]); returns the sparsity figures."""

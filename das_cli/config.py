@@ -110,6 +110,15 @@ class DbmOptions:
 
 
 @dataclass
+class SparseBasisOptions(DbmOptions):
+    side: str = MISSING
+    n_prompts: int = MISSING
+    steps: int = MISSING
+    lr: float = MISSING
+    restarts: int = MISSING
+
+
+@dataclass
 class VanillaOptions:
     name: str = MISSING
     neurons: Optional[List[int]] = None
@@ -133,6 +142,7 @@ INTERVENTIONS: dict[str, type] = {
     "dbm": DbmOptions,
     "oblique_das": ObliqueDasOptions,
     "fixed": FixedOptions,
+    "sparse_basis": SparseBasisOptions,
 }
 GROUP_SCHEMAS: dict[str, dict[str | None, type]] = {"model": {None: ModelSchema}, "dataset": DATASETS,
                                                      "intervention": INTERVENTIONS}

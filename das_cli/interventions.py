@@ -66,13 +66,23 @@ class Intervention(nn.Module):
     `trainable`: fitted by gradient descent on the counterfactual loss (`fit` in train.py).
     `needs_activations`: estimated from training activations instead; the sweep calls
     `fit_activations` once before training and evaluation.
+    `needs_model`: estimated from the model itself at the cell's site (sparse_basis.py); the sweep calls
+    `fit_model` once before training, which returns extra columns for the cell's row.
     """
 
     trainable: bool = False
     needs_activations: bool = False
+    needs_model: bool = False
 
     def fit_activations(self, acts: SiteActivations) -> None:
         """Estimate the intervention from the training prompts' site vectors (only if `needs_activations`)."""
+
+    def fit_model(self, lm, site, pairs, position: tuple, seed: int) -> dict:
+        """Estimate the intervention from the model at `site` on the training pairs (only if `needs_model`)."""
+        return {}
+
+    def plot(self, directory) -> None:
+        """Figures of what was learned, into the cell's folder (when output.plots); none by default."""
 
     def forward(self, base: Tensor, source: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -626,6 +636,8 @@ INTERVENTIONS: dict[str, type[Intervention]] = {
     "oblique_das": ObliqueDASIntervention,
     "fixed": FixedIntervention,
 }
+# sparse_basis.py subclasses DBMIntervention and adds itself to INTERVENTIONS when imported.
+from das_cli import sparse_basis as _sparse_basis  # noqa: E402,F401
 
 
 def build_intervention(name: str, n: int, **options) -> Intervention:

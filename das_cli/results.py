@@ -316,6 +316,39 @@ def bar_chart(values: dict, path: str | os.PathLike, title: str, ylabel: str = "
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
+def side_by_side_heatmaps(left, right, path: str | os.PathLike, title: str, titles: tuple[str, str]) -> None:
+    """Two matrices as heatmaps on one colour scale (e.g. a Jacobian before and after a rotation), atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9.0, 4.2))
+    FigureCanvasAgg(figure)
+    top = float(max(np.max(left), np.max(right)))
+    for k, (matrix, name) in enumerate(zip((left, right), titles)):
+        axes = figure.add_subplot(1, 2, k + 1)
+        image = axes.imshow(np.asarray(matrix), cmap="magma", vmin=0.0, vmax=top, interpolation="nearest", aspect="auto")
+        axes.set_title(name, fontsize=9)
+    figure.colorbar(image, ax=figure.axes, shrink=0.8)
+    figure.suptitle(title, fontsize=9)
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+
+
+def histogram(values, path: str | os.PathLike, title: str) -> None:
+    """The distribution of `values` (e.g. mask logits), atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.5, 2.8))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.hist(np.asarray(values), bins=50, color="#3b6ea8")
+    axes.axvline(0.0, color="grey", linewidth=0.8)
+    axes.set_ylabel("count")
+    axes.set_title(title, fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+
+
 def write_head_importance(frame: pd.DataFrame, folder: str | os.PathLike) -> None:
     """head_importance.csv, long format (cell, stream, layer, position, heads, head, share), if any cell has one."""
     if "head_importance" not in frame or frame["head_importance"].isna().all():

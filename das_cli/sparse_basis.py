@@ -96,28 +96,38 @@ def fit_rotation(jacobians: dict[str, Tensor], steps: int = 500, lr: float = 0.1
 
     generator = torch.Generator().manual_seed(seed)
     starts = [None] + [torch.linalg.qr(torch.randn(n, n, generator=generator))[0] for _ in range(restarts)]
-    rotation, history = min((_descend(objective, n, start, steps, lr) for start in starts), key=lambda fit: fit[1][-1] if fit[1] else 0.0)
+    rotation, _, history = min((_descend(objective, n, start, steps, lr) for start in starts), key=lambda fit: fit[1])
     identity = torch.eye(n)
     with torch.no_grad():
         zeros = [sum(zeros_fraction(rotate(j, m, side)) for side, j in prepared.items()) / len(prepared) for m in (identity, rotation)]
         return RotationFit(rotation, float(objective(identity)), float(objective(rotation)), zeros[0], zeros[1], history)
 
 
-def _descend(objective, n: int, start: Tensor | None, steps: int, lr: float) -> tuple[Tensor, list[float]]:
+def _descend(objective, n: int, start: Tensor | None, steps: int, lr: float) -> tuple[Tensor, float, list[float]]:
+    """Adam from `start`; returns the sparsest rotation met (the start included), its objective, the history.
+
+    Adam's first steps move every generator entry by about `lr`, which can leave the start's basin:
+    with few steps the last rotation may be less sparse than the start, so the best one is kept.
+    """
     rotation = Rotation(n, start)
     optimizer = torch.optim.Adam(rotation.parameters(), lr=lr)
     # decaying to 1% lets the entries that should vanish settle at zero instead of circling it
     schedule = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, END_LR_FACTOR, total_iters=max(steps, 1))
     history = []
-    for _ in range(steps):
-        loss = objective(rotation())
+    best, best_loss = None, float("inf")
+    for _ in range(steps + 1):
+        current = rotation()
+        loss = objective(current)
+        if float(loss.detach()) < best_loss:
+            best, best_loss = current.detach().clone(), float(loss.detach())
+        if len(history) == steps:  # the last rotation, scored only
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         history.append(float(loss.detach()))
-    with torch.no_grad():
-        return rotation(), history
+    return best, best_loss, history
 
 
 def _site_width(jacobians: dict[str, Tensor]) -> int:
@@ -209,3 +219,113 @@ def _jacobian(run, start: Tensor, n_out: int) -> Tensor:
             picked = out[torch.arange(m, device=out.device), first + torch.arange(m, device=out.device)]
             rows.append(torch.autograd.grad(picked.sum(), x)[0])
     return torch.cat(rows)
+
+
+# --- the intervention: a binary mask over the rotated coordinates --------------------------------
+
+import logging  # noqa: E402
+import time  # noqa: E402
+
+from .data import PairSet, resolve_positions  # noqa: E402  (below the maths, which needs neither)
+from .errors import DasError, choices_error  # noqa: E402
+from .interventions import INTERVENTIONS, DBMIntervention, _check_shapes, _saved  # noqa: E402
+
+log = logging.getLogger(__name__)
+JACOBIAN_PLOT = "jacobian_rotation.png"
+LOGITS_PLOT = "mask_logits.png"
+
+
+class SparseBasisIntervention(DBMIntervention):
+    """h = b + Rᵀ (m ⊙ R (s − b)) per position: dbm's mask over the coordinates of the sparse-Jacobian basis.
+
+    R (site width w × w) is learned without labels by `fit_model` before training: the Jacobians
+    of `side` at the cell's positions on `n_prompts` training base prompts, then `fit_rotation`.
+    For a cell over P positions n = P · w, one R serves every position and the mask has n entries.
+    The mask is trained, annealed and evaluated (hard, [logit > 0]) as dbm's is.
+    """
+
+    needs_model = True
+
+    def __init__(self, n: int, side: str = "output", n_prompts: int = 16, steps: int = 200, lr: float = 0.05,
+                 restarts: int = 0, temperature_start: float = 1.0, temperature_end: float = 0.01, l1_weight: float = 1e-2):
+        super().__init__(n, temperature_start, temperature_end, l1_weight)
+        if side not in SIDES:
+            raise choices_error("intervention.side", side, SIDES)
+        for key, value, least in [("n_prompts", n_prompts, 1), ("steps", steps, 0), ("restarts", restarts, 0)]:
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DasError(f"intervention.{key}={value}: must be an integer >= {least}")
+        if not lr > 0:
+            raise DasError(f"intervention.lr={lr}: must be > 0")
+        self.side, self.n_prompts, self.steps, self.lr, self.restarts = side, n_prompts, steps, float(lr), restarts
+        self.register_buffer("rotation", None)
+        self.example: dict[str, Tensor] = {}  # one prompt's normalised Jacobian per side, unrotated (for the plot)
+
+    def fit_model(self, lm, site, pairs: PairSet, position: tuple, seed: int) -> dict:
+        """Learn R from the Jacobians at `position` of `n_prompts` base prompts of `pairs` (drawn with `seed`);
+        returns the row's sparsity figures."""
+        prompts = [(g.base_ids[i], rows[i]) for g in pairs.groups for rows in [resolve_positions(g, position, "base")]
+                   for i in range(len(g))]
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))[: self.n_prompts]
+        sides = ("output", "input") if self.side == "both" else (self.side,)
+        jacobian_of = {"output": producer_jacobian, "input": reader_jacobian}
+        start = time.perf_counter()
+        jacobians = {
+            side: torch.stack([jacobian_of[side](lm, site, prompts[k][0], int(p)).cpu() for k in order.tolist() for p in prompts[k][1]])
+            for side in sides
+        }
+        middle = time.perf_counter()
+        figures = self.fit_jacobians(jacobians, seed)
+        log.info("sparse_basis: %d Jacobians in %.1f s, rotation of %d (%d steps, %d starts) in %.1f s",
+                 sum(len(j) for j in jacobians.values()), middle - start, site.width, self.steps, self.restarts + 1,
+                 time.perf_counter() - middle)
+        return figures
+
+    def fit_jacobians(self, jacobians: dict[str, Tensor], seed: int = 0) -> dict:
+        """Learn R from given Jacobians ("output": [K, w, m] and/or "input": [K, m, w]); returns the sparsity figures."""
+        fit = fit_rotation(jacobians, self.steps, self.lr, self.restarts, seed)
+        width = fit.rotation.shape[0]
+        if self.n % width:
+            raise ValueError(f"the cell's width {self.n} is no multiple of the Jacobians' site width {width}")
+        self.rotation = fit.rotation.to(self.logits.device)
+        self.example = {side: normalised(j[0].detach().float().cpu()) for side, j in jacobians.items()}
+        return {"sparsity_before": fit.sparsity_before, "sparsity_after": fit.sparsity_after,
+                "zeros_before": fit.zeros_before, "zeros_after": fit.zeros_after}
+
+    def forward(self, base: Tensor, source: Tensor) -> Tensor:
+        _check_shapes(base, source, self.n)
+        if self.rotation is None:
+            raise RuntimeError("intervention=sparse_basis: call fit_model (or fit_jacobians) before using it")
+        R = self.rotation
+        b, s = base.float(), source.float()
+        mask = (self.soft_mask() if self.training else self.hard_mask()).view(-1, R.shape[0])
+        rotated = (s - b).unflatten(-1, (-1, R.shape[0])) @ R.T  # R (s − b) at each position
+        return (b + ((rotated * mask) @ R).flatten(-2)).to(base.dtype)
+
+    def edit_directions(self) -> Tensor:
+        """Rᵀ's columns of the kept coordinates, each at its position's block: n × r, orthonormal."""
+        width = self.rotation.shape[0]
+        kept = super().edit_directions().to(self.rotation.device)
+        directions = torch.zeros(self.n, len(kept), device=self.rotation.device)
+        for column, k in enumerate(kept.tolist()):
+            block = (k // width) * width
+            directions[block : block + width, column] = self.rotation[k % width]
+        return directions
+
+    def state_for_saving(self) -> dict[str, Tensor]:
+        return {**super().state_for_saving(), "rotation": _saved(self.rotation), "basis": _saved(self.edit_directions())}
+
+    def plot(self, directory) -> None:
+        """The example Jacobian before and after rotation, and the mask logits' distribution, into `directory`."""
+        from pathlib import Path
+
+        from .results import histogram, side_by_side_heatmaps
+
+        side, before = next(iter(self.example.items()))
+        after = rotate(before, self.rotation.cpu(), side)
+        names = {"output": "d site / d block input", "input": "d reading block / d site"}
+        side_by_side_heatmaps(before.abs().numpy(), after.abs().numpy(), Path(directory) / JACOBIAN_PLOT,
+                              f"|normalised Jacobian| ({names[side]}), one prompt", ("site basis", "rotated basis"))
+        histogram(self.logits.detach().cpu().numpy(), Path(directory) / LOGITS_PLOT, "mask logits (kept: > 0)")
+
+
+INTERVENTIONS["sparse_basis"] = SparseBasisIntervention  # registered here: it subclasses interventions.py's dbm

@@ -265,6 +265,7 @@ class Sweep:
         intervention = self.new_intervention(cell, width, options).to(self.lm.device)
         if intervention.needs_activations:
             intervention.fit_activations(self.site_activations(cell, site, sources, train))
+        learned = intervention.fit_model(self.lm, site, self.pairs["train"], cell.position, seed) if intervention.needs_model else {}
         t = cfg.train
         result = fit(train, intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor), seed,
                      bool(cfg.progress), self.store.checkpoint(cell))
@@ -280,8 +281,10 @@ class Sweep:
             "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]), **self.validation(cell, site, sources, intervention),
             "seconds": 0.0, "test_loss": scores.loss, "width": width, "steps": result.steps,
             "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "engine": cfg.train.engine,
-            **scores.graded_scores(), "penalty": result.penalty,
+            **scores.graded_scores(), "penalty": result.penalty, **learned,
         }
+        if cfg.output.plots:
+            _plot_safely(intervention, layout.cell_dir(self.folder, cell.id))
         test_base = base_vectors(self.lm, site, cell.position, self.pairs["test"], batch, cache=sources)
         test_source = torch.cat([g.source_values for g in test.groups])
         row.update(edit_scores(intervention, self.site_activations(cell, site, sources, train).values, test_base, test_source))
@@ -350,6 +353,15 @@ def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, fl
         return None
     n_heads, head_dim = head_counts(lm, cell.stream)
     return head_importance(basis, len(cell.position), site.heads or tuple(range(n_heads)), head_dim)
+
+
+def _plot_safely(intervention, directory: Path) -> None:
+    """The intervention's own figures; a figure that cannot be drawn costs a warning, not the cell."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        intervention.plot(directory)
+    except Exception as e:  # noqa: BLE001 - matplotlib raises many kinds
+        log.warning("plot of %s skipped: %s", directory.name, e)
 
 
 def _failed_row(cell: Cell, cfg: DictConfig, error: str) -> dict:

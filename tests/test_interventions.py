@@ -28,6 +28,8 @@ def make(name: str, n: int = N):
     module = build_intervention(name, n, **options)
     if module.needs_activations:
         module.fit_activations(SiteActivations(torch.randn(30, n), torch.arange(30) % 3, ["x", "y", "z"]))
+    if module.needs_model:  # sparse_basis: its rotation from random Jacobians
+        module.fit_jacobians({"output": torch.randn(4, n, 5)})
     return module
 
 
@@ -354,7 +356,7 @@ def test_build_intervention_errors():
     with pytest.raises(DasError) as err:
         build_intervention("lora", 4)
     assert str(err.value) == (
-        "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, fixed, mean_diff, oblique_das, pca, probe, random, vanilla"
+        "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, fixed, mean_diff, oblique_das, pca, probe, random, sparse_basis, vanilla"
     )
 
     with pytest.raises(DasError, match=r"intervention\.rank.*valid options: dim, full_rotation, orthogonal_map"):

@@ -149,6 +149,8 @@ def ready(name: str):
     module = build_intervention(name, N, **options)
     if module.needs_activations:
         module.fit_activations(SiteActivations(torch.randn(40, N), torch.arange(40) % 2, ["a", "b"]))
+    if module.needs_model:  # sparse_basis: its rotation from random Jacobians
+        module.fit_jacobians({"output": torch.randn(4, N, 5)})
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p))

@@ -607,9 +607,12 @@ def test_bad_option_values(name, options, message):
 
 
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_shipped_intervention_config_builds(path):
+def test_every_shipped_intervention_config_builds(path, tmp_path):
     options = OmegaConf.to_container(OmegaConf.load(path))
     name = options.pop("name")
+    if name == "fixed":  # its basis is the user's file (intervention.path, no default)
+        options["path"] = str(tmp_path / "basis.pt")
+        torch.save(torch.linalg.qr(torch.randn(N, 2))[0], options["path"])
     assert name == path.stem and name in INTERVENTIONS
     assert isinstance(build_intervention(name, N, **options), INTERVENTIONS[name])
 

@@ -142,10 +142,12 @@ def applied_map(module) -> torch.Tensor:
         return module(torch.zeros(module.n, module.n), torch.eye(module.n)).T
 
 
-def ready(name: str):
+def ready(name: str, folder) -> object:
     torch.manual_seed(1)
     options = {"vanilla": {"neurons": [1, 4]}, "das": {"dim": 2}, "oblique_das": {"dim": 2, "max_gain": 1e9},
-               "pca": {"dim": 2}, "random": {"dim": 2}}.get(name, {})
+               "pca": {"dim": 2}, "random": {"dim": 2}, "fixed": {"path": str(folder / "basis.pt")}}.get(name, {})
+    if name == "fixed":
+        torch.save(torch.linalg.qr(torch.randn(N, 2))[0], options["path"])
     module = build_intervention(name, N, **options)
     if module.needs_activations:
         module.fit_activations(SiteActivations(torch.randn(40, N), torch.arange(40) % 2, ["a", "b"]))
@@ -158,8 +160,8 @@ def ready(name: str):
 
 
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
-def test_gain_is_the_norm_of_the_applied_map_and_directions_span_what_it_writes(name):
-    module = ready(name)
+def test_gain_is_the_norm_of_the_applied_map_and_directions_span_what_it_writes(name, tmp_path):
+    module = ready(name, tmp_path)
     M = applied_map(module)
     assert module.gain() == pytest.approx(float(torch.linalg.matrix_norm(M, ord=2)), abs=1e-4)
     directions = module.edit_directions()

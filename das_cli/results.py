@@ -210,9 +210,11 @@ def format_summary(frame: pd.DataFrame, by: list[str] | tuple[str, ...] = ()) ->
     chooser, source = selection_score(frame)
     choices = pivot(frame, chooser)
     extras = {score: pivot(frame, score) for score in EXTRA_SCORES if score in frame and frame[score].notna().any()}
+    model_layers = int(frame["model_layers"].max()) if "model_layers" in frame and frame["model_layers"].notna().any() else None
     text = "\n\n".join(
         _group_summary(stream, heads, table, choices[stream, heads], source, intervals.get((stream, heads)),
-                       {score: tables[stream, heads] for score, tables in extras.items() if (stream, heads) in tables})
+                       {score: tables[stream, heads] for score, tables in extras.items() if (stream, heads) in tables},
+                       model_layers)
         for (stream, heads), table in tables.items())
     if spread is not None:
         text += (f"\n\nIIA above is the mean of {int(spread['n_seeds'].max())} seeds per cell; standard deviation "
@@ -239,7 +241,7 @@ def _interval_tables(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[pd.Data
 
 def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.DataFrame, source: str,
                    interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-                   extras: dict[str, pd.DataFrame] | None = None) -> str:
+                   extras: dict[str, pd.DataFrame] | None = None, model_layers: int | None = None) -> str:
     """The pivot, the best cell (chosen on `choice`, the validation or training IIA; reported with its test
     IIA, interval and extra scores), and the mean over layers of the max over positions (MIB-style)."""
     name = stream + (f" heads {heads}" if heads else "")
@@ -262,10 +264,19 @@ def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.Data
                if position in scores.columns and layer in scores.index and not np.isnan(scores.loc[layer, position])]
     if at_best:
         lines.append("  at this cell: " + ", ".join(at_best))
-    lines.append(f"mean over layers of the max over positions: {layer_max.mean():.2f}")
+    lines.append(f"mean over layers of the max over positions: {layer_max.mean():.2f}{_mib_label(table.index, model_layers)}")
     if failed:
         lines.append(f"({failed} failed {'cell' if failed == 1 else 'cells'} skipped)")
     return "\n".join(lines)
+
+
+def _mib_label(layers: pd.Index, model_layers: int | None) -> str:
+    """MIB's summary score averages the per-layer max over every layer of the model: name it so only then."""
+    if model_layers is None:
+        return ""
+    if set(layers) == set(range(model_layers)):
+        return f" (MIB average: all {model_layers} layers)"
+    return f" ({len(layers)} of {model_layers} layers; not MIB's average, which takes every layer: layers=all)"
 
 
 def _position_order(frame: pd.DataFrame) -> list:

@@ -280,7 +280,7 @@ class Sweep:
             **scores.scores(), "train_iia": train_scores.scores()["iia"], "loss": result.loss, "base_accuracy": self.accuracy,
             "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]), **self.validation(cell, site, sources, intervention),
             "seconds": 0.0, "test_loss": scores.loss, "width": width, "steps": result.steps,
-            "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "engine": cfg.train.engine,
+            "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "model_layers": self.lm.n_layers, "engine": cfg.train.engine,
             **scores.graded_scores(), "penalty": result.penalty, **learned,
         }
         if cfg.output.plots:

@@ -151,6 +151,17 @@ def test_best_cell_is_chosen_on_validation_never_on_test(rows):
     assert "best: block_output L2 @ last  IIA 0.30  (chosen on training IIA 0.40)" in text
 
 
+def test_mib_average_is_named_only_over_every_layer(rows):
+    for r in rows:
+        r["model_layers"] = 3
+    text = format_summary(results_frame(rows)).split("\n\n")[1]
+    assert "mean over layers of the max over positions: 0.20 (MIB average: all 3 layers)" in text
+    for r in rows:
+        r["model_layers"] = 30
+    text = format_summary(results_frame(rows)).split("\n\n")[1]
+    assert "mean over layers of the max over positions: 0.20 (3 of 30 layers; not MIB's average" in text
+
+
 def test_nan_cells_are_kept_in_pivot_and_skipped_by_summary(rows, tmp_path):
     for r in rows:
         if r["stream"] == "block_output" and r["layer"] == 2:

@@ -96,9 +96,13 @@ def default_partition() -> str:
     return next(n for n in names if n.endswith("*")).rstrip("*")
 
 
-def slurm_args(folder, *extra: str) -> list[str]:
+def slurm_args(folder, *extra: str, settings: list[str] = SETTINGS) -> list[str]:
     launcher = ["hydra/launcher=slurm", f"hydra.launcher.partition={default_partition()}"] + NODE_FIT
-    return ["-m", *launcher, *extra, "sweep.shard=0,1", "sweep.num_shards=2", f"hydra.sweep.dir={folder}"] + GRID + SETTINGS
+    return ["-m", *launcher, *extra, "sweep.shard=0,1", "sweep.num_shards=2", f"hydra.sweep.dir={folder}"] + GRID + settings
+
+
+# Cells long enough (60 steps each) that a requeue sent after a job's first cell lands before its last.
+LONG_SETTINGS = [a for a in SETTINGS if not a.startswith("train.epochs=")] + ["train.epochs=20"]
 
 
 def launch(args: list[str]) -> subprocess.Popen:
@@ -176,8 +180,12 @@ def test_array_sweep_merges_to_the_local_table(local_table, tmp_path):
 
 
 @pytest.mark.slurm
-def test_requeue_mid_sweep_loses_and_duplicates_nothing(local_table, tmp_path):
-    proc = launch(slurm_args(tmp_path))
+def test_requeue_mid_sweep_loses_and_duplicates_nothing(tmp_path):
+    local = tmp_path / "local"
+    assert run_cli(GRID + LONG_SETTINGS + [f"hydra.run.dir={local}"]).returncode == 0
+    local_table = results(local)[RESULT]
+    tmp_path = tmp_path / "sweep"
+    proc = launch(slurm_args(tmp_path, settings=LONG_SETTINGS))
     job, before = first_cell_then(proc, tmp_path, requeue)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr

@@ -92,7 +92,11 @@ def _stream_head_sets(cfg: DictConfig, lm: LoadedModel, stream: str, ranked: boo
 def head_rankings(rows: list[dict]) -> dict[tuple, list[int]]:
     """(stream, layer, position) -> heads by descending single-head validation IIA (training IIA where the
     run has no validation split; never test IIA), the mean over seeds (ties: lower head first)."""
-    score = "iia_val" if any(_number(row.get("iia_val")) for row in rows) else "train_iia"
+    import pandas as pd
+
+    from .results import selection_score
+
+    score, _ = selection_score(pd.DataFrame(rows))
     singles: dict[tuple, dict[int, list[float]]] = {}
     for row in rows:
         heads = str(row.get("heads") or "")

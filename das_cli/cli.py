@@ -11,6 +11,7 @@ job's cells into one table in the sweep folder and lists the failures, and the e
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -161,10 +162,22 @@ def interrupted(error: KeyboardInterrupt) -> None:
     sys.exit(getattr(error, "status", 130))
 
 
+def use_allocated_cpus() -> None:
+    """Inside a SLURM job, torch's threads match the CPUs the job was given: by default torch starts one per
+    core of the node, and jobs sharing a node then oversubscribe it (each step waits on the others' threads).
+    An explicit OMP_NUM_THREADS wins."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(int(cpus))
+
+
 @hydra.main(version_base="1.3", config_path=str(C.conf_dir()), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     from .sweep import run
 
+    use_allocated_cpus()
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     try:

@@ -88,6 +88,23 @@ def test_signal_delay_must_be_shorter_than_the_time_limit(overrides, refused, ca
     assert err.startswith("das-cli: error: hydra.launcher.signal_delay_s=") and "timeout_min" in err
 
 
+@pytest.mark.parametrize("env,threads", [({"SLURM_CPUS_PER_TASK": "3"}, 3), ({"SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "2"}, None),
+                                         ({}, None), ({"SLURM_CPUS_PER_TASK": "x"}, None)])
+def test_a_slurm_job_uses_the_cpus_it_was_given(env, threads, monkeypatch):
+    from das_cli.cli import use_allocated_cpus
+
+    before = torch.get_num_threads()
+    for name in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        use_allocated_cpus()
+        assert torch.get_num_threads() == (threads or before)
+    finally:
+        torch.set_num_threads(before)
+
+
 # --- on a real cluster ---------------------------------------------------------------------------
 
 
@@ -101,8 +118,9 @@ def slurm_args(folder, *extra: str, settings: list[str] = SETTINGS) -> list[str]
     return ["-m", *launcher, *extra, "sweep.shard=0,1", "sweep.num_shards=2", f"hydra.sweep.dir={folder}"] + GRID + settings
 
 
-# Cells long enough (60 steps each) that a requeue sent after a job's first cell lands before its last.
-LONG_SETTINGS = [a for a in SETTINGS if not a.startswith("train.epochs=")] + ["train.epochs=20"]
+# Cells of 1200 steps (several seconds each): a requeued job runs on for SLURM's KillWait after the requeue (submitit
+# ignores the SIGTERM), so a job's remaining cells must take longer than that for the requeue to land mid-sweep.
+LONG_SETTINGS = [a for a in SETTINGS if not a.startswith("train.epochs=")] + ["train.epochs=400"]
 
 
 def launch(args: list[str]) -> subprocess.Popen:
@@ -111,7 +129,8 @@ def launch(args: list[str]) -> subprocess.Popen:
 
 
 def first_cell_then(proc: subprocess.Popen, folder, action) -> tuple[str, dict]:
-    """Once a job has finished its first cell: `action(array job id)`; returns the id and the finished cells."""
+    """Once a job has finished its first cell: `action(array job id)`; returns the id and the cells finished when
+    the action returned."""
     deadline = time.monotonic() + 300
     while not list(folder.glob("*/cells/*/metrics.json")):
         assert proc.poll() is None, f"das-cli ended before its first cell: {proc.communicate()}"
@@ -143,6 +162,7 @@ def job_states(job: str, settle_s: float = 60.0) -> list[str]:
 
 
 def requeue(job: str) -> None:
+    """Requeue the array job; returns once its first run has ended and the requeued one is told to start."""
     subprocess.run(["scontrol", "requeue", job], check=True)
     start_again(job)
 

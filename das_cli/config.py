@@ -19,7 +19,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import DasError
-from .examples import KINDS
+from .examples import FILTERS, KINDS
 from .ioi import VARIABLES
 from .names import ENGINES, HEAD_STREAMS, STREAMS
 
@@ -51,6 +51,7 @@ class IoiDataset:
     n_val: int = MISSING
     n_test: int = MISSING
     seed: int = MISSING
+    filter: str = MISSING
 
 
 @dataclass
@@ -62,6 +63,7 @@ class FileDataset:
     val_fraction: float = MISSING
     train_kinds: List[str] = MISSING
     variable: str = MISSING
+    filter: str = MISSING
 
 
 DATASETS: dict[str, type] = {"ioi": IoiDataset, "file": FileDataset}
@@ -433,13 +435,13 @@ def _model_errors(model: DictConfig) -> list[str]:
 
 
 def _dataset_errors(ds: DictConfig) -> list[str]:
+    errors = [] if ds.filter in FILTERS else [f"dataset.filter={ds.filter}: not a valid choice; valid choices: {', '.join(FILTERS)}"]
     if ds.name == "ioi":
-        errors = _at_least("dataset.n_train", ds.n_train, 1) + _at_least("dataset.n_test", ds.n_test, 1)
+        errors += _at_least("dataset.n_train", ds.n_train, 1) + _at_least("dataset.n_test", ds.n_test, 1)
         errors += _at_least("dataset.n_val", ds.n_val, 0)
         if ds.variable not in VARIABLES:
             errors.append(f"dataset.variable={ds.variable}: valid choices: {', '.join(VARIABLES)}")
         return errors
-    errors = []
     if OmegaConf.is_missing(ds, "path"):
         errors.append("dataset.path: missing; give the pairs file, e.g. dataset.path=pairs.jsonl (JSONL, CSV or Parquet)")
     if not 0 < ds.test_fraction < 1:

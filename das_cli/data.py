@@ -39,6 +39,7 @@ class PairGroup:
     base_classes: list[str | None] = field(default_factory=list)  # the variable's value on each base prompt
     source_classes: list[str | None] = field(default_factory=list)  # ... and on each source prompt
     source_lengths: Tensor | None = None  # [G] tokens of each source prompt before padding (None: no padding)
+    counterfactuals: list[str] = field(default_factory=list)  # per pair: its counterfactual type ("" when not given)
 
     def __len__(self) -> int:
         return self.base_ids.shape[0]
@@ -47,6 +48,7 @@ class PairGroup:
 @dataclass
 class PairSet:
     groups: list[PairGroup]
+    before_filter: int | None = None  # pairs of the split before `dataset.filter` (None: not filtered)
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups)
@@ -66,6 +68,13 @@ def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
         base, source = encode(tokenizer, ex.base), encode(tokenizer, ex.source)
         buckets.setdefault(len(base), []).append((ex, base, source, _padded(label, width), _padded(base_label, base_width)))
     return PairSet(groups=[_group(tokenizer, rows) for _, rows in sorted(buckets.items())])
+
+
+def grouped_order(tokenizer, examples: list[Example]) -> list[int]:
+    """The index into `examples` of each row of `tokenize_pairs(tokenizer, examples, ...)`, group after
+    group: groups by base length ascending, file order within a group (a stable sort)."""
+    lengths = [len(encode(tokenizer, ex.base)) for ex in examples]
+    return sorted(range(len(examples)), key=lengths.__getitem__)
 
 
 def answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], str | None]:
@@ -129,6 +138,7 @@ def _group(tokenizer, rows) -> PairGroup:
         base_classes=[e.base_class for e in exs],
         source_classes=[e.source_class for e in exs],
         source_lengths=source_lengths,
+        counterfactuals=[e.counterfactual for e in exs],
     )
 
 

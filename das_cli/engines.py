@@ -53,6 +53,7 @@ class CellGroup:
     residual: Tensor | None = None  # [G, T+K-1, hidden] residual stream entering the site's block in the base run
     #   (prompt and fed label tokens)
     kinds: list[str] | None = None  # per pair: "cause" | "isolate" (None: all cause)
+    counterfactuals: list[str] | None = None  # per pair: its counterfactual type (None: none given)
 
     def __post_init__(self) -> None:
         self.labels = answer_matrix(self.labels)
@@ -249,16 +250,19 @@ class BaseRun:
     prefixes: list[list[tuple[Tensor, Tensor] | None]] | None = None  # per group, per layer (keys, values) [G, heads, T-1, d]
     residuals: list[dict[int, Tensor]] | None = None  # per group, layer -> [G, T+K-1, hidden] entering that block, label fed
 
-    def accuracy(self, pairs: PairSet) -> float:
-        """Share of the base prompts whose own answer is known and is the top-1 token at every one of its
-        positions (NaN when none is known)."""
-        hits = known = 0
+    def correct(self, pairs: PairSet) -> list[Tensor]:
+        """Per group [G] bool: the base prompt's own answer is known and is the top-1 token at every one of its positions."""
+        out = []
         for predictions, group in zip(self.predictions, pairs.groups):
             answers = answer_matrix(group.base_labels)
-            given = answers[:, 0] >= 0
             right = ((predictions.cpu() == answers) | (answers < 0)).all(dim=1)
-            hits, known = hits + int((right & given).sum()), known + int(given.sum())
-        return hits / known if known else float("nan")
+            out.append(right & (answers[:, 0] >= 0))
+        return out
+
+    def accuracy(self, pairs: PairSet) -> float:
+        """Share of the base prompts whose own answer is known and right (`correct`); NaN when none is known."""
+        known = sum(int((answer_matrix(g.base_labels)[:, 0] >= 0).sum()) for g in pairs.groups)
+        return sum(int(right.sum()) for right in self.correct(pairs)) / known if known else float("nan")
 
 
 @torch.no_grad()

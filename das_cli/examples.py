@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+from .errors import DasError
 
 
 @dataclass(frozen=True)
@@ -18,6 +21,10 @@ class Example:
     `base_value` / `source_value` name the variable's value on each prompt (IOI io_position:
     "first" / "second"); class-based baselines (mean difference, probe) group activations by
     them. When not given they default to the base label and the label of a cause pair.
+
+    `counterfactual` names the pair's counterfactual type (free text, "" when not given): IIA is
+    then the mean over types (train.Evaluation). `source_label` is the source prompt's own answer
+    (None: unknown); `dataset.filter=both` keeps pairs whose source the model answers right.
     """
 
     base: str
@@ -30,6 +37,8 @@ class Example:
     kind: str = "cause"
     base_value: str | None = None
     source_value: str | None = None
+    counterfactual: str = ""
+    source_label: str | None = None
 
     @property
     def base_class(self) -> str | None:
@@ -43,6 +52,7 @@ class Example:
 
 
 KINDS = ("cause", "isolate")
+FILTERS = ("none", "base", "both")  # dataset.filter: keep every pair, those whose base / base and source the model answers right
 SPLITS = ("train", "val", "test")
 
 
@@ -58,6 +68,25 @@ class Splits:
     def items(self) -> list[tuple[str, list[Example]]]:
         """(name, pairs) of every split that has pairs, in SPLITS order."""
         return [(name, getattr(self, name)) for name in SPLITS if getattr(self, name)]
+
+
+def counterfactual_suffix(name: str) -> str:
+    """A counterfactual type as a column suffix (`iia_cf_<suffix>`): runs of other characters than
+    letters, digits and `_` become one `_`, and none lead or trail ("same answer" -> "same_answer")."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")
+
+
+def check_counterfactual_names(names) -> None:
+    """Every counterfactual type must give a suffix of its own, and a non-empty one."""
+    by_suffix: dict[str, list[str]] = {}
+    for name in sorted(set(names)):
+        suffix = counterfactual_suffix(name)
+        if not suffix:
+            raise DasError(f"dataset: counterfactual {name!r} has no letter or digit to name its column iia_cf_<type>; rename it")
+        by_suffix.setdefault(suffix, []).append(name)
+    for suffix, clash in by_suffix.items():
+        if len(clash) > 1:
+            raise DasError(f"dataset: counterfactual types {' and '.join(map(repr, clash))} both name the column iia_cf_{suffix}; rename one")
 
 
 def encode(tokenizer, text: str) -> list[int]:

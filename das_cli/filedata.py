@@ -27,11 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 from .config import conf_dir
 from .errors import DasError
 from .data import answer_tokens
-from .examples import KINDS, SPLITS, Example, Splits, encode
+from .examples import KINDS, SPLITS, Example, Splits, check_counterfactual_names, encode
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 REQUIRED = ("base", "source", "label")
-TEXT_COLUMNS = REQUIRED + ("base_label", "kind", "split", "group", "base_value", "source_value")
+TEXT_COLUMNS = REQUIRED + ("base_label", "source_label", "kind", "split", "group", "base_value", "source_value", "counterfactual")
 POSITION_GROUPS = ("positions", "base_positions", "source_positions")
 RESERVED = "last"  # data.py adds every prompt's last token under this name
 VALID_COLUMNS = ", ".join(TEXT_COLUMNS + tuple(f"{g}.<name>" for g in POSITION_GROUPS))
@@ -71,6 +71,7 @@ def load_file_dataset(ds: DictConfig, tokenizer) -> Splits:
         raise DasError(f"dataset.path={path}: the file has no rows")
     parsed = [parse_row(row, tokenizer) for row in rows]
     _check_same_positions(parsed)
+    _check_counterfactuals(parsed)
     splits = _assign_splits(parsed, float(ds.get("test_fraction", 0.3)), float(ds.get("val_fraction", 0.2)), int(ds.get("seed", 0)))
     for name in ("train", "test"):
         if name not in splits:
@@ -246,16 +247,16 @@ def parse_row(row: Row, tokenizer) -> Parsed:
         raise row.error(f"kind {kind!r} is not one of: {', '.join(KINDS)}")
     if split is not None and split not in SPLITS:
         raise row.error(f"split {split!r} is not one of: {', '.join(SPLITS)}")
-    for column in ("label", "base_label"):
+    for column, prompt in (("label", "base"), ("base_label", "base"), ("source_label", "source")):
         if column in text:
-            _check_answer(row, tokenizer, column, text["base"], text[column])
+            _check_answer(row, tokenizer, column, text[prompt], text[column])
     base_specs, source_specs = _position_specs(row)
     example = Example(
         base=text["base"], source=text["source"], label=text["label"], base_label=text.get("base_label"),
         base_positions=_resolve_side(row, tokenizer, text["base"], "base", base_specs),
         source_positions=_resolve_side(row, tokenizer, text["source"], "source", source_specs),
         kind=kind, base_value=text.get("base_value"), source_value=text.get("source_value"),
-        group=text.get("group", ""),
+        group=text.get("group", ""), counterfactual=text.get("counterfactual", ""), source_label=text.get("source_label"),
     )
     return Parsed(row, example, split)
 
@@ -267,9 +268,9 @@ def _text(row: Row, column: str) -> str:
     return value
 
 
-def _check_answer(row: Row, tokenizer, column: str, base: str, text: str) -> None:
-    """An answer may be several tokens, but they must be the ones the model sees after the base prompt."""
-    _, problem = answer_tokens(tokenizer, base, text)
+def _check_answer(row: Row, tokenizer, column: str, prompt: str, text: str) -> None:
+    """An answer may be several tokens, but they must be the ones the model sees after its prompt."""
+    _, problem = answer_tokens(tokenizer, prompt, text)
     if problem:
         raise row.error(f"{column} {text!r} {problem}")
 
@@ -352,6 +353,17 @@ def _check_same_positions(parsed: list[Parsed]) -> None:
             extra, lacking = sorted(mine - names), sorted(names - mine)
             detail = "; ".join(([f"it adds {extra}"] if extra else []) + ([f"it lacks {lacking}"] if lacking else []))
             raise p.row.error(f"position names differ from {first.row.where}'s {sorted(names)}: {detail}; every row needs the same names")
+
+
+def _check_counterfactuals(parsed: list[Parsed]) -> None:
+    """A counterfactual type on every row or on none (a row without one would form a type of its own),
+    and every type naming a column of its own."""
+    typed = [bool(p.example.counterfactual) for p in parsed]
+    if any(typed) and not all(typed):
+        odd = next(p for p, t in zip(parsed, typed) if t != typed[0])
+        has = "has a counterfactual" if odd.example.counterfactual else "has no counterfactual"
+        raise odd.row.error(f"{has}, unlike {parsed[0].row.where}; give counterfactual on every row or on none")
+    check_counterfactual_names(p.example.counterfactual for p in parsed if p.example.counterfactual)
 
 
 def _assign_splits(parsed: list[Parsed], test_fraction: float, val_fraction: float, seed: int) -> dict[str, set[int]]:

@@ -194,7 +194,7 @@ def _position_pair(tokenizer, split: _Split, rng: random.Random, base_abb: bool,
     source = _fill(template, c, d, source_abb, place, obj)
     label = a if base_abb == source_abb else b
     return Example(
-        base=base, source=source, label=" " + label, base_label=" " + a,
+        base=base, source=source, label=" " + label, base_label=" " + a, source_label=" " + c,
         base_positions=_positions(tokenizer, base, a, b, group),
         source_positions=_positions(tokenizer, source, c, d, group),
         group=group, kind="cause",
@@ -226,7 +226,7 @@ def _name_pair(tokenizer, split: _Split, rng: random.Random) -> Example:
     base = _fill(template, a, b, rng.random() < 0.5, place, obj)
     source = _fill(template, c, d, rng.random() < 0.5, place, obj)
     return Example(
-        base=base, source=source, label=" " + c, base_label=" " + a,
+        base=base, source=source, label=" " + c, base_label=" " + a, source_label=" " + c,
         base_positions=_positions(tokenizer, base, a, b, group),
         source_positions=_positions(tokenizer, source, c, d, group),
         group=group, kind="cause",

@@ -10,6 +10,7 @@ edit far outside them steers the model rather than interchanging a variable.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import torch
 from scipy.stats import binomtest
@@ -26,6 +27,24 @@ def wilson_interval(hits: int, n: int) -> tuple[float, float]:
         return math.nan, math.nan
     interval = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
     return float(interval.low), float(interval.high)
+
+
+def mean_proportion_interval(tallies: list[tuple[int, int]]) -> tuple[float, float]:
+    """95% interval of the unweighted mean of several proportions hits_t / n_t (t: counterfactual types),
+    by Price & Bonett's adjusted Wald interval for a linear function of binomial proportions
+    (Comput. Stat. Data Anal. 45, 2004): each proportion gets 2/T added hits and 4/T added pairs,
+    p̃_t = (h_t + 2/T) / (n_t + 4/T), and the interval is mean(p̃) ± z √(Σ p̃_t (1 − p̃_t) / (n_t + 4/T)) / T,
+    clipped to [0, 1]. It is the interval of the reported mean, not of the pooled pairs (the two differ
+    when types differ in size); unlike the plain Wald interval it keeps a width when a type scores 0 or 1;
+    for T = 2 it is Agresti and Caffo's interval. Types without pairs are left out (NaN, NaN when none has any)."""
+    counted = [(h, n) for h, n in tallies if n > 0]
+    if not counted:
+        return math.nan, math.nan
+    t = len(counted)
+    adjusted = [((h + 2 / t) / (n + 4 / t), n + 4 / t) for h, n in counted]
+    centre = sum(p for p, _ in adjusted) / t
+    spread = NormalDist().inv_cdf(0.975) * math.sqrt(sum(p * (1 - p) / m for p, m in adjusted)) / t
+    return max(0.0, centre - spread), min(1.0, centre + spread)
 
 
 def largest_z(edited: Tensor, natural: Tensor, directions: Tensor) -> float:

@@ -27,6 +27,7 @@ from . import config as C
 from .data import PairSet, resolve_positions, tokenize_pairs
 from .errors import DasError, choices_error
 from .examples import KINDS
+from .filters import filter_pairs
 from .interrupts import is_interruption
 from . import folder as layout
 from .folder import CellStore, Checkpoint
@@ -69,7 +70,12 @@ def build_pairs(cfg: DictConfig, lm: LoadedModel) -> dict[str, PairSet]:
     for name in ("train", "test"):
         if not examples.get(name):
             raise DasError(f"dataset: the {name} split has no pairs (dataset.train_kinds={kinds})")
-    return {name: tokenize_pairs(lm.tokenizer, part, name) for name, part in examples.items()}
+    kept = filter_pairs(lm, examples, str(ds.filter), int(cfg.eval.batch_size))
+    pairs = {name: tokenize_pairs(lm.tokenizer, part, name) for name, part in kept.items()}
+    if ds.filter != "none":
+        for name, part in pairs.items():
+            part.before_filter = len(examples[name])
+    return pairs
 
 
 def check_positions(cells: list[Cell], *pair_sets: PairSet) -> None:
@@ -273,7 +279,8 @@ class Sweep:
             raise FloatingPointError("training loss became NaN")
         batch = int(cfg.eval.batch_size)
         train_scores = evaluate_kinds(train, intervention, batch)
-        scores = evaluate_kinds(test, intervention, batch, [g.base_labels for g in self.pairs["test"].groups])
+        scores = evaluate_kinds(test, intervention, batch, [g.base_labels for g in self.pairs["test"].groups],
+                                self.base["test"].correct(self.pairs["test"]))
         row = {
             "stream": cell.stream, "layer": cell.layer, "position": cell.position_label, "heads": cell.heads_label,
             "intervention": cfg.intervention.name, "dim": intervention.learned_dim(), "seed": cell.run_seed(int(cfg.seed)),
@@ -282,6 +289,7 @@ class Sweep:
             "seconds": 0.0, "test_loss": scores.loss, "width": width, "steps": result.steps,
             "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "model_layers": self.lm.n_layers, "engine": cfg.train.engine,
             **scores.graded_scores(), "penalty": result.penalty, **learned,
+            **{f"n_{name}_before_filter": pairs.before_filter for name, pairs in self.pairs.items() if pairs.before_filter is not None},
         }
         if cfg.output.plots:
             _plot_safely(intervention, layout.cell_dir(self.folder, cell.id))

@@ -241,6 +241,9 @@ def test_cli_ioi_has_no_types_and_a_bad_filter_is_named(tmp_path):
     row = pd.read_csv(tmp_path / "ioi" / "iia.csv").iloc[0]
     assert not [c for c in row.index if c.startswith(("iia_cf_", "n_cf_"))] and row["iia"] == row["iia_cause"]
     assert row["n_base_correct"] <= round(row["base_accuracy"] * row["n_test"])  # flips only; base_accuracy counts the non-flips too
+    emptied = run_cli(["model=tiny_gpt2", *TINY, "layers=[1]", "dataset.filter=base", f"hydra.run.dir={tmp_path / 'emptied'}"])
+    assert emptied.returncode == 2 and "Traceback" not in emptied.stderr  # the random model answers no IOI prompt right
+    assert emptied.stderr.strip().splitlines()[-1].startswith("das-cli: error: dataset.filter=base: the model answers none of the 24 train pairs right")
     bad = run_cli(["model=tiny_gpt2", "dataset.filter=bogus", f"hydra.run.dir={tmp_path / 'bad'}"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == "das-cli: error: dataset.filter=bogus: not a valid choice; valid choices: none, base, both"

@@ -91,6 +91,21 @@ def test_every_format_reads_to_the_same_pairs(tokenizer, tmp_path, fmt):
     assert load(tokenizer, path) == EXPECTED
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_counterfactual_types_and_source_labels_are_read(tokenizer, tmp_path, fmt):
+    rows = [{**r, "counterfactual": kind, "source_label": answer} for r, kind, answer in zip(ROWS, ["same answer", "other"], [" Japan", None])]
+    path = tmp_path / f"pairs.{fmt}"
+    if fmt == "jsonl":
+        write_jsonl(path, [{k: v for k, v in r.items() if v is not None} for r in rows])
+    elif fmt == "csv":
+        write_csv(path, rows)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    train, test = load(tokenizer, path)
+    assert (train[0].counterfactual, train[0].source_label) == ("same answer", " Japan")
+    assert (test[0].counterfactual, test[0].source_label) == ("other", None)
+
+
 def test_one_sided_positions_override_shared_ones(tokenizer, tmp_path):
     row = {**ROWS[0], "positions.noun": "country", "source_positions.noun": 2}
     train, _ = load(tokenizer, write_jsonl(tmp_path / "p.jsonl", [row, ROWS[1]]))

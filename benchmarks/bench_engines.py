@@ -1,4 +1,7 @@
-"""Fast engine vs reference engine: seconds per cell, speed-up, peak memory and IIA, side by side.
+"""Bundled vs fast vs reference engine: seconds per cell, speed-ups, peak memory and IIA, side by side.
+
+`bundled` is the fast engine training `train.cells_per_step=auto` cells per step, `fast` the same engine
+one cell at a time (`train.cells_per_step=1`), `reference` a full forward with a hook per step.
 
 Every measurement runs in a fresh subprocess (so peak memory is that engine's alone), and the
 engines alternate (fast, reference, fast, reference...) so drift in machine load hits both.
@@ -8,7 +11,8 @@ engines alternate (fast, reference, fast, reference...) so drift in machine load
     python benchmarks/bench_engines.py --overrides model=gpt2 device=cuda
 
 Single cells: block_output at the middle layer, at an early (`name1`), a middle (`s2`) and the last
-position. Sweep: the default grid (or --layers) run through `das_cli.run`. Writes a Markdown table
+position. Sweeps (--sweeps): `default` the default grid (or --layers), `wide` every layer at `s2`, `io`
+and `last`, `seeds` five seeds of the last position at the middle layer; each run through `das_cli.run`. Writes a Markdown table
 to --out and prints it.
 
 With --pyvene-python (the python of a virtualenv holding pyvene, see pyvene_peer.py), every single
@@ -27,7 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ENGINES = ("fast", "reference")
+VARIANTS = {  # name -> overrides
+    "bundled": ["train.engine=fast", "train.cells_per_step=auto"],
+    "fast": ["train.engine=fast", "train.cells_per_step=1"],
+    "reference": ["train.engine=reference"],
+}
+ENGINES = tuple(VARIANTS)
 CELL_POSITIONS = {"early": "name1", "middle": "s2", "last": "last"}
 
 
@@ -87,8 +96,7 @@ def _cache_mb(cfg, load_model, build_pairs, base_run) -> float:
 
 
 def measure(overrides: list[str], engine: str) -> dict:
-    command = [sys.executable, __file__, "--worker", "--engine-name", engine, "--overrides",
-               *overrides, f"train.engine={engine}"]
+    command = [sys.executable, __file__, "--worker", "--engine-name", engine, "--overrides", *overrides, *VARIANTS[engine]]
     out = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
@@ -153,29 +161,31 @@ def alternate(overrides: list[str], repeats: int, pyvene: str | None = None) -> 
 
 
 def row(name: str, runs: dict[str, list[dict]]) -> str:
-    fast, ref = (min(r["cell_seconds"] for r in runs[e]) / runs[e][0]["cells"] for e in ENGINES)
+    seconds = {e: min(r["cell_seconds"] for r in runs[e]) / runs[e][0]["cells"] for e in ENGINES}
     first = {e: runs[e][0] for e in ENGINES}
-    iia_gap = max(abs(a - b) for a, b in zip(first["fast"]["iia"], first["reference"]["iia"]))
+    iia_gap = max(abs(a - b) for e in ("bundled", "fast") for a, b in zip(first[e]["iia"], first["reference"]["iia"]))
     mean_iia = {e: sum(first[e]["iia"]) / len(first[e]["iia"]) for e in ENGINES}
     mem = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in ENGINES}
+    bundled, fast, ref = (seconds[e] for e in ENGINES)
     line = (
-        f"| {name} | {first['fast']['cells']} | {fast:.2f} | {ref:.2f} | **{ref / fast:.1f}×** | "
-        f"{mem['fast']:.0f} | {mem['reference']:.0f} | {first['fast']['cache_mb']:.0f} | "
-        f"{mean_iia['fast']:.3f} | {mean_iia['reference']:.3f} | {iia_gap:.3f} |"
+        f"| {name} | {first['fast']['cells']} | {bundled:.2f} | {fast:.2f} | {ref:.2f} | **{ref / bundled:.1f}×** | "
+        f"**{fast / bundled:.1f}×** | {ref / fast:.1f}× | {mem['bundled']:.0f} | {mem['fast']:.0f} | {mem['reference']:.0f} | "
+        f"{first['fast']['cache_mb']:.0f} | {mean_iia['bundled']:.3f} | {mean_iia['fast']:.3f} | {mean_iia['reference']:.3f} | {iia_gap:.3f} |"
     )
     if "pyvene" not in runs:
         return line
     peer = min(r["cell_seconds"] for r in runs["pyvene"])
     pv = runs["pyvene"][0]
-    return line + f" {peer:.2f} | **{peer / fast:.1f}×** | {max(r['peak_rss_mb'] for r in runs['pyvene']):.0f} | {pv['iia'][0]:.3f} |"
+    return line + f" {peer:.2f} | **{peer / bundled:.1f}×** | {max(r['peak_rss_mb'] for r in runs['pyvene']):.0f} | {pv['iia'][0]:.3f} |"
 
 
 HEADER = (
-    "| measurement | cells | fast s/cell | reference s/cell | speed-up | fast peak RSS MB | "
-    "reference peak RSS MB | fast caches MB | fast mean IIA | reference mean IIA | max abs IIA gap |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| measurement | cells | bundled s/cell | fast s/cell | reference s/cell | bundled vs reference | bundled vs fast | "
+    "fast vs reference | bundled peak RSS MB | fast peak RSS MB | reference peak RSS MB | caches MB | "
+    "bundled mean IIA | fast mean IIA | reference mean IIA | max abs IIA gap to reference |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
-PEER_HEADER = (" pyvene s/cell | fast vs pyvene | pyvene peak RSS MB | pyvene IIA |", "---|---|---|---|")
+PEER_HEADER = (" pyvene s/cell | bundled vs pyvene | pyvene peak RSS MB | pyvene IIA |", "---|---|---|---|")
 
 
 def main() -> None:
@@ -188,6 +198,7 @@ def main() -> None:
     parser.add_argument("--cell-layer", type=int, default=None, help="layer of the single cells (default: middle)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--sweeps", default="default", help="comma-separated: default, wide, seeds")
     parser.add_argument("--skip-cells", action="store_true", help="time the sweep only")
     parser.add_argument("--out", default="benchmarks/results.md")
     parser.add_argument("--pyvene-python", default=None, help="python of a virtualenv with pyvene (see pyvene_peer.py)")
@@ -206,8 +217,15 @@ def main() -> None:
         print(f"single cell, {name} position ({position}), layer {cell_layer}")
         runs = alternate(base + [f"layers=[{cell_layer}]", f"positions=[{position}]"], args.repeats, args.pyvene_python)
         lines.append(row(f"one cell, layer {cell_layer}, {name} position (`{position}`)", runs))
-    if not args.skip_sweep:
-        sweep = base + ([f"layers=[{args.layers}]"] if args.layers else [])
+    sweeps = {
+        "default": [f"layers=[{args.layers}]"] if args.layers else [],
+        "wide": ["layers=all", "positions=[s2,io,last]"],
+        "seeds": [f"layers=[{cell_layer}]", "positions=[last]", "seeds=5"],
+    }
+    for name in [] if args.skip_sweep else args.sweeps.split(","):
+        if name not in sweeps:
+            raise SystemExit(f"--sweeps: unknown sweep {name!r}; valid choices: {', '.join(sweeps)}")
+        sweep = base + sweeps[name]
         print("sweep:", " ".join(sweep))
         peer_gap = " — | — | — | — |" if args.pyvene_python else ""  # pyvene runs single cells only
         lines.append(row("sweep " + (" ".join(f"`{o}`" for o in sweep) or "(default grid)"), alternate(sweep, args.repeats)) + peer_gap)

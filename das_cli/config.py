@@ -157,6 +157,7 @@ class TrainConfig:
     batch_size: int = MISSING
     lr_end_factor: float = MISSING
     engine: str = MISSING
+    cells_per_step: Any = MISSING  # "auto" or an int >= 1 (checked by validate)
 
 
 @dataclass
@@ -415,6 +416,8 @@ def _run_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"train.lr_end_factor={t.lr_end_factor}: must be between 0 and 1 (the final learning rate is lr x lr_end_factor)")
     if t.engine not in ENGINES:
         errors.append(f"train.engine={t.engine}: valid choices: {', '.join(ENGINES)}")
+    if t.cells_per_step != "auto" and (isinstance(t.cells_per_step, bool) or not isinstance(t.cells_per_step, int) or t.cells_per_step < 1):
+        errors.append(f"train.cells_per_step={t.cells_per_step}: valid choices: auto, or a whole number >= 1")
     return errors
 
 
@@ -651,4 +654,6 @@ def pick_device(name: str):
 def fingerprint(cfg: DictConfig) -> dict:
     """The config parts that change a cell's numbers; a resumed folder must match them."""
     keep = ("model", "dataset", "intervention", "train", "seed", "dtype", "analysis")
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keep}
+    parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keep}
+    parts["train"].pop("cells_per_step", None)  # a bundle changes a cell's numbers in the last bits only (README: Speed)
+    return parts

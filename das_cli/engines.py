@@ -164,38 +164,46 @@ class FastEngine(ReferenceEngine):
         positions = torch.cat([group.base_positions[rows] - own for group, rows, _, own in pieces])
         source = torch.cat([group.source_values[rows] for group, rows, *_ in pieces])
         residual = torch.cat([group.residual[rows, own:] for group, rows, _, own in pieces]) if skipping else None
-        cache = self._prefix_cache(pieces, start, self.site.layer if skipping else 0) if start > 0 else None
-        mask = position_ids = None
-        if any(pads):
-            device, total = ids.device, length + self.width - 1
-            mask = torch.cat([torch.arange(total, device=device).expand(len(rows), -1) >= pad for _, rows, pad, _ in pieces]).long()
-            position_ids = torch.cat([torch.arange(own, own + total - start, device=device).expand(len(rows), -1) for _, rows, _, own in pieces])
+        cache = prefix_cache(self.lm, pieces, start, self.site.layer if skipping else 0) if start > 0 else None
+        mask, position_ids = padding_inputs(pieces, length + self.width - 1, start, ids.device)
         with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, self._edit(positions, source, intervene)):
             out = self.lm.model.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_arguments(self.lm.model.base_model, cache)
             )
         return out.last_hidden_state[:, -self.width :]
 
-    def _prefix_cache(self, pieces: list, start: int, first_block: int) -> DynamicCache:
-        """The base runs' keys and values before `start` (left-padded per piece), for blocks from `first_block` on.
 
-        Skipped blocks read nothing from the cache, but the model reads the prefix length from
-        their layers (layer 0, the first sliding-window layer), so they hold a placeholder of that length.
-        """
-        cache = DynamicCache(config=self.lm.model.config)
-        placeholder = pieces[0][0].base_ids.new_zeros(1, 1, start, 1, dtype=self.lm.model.dtype)
-        for layer in range(len(pieces[0][0].prefix)):
-            if layer < first_block:
-                cache.update(placeholder, placeholder, layer)
-                continue
-            if any(group.prefix[layer] is None for group, *_ in pieces):
-                raise ValueError(f"the base run kept no keys and values for layer {layer}, which block {first_block} on needs")
-            keys, values = (
-                torch.cat([_left_pad(group.prefix[layer][i][rows, :, :own], pad) for group, rows, pad, own in pieces])
-                for i in (0, 1)
-            )
-            cache.update(keys, values, layer)
-        return cache
+
+def padding_inputs(pieces: list, total: int, start: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+    """(attention mask, position ids) of left-padded pieces (group, rows, pad, own first column) joined into one
+    forward of `total` columns fed from column `start`; (None, None) when no piece is padded."""
+    if not any(pad for _, _, pad, _ in pieces):
+        return None, None
+    mask = torch.cat([torch.arange(total, device=device).expand(len(rows), -1) >= pad for _, rows, pad, _ in pieces]).long()
+    position_ids = torch.cat([torch.arange(own, own + total - start, device=device).expand(len(rows), -1) for _, rows, _, own in pieces])
+    return mask, position_ids
+
+
+def prefix_cache(lm: LoadedModel, pieces: list, start: int, first_block: int) -> DynamicCache:
+    """The base runs' keys and values before `start` (left-padded per piece), for blocks from `first_block` on.
+
+    Skipped blocks read nothing from the cache, but the model reads the prefix length from
+    their layers (layer 0, the first sliding-window layer), so they hold a placeholder of that length.
+    """
+    cache = DynamicCache(config=lm.model.config)
+    placeholder = pieces[0][0].base_ids.new_zeros(1, 1, start, 1, dtype=lm.model.dtype)
+    for layer in range(len(pieces[0][0].prefix)):
+        if layer < first_block:
+            cache.update(placeholder, placeholder, layer)
+            continue
+        if any(group.prefix[layer] is None for group, *_ in pieces):
+            raise ValueError(f"the base run kept no keys and values for layer {layer}, which block {first_block} on needs")
+        keys, values = (
+            torch.cat([_left_pad(group.prefix[layer][i][rows, :, :own], pad) for group, rows, pad, own in pieces])
+            for i in (0, 1)
+        )
+        cache.update(keys, values, layer)
+    return cache
 
 
 def cache_arguments(module: torch.nn.Module, kv_cache: DynamicCache | None) -> dict[str, object]:

@@ -53,6 +53,20 @@ class Readout:
         return answer_cross_entropy(self.logits(hidden), labels)
 
 
+    def losses(self, hidden: list[Tensor], labels: list[Tensor]) -> Tensor:
+        """[cells]: each cell's `loss` of its own rows, computed together (a bundle's step: the vocabulary weight
+        is read once for every cell's rows); each cell's rows weigh 1 / its own number of pairs."""
+        hidden = [h[:, None] if h.dim() == 2 else h for h in hidden]
+        labels = [l[:, None] if l.dim() == 1 else l for l in labels]
+        if not self.one_pass:
+            return torch.stack([answer_cross_entropy(self.logits(h), l) for h, l in zip(hidden, labels)])
+        rows = torch.cat([h.reshape(-1, h.shape[-1]) for h in hidden])
+        targets = torch.cat([l.clamp_min(0).reshape(-1) for l in labels])
+        weights = torch.cat([answer_weights(l).reshape(-1) for l in labels])
+        per_row = _OnePassRowLosses.apply(rows, self.head.weight, targets, CHUNK_ROWS, weights)
+        return torch.stack([part.sum() for part in per_row.split([l.numel() for l in labels])])
+
+
 def answer_weights(labels: Tensor) -> Tensor:
     """[B, K] weight of each answer position in the loss: 1 / (B x the pair's answer length); 0 past its end."""
     given = (labels >= 0).to(torch.float32)
@@ -88,8 +102,24 @@ class _OnePassCrossEntropy(torch.autograd.Function):
         return grad_loss * grad, None, None, None, None
 
 
-def _loss_and_gradient(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, weights: Tensor) -> tuple[Tensor, Tensor]:
-    """loss = sum_i w_i (logsumexp(l_i) - l_i[y_i]); d loss / d hidden_i = w_i (softmax(l_i) @ weight - weight[y_i])."""
+class _OnePassRowLosses(torch.autograd.Function):
+    """Each row's weighted loss [rows] (their sum is `_OnePassCrossEntropy`'s loss)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, weights: Tensor) -> Tensor:
+        per_row, grad = _loss_and_gradient(hidden, weight, labels, chunk, weights, per_row=True)
+        ctx.save_for_backward(grad)
+        return per_row
+
+    @staticmethod
+    def backward(ctx, grad_rows: Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad_rows[:, None] * grad, None, None, None, None
+
+
+def _loss_and_gradient(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int, weights: Tensor,
+                       per_row: bool = False) -> tuple[Tensor, Tensor]:
+    """loss = sum_i w_i (logsumexp(l_i) - l_i[y_i]) (`per_row`: its terms); d loss / d hidden_i = w_i (softmax(l_i) @ weight - weight[y_i])."""
     rows = hidden.shape[0]
     running_max = hidden.new_full((rows,), -torch.inf)
     normaliser = hidden.new_zeros(rows)
@@ -105,6 +135,7 @@ def _loss_and_gradient(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: in
         running_max = new_max
     target_rows = weight[labels]
     target_logits = (hidden * target_rows).sum(dim=1)
-    loss = ((running_max + normaliser.log() - target_logits) * weights).sum()
+    terms = (running_max + normaliser.log() - target_logits) * weights
+    loss = terms if per_row else terms.sum()
     grad = (weighted / normaliser[:, None] - target_rows) * weights[:, None]
     return loss, grad

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
@@ -41,6 +42,7 @@ from .scores import base_vectors, edit_scores
 from .results import bar_chart
 from .sites import Site, gather, head_counts, read_sites, resolve_site
 from .engines import BaseRun, base_run, make_engine
+from .bundles import cells_per_step
 from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
 from .train import evaluate_kinds, fit, prepare
 
@@ -164,6 +166,23 @@ def source_chunks(sites: list[Site], pairs: list[PairSet], element_bytes: int) -
     return chunks
 
 
+@dataclass
+class ReadyCell:
+    """A cell between set-up and evaluation: what `Sweep.finish` needs after training."""
+
+    cell: Cell
+    site: Site
+    sources: dict
+    train: object  # its engines (engines.py)
+    test: object
+    intervention: object
+    learned: dict  # what an estimated intervention reports (fit_model)
+    seed: int
+    width: int
+    start: float  # perf_counter at set-up
+    shared_seconds: float = 0.0  # its share of a bundle's training time (trained alone: 0, counted from start)
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during the cells: finished cells are kept, the cell in flight is checkpointed;
     the message says how to resume; `status` is the exit status (130, or 143 for SIGTERM)."""
@@ -238,6 +257,86 @@ class Sweep:
         self.store.save(cell, row, tensors, describe(self.cfg, self.lm, cell, int(row["width"])))
         return row
 
+    def save_trained(self, ready: ReadyCell, result) -> dict:
+        """Evaluate a trained cell and write it (or its failure); its row."""
+        try:
+            if isinstance(result, BaseException):
+                raise result
+            row, tensors = self.finish(ready, result)
+        except CELL_FAILURES as e:
+            return self.save_failure(ready.cell, e)
+        self.store.save(ready.cell, row, tensors, describe(self.cfg, self.lm, ready.cell, int(row["width"])))
+        log.info("cell %s trained: iia %.3f", ready.cell.id, row["iia"])
+        return row
+
+    def run_bundle(self, cells: list[Cell], sites: dict, sources: dict) -> list[dict]:
+        """Several cells trained together (bundles.py), each evaluated and written as soon as the bundle ends.
+        Cells another process holds are left out; a cell that cannot join (a checkpoint to resume, nothing
+        to train, the reference engine) trains alone."""
+        from .bundles import BundleEngine, Member, bundleable, fit_bundle
+
+        rows: list[dict] = []
+        with ExitStack() as locks:
+            ready: list[ReadyCell] = []
+            for cell in cells:
+                lock = self.store.lock(cell)
+                if not locks.enter_context(lock.held()):
+                    log.warning("cell %s is being trained by %s; skipped here", cell.id, lock.holder())
+                    continue
+                done = self.store.finished(cell)
+                if done:
+                    rows.append(done)
+                    continue
+                site = sites[site_key(cell)]
+                if layout.checkpoint_file(self.folder, cell.id).exists():  # resumes alone, from its own step
+                    rows.append(self.run_and_save(cell, site, sources[site_key(cell)]))
+                    continue
+                try:
+                    ready.append(self.set_up(cell, site, sources[site_key(cell)]))
+                except CELL_FAILURES as e:
+                    rows.append(self.save_failure(cell, e))
+            t = self.cfg.train
+            joins = [r for r in ready if r.intervention.trainable and int(t.epochs) > 0 and bundleable(r.train)]
+            for r in ready:
+                if r not in joins:
+                    rows.append(self.save_trained(r, self.fit_alone(r)))
+            if not joins:
+                return rows
+            started = time.perf_counter()
+            for r in joins:
+                r.shared_seconds, r.start = started - r.start, started
+            try:
+                bundle = BundleEngine(self.lm, [r.train for r in joins], self.first_residuals(joins))
+                members = [Member(r.intervention, r.seed, self.store.checkpoint(r.cell)) for r in joins]
+                results = fit_bundle(bundle, members, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
+                                     bool(self.cfg.progress))
+            except CELL_FAILURES as e:  # the joint step itself failed (e.g. out of memory): each cell alone
+                if is_interruption(e):
+                    raise
+                log.warning("a bundle of %d cells failed (%s); training them one by one", len(joins), e)
+                return rows + [self.save_trained(r, self.fit_alone(r)) for r in joins]
+            trained = time.perf_counter()
+            for r, result in zip(joins, results):
+                r.shared_seconds += (trained - started) / len(joins)
+                r.start = time.perf_counter()
+                rows.append(self.save_trained(r, result))
+        return rows
+
+    def fit_alone(self, ready: ReadyCell):
+        """`train.fit` of one cell; a failure is returned, not raised."""
+        t = self.cfg.train
+        try:
+            return fit(ready.train, ready.intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
+                       ready.seed, bool(self.cfg.progress), self.store.checkpoint(ready.cell))
+        except CELL_FAILURES as e:
+            return e
+
+    def first_residuals(self, joins: list[ReadyCell]) -> list[torch.Tensor] | None:
+        """Per train pair group, the base run's residual entering the bundle's earliest layer."""
+        first = min(r.cell.layer for r in joins)
+        base = self.base.get("train")
+        return [per_layer[first] for per_layer in base.residuals] if base and base.residuals else None
+
     def save_failure(self, cell: Cell, error: BaseException) -> dict:
         """Record the cell with its `error` (first line of the message) and let the sweep go on;
         an interruption (the job's time is up: das_cli/interrupts.py) is no cell failure and propagates."""
@@ -262,6 +361,14 @@ class Sweep:
 
     def run_cell(self, cell: Cell, site: Site, sources: dict) -> tuple[dict, dict]:
         """Train (or estimate) and evaluate one cell; returns its table row and its learned tensors."""
+        ready = self.set_up(cell, site, sources)
+        result = self.fit_alone(ready)
+        if isinstance(result, BaseException):
+            raise result
+        return self.finish(ready, result)
+
+    def set_up(self, cell: Cell, site: Site, sources: dict) -> "ReadyCell":
+        """A cell ready to train: its engines, its intervention built (and estimated, for those that are)."""
         cfg, start = self.cfg, time.perf_counter()
         seed = cell.seed(int(cfg.seed))
         torch.manual_seed(seed)
@@ -272,9 +379,12 @@ class Sweep:
         if intervention.needs_activations:
             intervention.fit_activations(self.site_activations(cell, site, sources, train))
         learned = intervention.fit_model(self.lm, site, self.pairs["train"], cell.position, seed) if intervention.needs_model else {}
-        t = cfg.train
-        result = fit(train, intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor), seed,
-                     bool(cfg.progress), self.store.checkpoint(cell))
+        return ReadyCell(cell, site, sources, train, test, intervention, learned, seed, width, start)
+
+    def finish(self, ready: "ReadyCell", result) -> tuple[dict, dict]:
+        """Evaluate a trained cell; returns its table row and its learned tensors."""
+        cfg, cell, site, sources, intervention = self.cfg, ready.cell, ready.site, ready.sources, ready.intervention
+        train, test = ready.train, ready.test
         if math.isnan(result.loss) and result.steps:
             raise FloatingPointError("training loss became NaN")
         batch = int(cfg.eval.batch_size)
@@ -286,9 +396,9 @@ class Sweep:
             "intervention": cfg.intervention.name, "dim": intervention.learned_dim(), "seed": cell.run_seed(int(cfg.seed)),
             **scores.scores(), "train_iia": train_scores.scores()["iia"], "loss": result.loss, "base_accuracy": self.accuracy,
             "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]), **self.validation(cell, site, sources, intervention),
-            "seconds": 0.0, "test_loss": scores.loss, "width": width, "steps": result.steps,
-            "cell": cell.id, "cell_seed": seed, "model": self.lm.name, "model_layers": self.lm.n_layers, "engine": cfg.train.engine,
-            **scores.graded_scores(), "penalty": result.penalty, **learned,
+            "seconds": 0.0, "test_loss": scores.loss, "width": ready.width, "steps": result.steps,
+            "cell": cell.id, "cell_seed": ready.seed, "model": self.lm.name, "model_layers": self.lm.n_layers, "engine": cfg.train.engine,
+            **scores.graded_scores(), "penalty": result.penalty, **ready.learned,
             **{f"n_{name}_before_filter": pairs.before_filter for name, pairs in self.pairs.items() if pairs.before_filter is not None},
         }
         if cfg.output.plots:
@@ -306,7 +416,7 @@ class Sweep:
             row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
             if cfg.output.plots:
                 bar_chart(shares, layout.head_plot_file(self.folder, cell.id), f"{cell.id}: share of the subspace per head")
-        row["seconds"] = time.perf_counter() - start
+        row["seconds"] = time.perf_counter() - ready.start + ready.shared_seconds
         return row, tensors
 
     def new_intervention(self, cell: Cell, width: int, options: dict):
@@ -460,14 +570,43 @@ def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list
     """The rows of `cells`, run where not finished; cells another process holds are left out."""
     pending = dict.fromkeys(site_key(c) for c in cells if sweep.store.finished(c) is None)
     sweep.read_ahead([sites[key] for key in pending])
+    size = cells_per_step(sweep.cfg, sweep.lm, [c for c in cells if site_key(c) in pending], sweep.pairs["train"])
     rows = []
     with tqdm(total=len(cells), desc="cells", disable=not sweep.cfg.progress) as bar:
-        for key, site_cells in groupby(cells, key=site_key):
-            for row in sweep.run_site(sites[key], list(site_cells)):
-                bar.update()
-                if row is not None:
-                    rows.append(row)
-                    bar.set_postfix_str(f"{row['cell']} iia={row['iia']:.2f}")
+        def record(row: dict | None) -> None:
+            bar.update()
+            if row is not None:
+                rows.append(row)
+                bar.set_postfix_str(f"{row['cell']} iia={row['iia']:.2f}")
+
+        if size == 1:
+            for key, site_cells in groupby(cells, key=site_key):
+                for row in sweep.run_site(sites[key], list(site_cells)):
+                    record(row)
+            return rows
+        for row in filter(None, map(sweep.store.finished, cells)):
+            record(row)
+        for chunk in list(sweep.upcoming):
+            for row in run_bundles(sweep, chunk, [c for c in cells if sweep.store.finished(c) is None], sites, size):
+                record(row)
+    return rows
+
+
+def run_bundles(sweep: Sweep, chunk: list[Site], cells: list[Cell], sites: dict[tuple, Site], size: int) -> list[dict]:
+    """The cells of one chunk of sites (their sources read together), in bundles of `size` cells of one position
+    (cells of one position feed the same tokens, so none feeds more than it would alone)."""
+    keys = [key for key in dict.fromkeys(map(site_key, cells)) if any(sites[key] is site for site in chunk)]
+    mine = [c for c in cells if site_key(c) in keys]
+    try:
+        sources = {key: sweep.sources_of(sites[key]) for key in keys}
+    except CELL_FAILURES as e:  # e.g. out of memory reading the sites: every pending cell of them fails
+        return [sweep.locked(cell, lambda c: sweep.save_failure(c, e)) for cell in mine]
+    rows = []
+    for position in dict.fromkeys(c.position_label for c in mine):
+        alike = [c for c in mine if c.position_label == position]
+        count = -(-len(alike) // size)  # bundles of near-equal size, none over `size`
+        for k in range(count):
+            rows += sweep.run_bundle(alike[k * len(alike) // count : (k + 1) * len(alike) // count], sites, sources)
     return rows
 
 

@@ -506,8 +506,10 @@ def test_fast_engine_feeds_only_the_suffix_over_its_cache(lm, pairs, prefixes, m
     groups = hand_groups(lm, site, pairs, prefixes, "middle")
     engine = FastEngine(lm, site, groups)
     made = []
-    build = FastEngine._prefix_cache
-    monkeypatch.setattr(FastEngine, "_prefix_cache", lambda self, *args: made.append(build(self, *args)) or made[-1])
+    import das_cli.engines as engines
+
+    build = engines.prefix_cache
+    monkeypatch.setattr(engines, "prefix_cache", lambda *args: made.append(build(*args)) or made[-1])
     fed = []
     embeddings = lm.model.get_input_embeddings()
     handle = embeddings.register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].shape[1]))

@@ -1,0 +1,281 @@
+"""Bundles: several cells trained in one step of the fast engine.
+
+A last-token cell's step feeds about `batch_size` one-token rows through the blocks after its
+layer: products far too small to use the hardware, and on a GPU a step bound by kernel launches.
+The cells of a sweep are independent but share the frozen model, the base prompts and their cached
+prefix, so a bundle trains them together. Each cell draws its own batch (its own order, from its own
+seed, as when trained alone); the rows of all cells are stacked into one forward that starts at the
+bundle's earliest layer; a cell's rows take the base run's cached residual as they enter its own
+layer; each cell's intervention edits only its own rows at its own site. The step's loss is the sum
+of the cells' mean losses, so each cell's gradient, and its own Adam update, is what it would get
+alone. Products of another size round differently, so a cell's numbers can differ from its lone run
+in the last bits.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .data import Batch, batches, to_device
+from .engines import FastEngine, cache_arguments, padding_inputs, prefix_cache, skip_blocks_before
+from .folder import Checkpoint
+from .interrupts import WholeSteps, stops_the_job
+from .interventions import Intervention
+from .models import LoadedModel
+from .readout import Readout
+from .sites import Site, gather, hooked, resolve_site, scatter
+from .train import Fit, TrainingState, rng_state
+
+
+def bundleable(engine) -> bool:
+    """Whether a cell's train engine can join a bundle: the fast engine with the base run's caches."""
+    return isinstance(engine, FastEngine) and engine.cached and all(g.residual is not None for g in engine.groups)
+
+
+class BundleEngine:
+    """One forward for the batches of several cells (their FastEngines over the same train pairs)."""
+
+    def __init__(self, lm: LoadedModel, engines: list[FastEngine], first_residuals: list[Tensor] | None):
+        """`first_residuals`: per pair group, the base run's residual entering the bundle's earliest layer."""
+        self.lm, self.engines = lm, engines
+        self.first = min(e.site.layer for e in engines)
+        self.first_residuals = first_residuals
+        self.width = engines[0].width
+        if any(e.width != self.width for e in engines):
+            raise ValueError("cells of one bundle must read answers of one width")
+        self.readout = Readout(lm)
+        self.window = engines[0].window
+        self.entries = {layer: resolve_site(lm, "block_input", layer) for layer in {e.site.layer for e in engines} if layer > self.first}
+
+    def losses(self, batches_: list[Batch], interventions: list[Intervention]) -> Tensor:
+        """[cells]: each cell's training loss (mean cross-entropy over its batch), from one forward where it can."""
+        hidden = self.final_hidden(batches_, interventions)
+        labels = [e.labels(b) for e, b in zip(self.engines, batches_)]
+        return self.readout.losses(hidden, labels)
+
+    def final_hidden(self, batches_: list[Batch], interventions: list[Intervention]) -> list[Tensor]:
+        pieces = [(i, *piece) for i, batch in enumerate(batches_) for piece in batch]
+        layout = self._layout(pieces)
+        if layout is None:  # prompts of several lengths that one left-padded forward cannot hold: cell by cell
+            return [e.final_hidden(b, v) for e, b, v in zip(self.engines, batches_, interventions)]
+        return self._run(pieces, *layout, interventions)
+
+    def _layout(self, pieces: list) -> tuple[int, list[int], int] | None:
+        """(padded length, left padding per piece, first fed column), or None when the pieces cannot be joined."""
+        lengths = [self.engines[i].groups[g].base_ids.shape[1] for i, g, _ in pieces]
+        length = max(lengths)
+        pads = [length - t for t in lengths]
+        start = min(self.engines[i].starts[g] + pad for (i, g, _), pad in zip(pieces, pads))
+        joinable = start >= max(pads) and (self.window is None or length + self.width - 1 <= self.window)
+        return (length, pads, start) if joinable else None
+
+    def _run(self, pieces: list, length: int, pads: list[int], start: int, interventions: list[Intervention]) -> list[Tensor]:
+        # per piece: its cell, group index, group, rows, left padding, first fed column in its own coordinates
+        joined = [(i, g, self.engines[i].groups[g], rows, pad, start - pad) for (i, g, rows), pad in zip(pieces, pads)]
+        spans = _spans([(i, len(rows)) for i, _, _, rows, _, _ in joined], len(self.engines))
+        skipping = self.first > 0 and self.first_residuals is not None
+        ids = torch.cat([group.fed_ids(rows, own) for _, _, group, rows, _, own in joined])
+        kv_pieces = [(group, rows, pad, own) for _, _, group, rows, pad, own in joined]
+        cache = prefix_cache(self.lm, kv_pieces, start, self.first if skipping else 0) if start > 0 else None
+        mask, position_ids = padding_inputs(kv_pieces, length + self.width - 1, start, ids.device)
+        residual = torch.cat([self.first_residuals[g][rows, own:] for _, g, _, rows, _, own in joined]) if skipping else None
+        with ExitStack() as stack:
+            stack.enter_context(skip_blocks_before(self.lm, self.first, residual))
+            for layer, entry in self.entries.items():  # cells of later layers enter with the cached residual
+                stack.enter_context(hooked(entry, self._entering(layer, joined, spans)))
+            for site, cells in _by_site(self.engines):
+                stack.enter_context(hooked(site, self._editing(cells, joined, spans, interventions)))
+            out = self.lm.model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_arguments(self.lm.model.base_model, cache)
+            )
+        hidden = out.last_hidden_state[:, -self.width :]
+        return [hidden[a:b] for a, b in spans]
+
+    def _entering(self, layer: int, joined: list, spans: list[tuple[int, int]]):
+        cells = [i for i, e in enumerate(self.engines) if e.site.layer == layer]
+        cached = {i: torch.cat([group.residual[rows, own:] for j, _, group, rows, _, own in joined if j == i]) for i in cells}
+
+        def enter(hidden: Tensor) -> Tensor:
+            return _replace_rows(hidden, {spans[i]: cached[i].to(hidden.dtype) for i in cells})
+
+        return enter
+
+    def _editing(self, cells: list[int], joined: list, spans: list[tuple[int, int]], interventions: list[Intervention]):
+        site = self.engines[cells[0]].site
+        columns = site.columns.to(self.lm.device)
+        positions = {i: torch.cat([group.base_positions[rows] - own for j, _, group, rows, _, own in joined if j == i]) for i in cells}
+        sources = {i: torch.cat([group.source_values[rows] for j, _, group, rows, _, _ in joined if j == i]) for i in cells}
+
+        def edit(hidden: Tensor) -> Tensor:
+            edited = {}
+            for i in cells:
+                a, b = spans[i]
+                part = hidden[a:b]
+                edited[(a, b)] = scatter(part, positions[i], columns, interventions[i](gather(part, positions[i], columns), sources[i]))
+            return _replace_rows(hidden, edited)
+
+        return edit
+
+
+def _spans(sizes: list[tuple[int, int]], cells: int) -> list[tuple[int, int]]:
+    """Per cell, its rows' [first, end) in the joined batch (its pieces are consecutive)."""
+    counts = [0] * cells
+    for i, n in sizes:
+        counts[i] += n
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return [(end - n, end) for end, n in zip(ends, counts)]
+
+
+def _by_site(engines: list[FastEngine]) -> list[tuple[Site, list[int]]]:
+    """Each site of the bundle with its cells (sites told apart by identity: one Site object per site)."""
+    out: dict[int, tuple[Site, list[int]]] = {}
+    for i, engine in enumerate(engines):
+        out.setdefault(id(engine.site), (engine.site, []))[1].append(i)
+    return list(out.values())
+
+
+def _replace_rows(hidden: Tensor, parts: dict[tuple[int, int], Tensor]) -> Tensor:
+    """`hidden` with rows [a, b) replaced by parts[(a, b)]."""
+    pieces, cursor = [], 0
+    for (a, b), part in sorted(parts.items()):
+        pieces += [hidden[cursor:a], part]
+        cursor = b
+    pieces.append(hidden[cursor:])
+    return torch.cat(pieces)
+
+
+@dataclass
+class Member:
+    """One cell of a bundle's training: its intervention, seed and checkpoint."""
+
+    intervention: Intervention
+    seed: int
+    checkpoint: Checkpoint | None = None
+
+
+def fit_bundle(
+    bundle: BundleEngine,
+    members: list[Member],
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    lr_end_factor: float,
+    progress: bool = True,
+) -> list[Fit | Exception]:
+    """`train.fit` for every cell of the bundle at once: per cell its own batches (from its seed), its own Adam
+    and schedule; one forward and one backward per step for all. A cell whose loss turns NaN leaves the
+    bundle with a FloatingPointError in its place; the others go on. A stop of the job checkpoints every
+    cell still training at the last whole step."""
+    sizes = [len(group) for group in bundle.engines[0].groups]
+    device = bundle.lm.device
+    plans = []
+    for member in members:
+        generator = torch.Generator().manual_seed(member.seed)
+        plans.append([batch for _ in range(epochs) for batch in to_device(batches(sizes, batch_size, generator), device)])
+    total = max(1, len(plans[0]))
+    per_epoch = len(plans[0]) // max(epochs, 1)
+    epoch_starts = {e * per_epoch for e in range(epochs)}
+    states = []
+    for member in members:
+        member.intervention.train()
+        optimizer = torch.optim.Adam(member.intervention.param_groups(lr))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (lr_end_factor - 1) * min(s / total, 1.0))
+        states.append(TrainingState(member.intervention, optimizer, schedule, device))
+    results: list[Fit | Exception | None] = [None] * len(members)
+    live = list(range(len(members)))
+    step = 0
+    bar = tqdm(total=total, desc=f"steps ({len(members)} cells)", leave=False, disable=not progress, mininterval=1.0)
+    try:
+        with WholeSteps() as whole, bar:
+            while step < len(plans[0]) and live:
+                if step in epoch_starts:
+                    for i in live:
+                        states[i].losses, states[i].penalties = [], []
+                for i in live:
+                    members[i].intervention.set_progress(step / total)
+                engine = bundle if len(live) == len(members) else _narrowed(bundle, live)
+                cross = engine.losses([plans[i][step] for i in live], [members[i].intervention for i in live])
+                penalties = [members[i].intervention.extra_loss() for i in live]
+                finite = [k for k, value in enumerate(cross.detach().tolist()) if math.isfinite(value)]
+                for k, i in enumerate(live):
+                    if k not in finite:
+                        results[i] = FloatingPointError("training loss became NaN")
+                        members[i].intervention.eval()
+                for i in live:
+                    states[i].optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    sum(cross[k] + penalties[k] for k in finite).backward()
+                with whole.update():
+                    for k in finite:
+                        i = live[k]
+                        states[i].optimizer.step()
+                        states[i].schedule.step()
+                        states[i].losses.append(cross[k].detach())
+                        states[i].penalties.append(penalties[k].detach())
+                    live = [live[k] for k in finite]
+                    step += 1
+                    for i in live:
+                        states[i].rng = rng_state(device)
+                bar.update()
+    except BaseException as stop:
+        if stops_the_job(stop):
+            for i in live:
+                if members[i].checkpoint is not None:
+                    members[i].checkpoint.save(states[i].saved(), step, len(plans[0]))
+        raise
+    for i in live:
+        members[i].intervention.set_progress(1.0)
+        members[i].intervention.eval()
+        state = states[i]
+        results[i] = Fit(loss=float(torch.stack(state.losses).mean()), steps=step, penalty=float(torch.stack(state.penalties).mean()))
+    return results  # type: ignore[return-value]
+
+
+def _narrowed(bundle: BundleEngine, live: list[int]) -> BundleEngine:
+    """The bundle without the cells that left it."""
+    narrowed = BundleEngine.__new__(BundleEngine)
+    narrowed.__dict__.update(bundle.__dict__)
+    narrowed.engines = [bundle.engines[i] for i in live]
+    narrowed.entries = {layer: site for layer, site in bundle.entries.items() if any(e.site.layer == layer for e in narrowed.engines)}
+    return narrowed
+
+
+# `train.cells_per_step=auto`: enough cells that a step feeds about this many token rows, where a bigger
+# step stops paying on the device (measured with benchmarks/bench_engines.py; README: Speed) ...
+AUTO_ROWS = {"cpu": 256, "cuda": 4096}
+# ... and no more than keeps the step's activations (kept for the backward pass) within this budget.
+AUTO_ACTIVATION_BYTES = {"cpu": 2 << 30, "cuda": 16 << 30}
+ACTIVATIONS_PER_TOKEN_BLOCK = 16  # vectors of the hidden size a block keeps per token for backward (attention, MLP, norms)
+
+
+def cells_per_step(cfg, lm: LoadedModel, cells: list, pairs) -> int:
+    """`train.cells_per_step` for these cells: 1 with the reference engine; `auto` from the rows a step feeds."""
+    setting = cfg.train.cells_per_step
+    if cfg.train.engine != "fast" or not cells:
+        return 1
+    if setting != "auto":
+        return int(setting)
+    device = "cuda" if lm.device.type == "cuda" else "cpu"
+    fed = max(fed_tokens(pairs, cell.position) for cell in cells)  # the widest cell decides
+    rows = int(cfg.train.batch_size) * fed
+    blocks = lm.n_layers - min(cell.layer for cell in cells)
+    activation_bytes = rows * blocks * lm.model.config.hidden_size * ACTIVATIONS_PER_TOKEN_BLOCK * lm.model.dtype.itemsize
+    return max(1, min(len(cells), AUTO_ROWS[device] // rows, AUTO_ACTIVATION_BYTES[device] // max(activation_bytes, 1)))
+
+
+def fed_tokens(pairs, position) -> int:
+    """Tokens a fast-engine step feeds per pair for cells at `position`: from the earliest intervened one on."""
+    from .data import resolve_positions
+
+    widths = []
+    for group in pairs.groups:
+        first = int(resolve_positions(group, position, "base").min())
+        answer = group.labels.shape[1] if group.labels.dim() == 2 else 1
+        widths.append(group.base_ids.shape[1] - first + answer - 1)
+    return max(widths)

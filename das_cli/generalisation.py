@@ -64,17 +64,7 @@ def write(stored: list, folder: Path, plots: bool = True) -> Transfer | None:
     evaluations = [cell for _, cell in stored if is_evaluation(cell.row) and "source" in cell.fingerprint]
     if not evaluations:
         return None
-    sources: dict[str, dict] = {}
-    homes: dict[str, list[Path]] = {}
-    entries = []
-    for cell in evaluations:
-        source, home = _origin(cell.fingerprint)
-        key = layout.config_key(source)
-        sources.setdefault(key, source)
-        homes.setdefault(key, [])
-        if home not in homes[key]:
-            homes[key].append(home)
-        entries.append(Entry(key, _evaluation_key(cell.fingerprint), cell.row))
+    sources, homes, entries = _evaluations(evaluations)
     own = _own_rows(stored, sources, homes)
     entries = _diagonal(own, sources) + [e for e in entries if (e.source, e.row["cell"]) not in own
                                          or e.tested != _evaluation_key(sources[e.source])]
@@ -87,6 +77,22 @@ def write(stored: list, folder: Path, plots: bool = True) -> Transfer | None:
         plot(frame, layout.table_file(folder, layout.TRANSFER_PLOT))
     chosen = _best_cells(own, rows)
     return Transfer(frame, summary(frame, chosen, bool(own)))
+
+
+def _evaluations(cells: list) -> tuple[dict[str, dict], dict[str, list[Path]], list[Entry]]:
+    """The source configurations (key -> fingerprint), their folders, and one entry per evaluated cell."""
+    sources: dict[str, dict] = {}
+    homes: dict[str, list[Path]] = {}
+    entries = []
+    for cell in cells:
+        source, home = _origin(cell.fingerprint)
+        key = layout.config_key(source)
+        sources.setdefault(key, source)
+        homes.setdefault(key, [])
+        if home not in homes[key]:
+            homes[key].append(home)
+        entries.append(Entry(key, _evaluation_key(cell.fingerprint), cell.row))
+    return sources, homes, entries
 
 
 def _origin(fingerprint: dict) -> tuple[dict, Path]:

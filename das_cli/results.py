@@ -150,7 +150,8 @@ def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", 
     With several seeds per cell, pivots and heatmaps show the mean; iia_seeds.csv and
     pivot_<name>_std.csv give the spread. Extra scores (EXTRA_SCORES) get pivot_<name>_<score>.csv
     and heatmap_<name>_<score>.png. Columns `by` (configuration keys a multirun swept) split the pivots,
-    heatmaps and seed tables: one set per value, <name> ending in "_<key>-<value>".
+    heatmaps and seed tables: one set per value, <name> ending in "_<key>-<value>" (or "_config-<hash>" when
+    that would be longer than MAX_SUFFIX).
     Floats are written in their shortest round-trip form. Returns the frame.
     """
     folder = Path(folder)

@@ -164,6 +164,13 @@ def test_source_runs_of_two_configurations_are_two_rows(evaluations, source, tmp
     assert len(table) == 2 * 2 * 2  # 2 rows x 2 columns x 2 cells, nothing merged
 
 
+def test_an_evaluation_of_an_evaluation_is_trained_on_the_first_source(evaluations, source, tmp_path):
+    parent, _ = evaluations
+    das_cli.run(das_cli.compose(GRID + ["dataset.seed=3", f"from_run={parent / 'on_seed7'}"]), tmp_path / "again")
+    table = aggregate(tmp_path / "again", plots=False).transfer.frame
+    assert set(table["trained_on"]) == {"ioi (seed=0)"} and set(table["tested_on"]) == {"ioi (seed=0)", "ioi (seed=3)"}
+
+
 def test_a_file_name_shared_by_two_files_is_told_apart():
     same = {"dataset": {"name": "file", "path": "pairs.jsonl"}, "model": {"name": "m"}}
     keys = [json.dumps({**same, "data": h * 64}, sort_keys=True) for h in "ab"]

@@ -164,6 +164,17 @@ def test_source_runs_of_two_configurations_are_two_rows(evaluations, source, tmp
     assert len(table) == 2 * 2 * 2  # 2 rows x 2 columns x 2 cells, nothing merged
 
 
+def test_a_source_run_split_over_two_folders_is_one_row(source, tmp_path):
+    """Layer chunks of one configuration (a multirun's jobs) are one source: one row, its diagonal from both folders."""
+    folder, _ = source
+    das_cli.run(das_cli.compose(GRID[:1] + GRID[2:] + ["layers=[2]", "intervention=das", "intervention.dim=2"]), tmp_path / "chunk")
+    for name, run in (("a", folder), ("b", tmp_path / "chunk")):
+        das_cli.run(das_cli.compose(GRID[:1] + GRID[2:] + ["dataset.seed=7", f"from_run={run}"]), tmp_path / "evals" / name)
+    table = aggregate(tmp_path / "evals", plots=False).transfer.frame
+    assert set(table["trained_on"]) == {"ioi (seed=0)"}
+    assert sorted(table.loc[table["tested_on"] == "ioi (seed=0)", "cell"]) == [f"block_output__L0{k}__Plast" for k in range(3)]
+
+
 def test_an_evaluation_of_an_evaluation_is_trained_on_the_first_source(evaluations, source, tmp_path):
     parent, _ = evaluations
     das_cli.run(das_cli.compose(GRID + ["dataset.seed=3", f"from_run={parent / 'on_seed7'}"]), tmp_path / "again")

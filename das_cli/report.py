@@ -4,7 +4,8 @@ Reads every `cells/<cell-id>/metrics.json` under the folder, at any depth (a mul
 subfolders, several shards, or one run folder), keeps one row per cell and configuration and writes
 `iia.csv`, the pivots and heatmaps into the folder (`results.write_results`), then prints the summary.
 `das-cli` itself ends with the same call on its run folder, so the tables always hold every finished
-cell on disk, whichever job wrote it.
+cell on disk, whichever job wrote it. When the cells include from_run evaluations, it also writes the
+transfer table (trained-on x tested-on IIA per cell: generalisation.py).
 
 Rules:
 - a cell is identified by its id and its configuration (its fingerprint, the seed aside). Jobs of

@@ -12,6 +12,7 @@ reading a finished cell back with checks, and the lock a process holds while it 
                                                SLURM's signal) with the cell's fingerprint; removed when it ends
     <folder>/iia.csv, iia_seeds.csv, head_importance.csv, pivot_*.csv, heatmap_*.png
                                                tables of every finished cell on disk
+    <folder>/transfer.csv, transfer.png        with from_run evaluations: test IIA by trained-on x tested-on dataset
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ CHECKPOINT = "checkpoint.pt"
 TABLE = "iia.csv"
 SEEDS_TABLE = "iia_seeds.csv"
 HEADS_TABLE = "head_importance.csv"
+TRANSFER_TABLE = "transfer.csv"
+TRANSFER_PLOT = "transfer.png"
 RECORD_KEYS = ("fingerprint", "subspace", "artefact")  # in metrics.json next to the row; not table columns
 
 

@@ -4,7 +4,8 @@ Reads every `cells/<cell-id>/metrics.json` under the folder, at any depth (a mul
 subfolders, several shards, or one run folder), keeps one row per cell and configuration and writes
 `iia.csv`, the pivots and heatmaps into the folder (`results.write_results`), then prints the summary.
 `das-cli` itself ends with the same call on its run folder, so the tables always hold every finished
-cell on disk, whichever job wrote it.
+cell on disk, whichever job wrote it. When the cells include from_run evaluations, it also writes the
+transfer table (trained-on x tested-on IIA per cell: generalisation.py).
 
 Rules:
 - a cell is identified by its id and its configuration (its fingerprint, the seed aside). Jobs of
@@ -30,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import folder as layout
+from . import generalisation
 from .errors import DasError
 from .results import format_summary, write_results
 
@@ -47,6 +49,7 @@ class Report:
     not_started: list[Path] = field(default_factory=list)  # job folders (Hydra's .hydra/) that wrote no grid
     damaged: list[tuple[str, str]] = field(default_factory=list)  # (cell path, problem)
     swept: list[str] = field(default_factory=list)  # configuration keys that differ between jobs (table columns)
+    transfer: generalisation.Transfer | None = None  # from_run evaluations among the cells: transfer.csv
 
     @property
     def ok(self) -> bool:
@@ -69,6 +72,8 @@ class Report:
             lines.append(f"  ... and {len(self.missing) - 20} more missing")
         for job in self.not_started:
             lines.append(f"  job {_rel(self.folder, job)} ran no cell (failed before its grid; see its log)")
+        if self.transfer is not None:
+            lines += ["", self.transfer.text, ""]
         lines.append(f"results: {self.folder.resolve()}")
         return "\n".join(lines)
 
@@ -104,7 +109,8 @@ def aggregate(folder: str | Path, plots: bool = True, nested: bool = True) -> Re
         if (job_configs.get(job), c) not in found and c not in broken
     ))
     not_started = [j for j in others if not layout.grid_files(j)]
-    return Report(folder, frame, jobs, failed, missing, not_started, damaged, swept)
+    transfer = generalisation.write(stored, folder, plots)
+    return Report(folder, frame, jobs, failed, missing, not_started, damaged, swept, transfer)
 
 
 def _unique_rows(folder: Path, stored: list, swept: list[str]) -> list[tuple[str, dict]]:

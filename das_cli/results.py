@@ -8,6 +8,7 @@ pivots keep it, heatmaps draw it grey with "—", the summary skips it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import os
@@ -62,6 +63,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
 # Scores some runs add (isolation, illusion check); each present one gets its own pivot and heatmap.
 EXTRA_SCORES = ("iia_isolate", "iia_mean", "iia_row", "iia_null")
 CELL_KEY = ["stream", "heads", "layer", "position"]
+MAX_SUFFIX = 120  # longer swept-value file name suffixes are replaced by a hash of their label
 
 
 def pivot(frame: pd.DataFrame, value: str = "iia", agg: str = "mean") -> dict[tuple[str, str], pd.DataFrame]:
@@ -106,13 +108,24 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
     """
     from matplotlib.figure import Figure
 
-    values = table.to_numpy(dtype=float)
-    n_layers, n_positions = values.shape
+    n_layers, n_positions = table.shape
     width = 3.0 + 0.8 * n_positions
-    fig = Figure(figsize=(width, 1.8 + 0.4 * n_layers), layout="constrained")
+    title = textwrap.fill(title, width=int(11 * width))
+    fig = Figure(figsize=(width, 1.6 + 0.4 * n_layers + 0.15 * (title.count("\n") + 1)), layout="constrained")
     ax = fig.add_subplot()
-    cmap = _colormap()
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    image = draw_heatmap(ax, table, spread, interval)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label=label)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def draw_heatmap(ax, table: pd.DataFrame, spread: pd.DataFrame | None = None,
+                 interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+                 xlabel: str = "position", ylabel: str = "layer"):
+    """Draw `table` (rows top to bottom, columns left to right) on the matplotlib axes `ax` as `heatmap`
+    describes; returns the image, for a colour bar."""
+    values = table.to_numpy(dtype=float)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=_colormap(), vmin=0.0, vmax=1.0, aspect="auto")
     spreads = None if spread is None else spread.reindex_like(table).to_numpy(dtype=float)
     bounds = None if interval is None else [t.reindex_like(table).to_numpy(dtype=float) for t in interval]
     for (row, col), v in np.ndenumerate(values):
@@ -122,13 +135,11 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
         elif bounds is not None and not np.isnan(v) and not np.isnan(bounds[0][row, col]):
             text += f"\n[{bounds[0][row, col]:.2f}, {bounds[1][row, col]:.2f}]"
         ax.text(col, row, text, ha="center", va="center", color=colour, fontsize=8 if "\n" not in text else 7)
-    ax.set_xticks(range(n_positions), [str(p) for p in table.columns])
-    ax.set_yticks(range(n_layers), [str(layer) for layer in table.index])
-    ax.set_xlabel("position")
-    ax.set_ylabel("layer")
-    ax.set_title(textwrap.fill(title, width=int(11 * width)), fontsize=9)
-    fig.colorbar(image, ax=ax, label=label)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    ax.set_xticks(range(values.shape[1]), [str(p) for p in table.columns])
+    ax.set_yticks(range(values.shape[0]), [str(r) for r in table.index])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return image
 
 
 def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", plots: bool = True,
@@ -139,7 +150,8 @@ def write_results(rows: list[dict], folder: str | os.PathLike, title: str = "", 
     With several seeds per cell, pivots and heatmaps show the mean; iia_seeds.csv and
     pivot_<name>_std.csv give the spread. Extra scores (EXTRA_SCORES) get pivot_<name>_<score>.csv
     and heatmap_<name>_<score>.png. Columns `by` (configuration keys a multirun swept) split the pivots,
-    heatmaps and seed tables: one set per value, <name> ending in "_<key>-<value>".
+    heatmaps and seed tables: one set per value, <name> ending in "_<key>-<value>" (or "_config-<hash>" when
+    that would be longer than MAX_SUFFIX).
     Floats are written in their shortest round-trip form. Returns the frame.
     """
     folder = Path(folder)
@@ -155,12 +167,15 @@ def _split(frame: pd.DataFrame, by) -> list[tuple[str, str, pd.DataFrame]]:
     """(file name suffix, label, rows) per value of the `by` columns; [("", "", frame)] without them."""
     if not by:
         return [("", "", frame)]
-    keys = frame[list(by)].astype(str)
+    keys = frame[list(by)].map(lambda v: "" if _missing(v) else str(v))  # a key some configurations lack: ""
     out = []
     for values, part in frame.groupby([keys[k] for k in by], sort=False):
-        pairs = list(zip(by, values if isinstance(values, tuple) else (values,)))
+        pairs = [(k, v) for k, v in zip(by, values if isinstance(values, tuple) else (values,)) if v != ""]
+        label = ", ".join(f"{k}={v}" for k, v in pairs)
         suffix = "".join(f"_{_file_part(k)}-{_file_part(v)}" for k, v in pairs)
-        out.append((suffix, ", ".join(f"{k}={v}" for k, v in pairs), part))
+        if len(suffix) > MAX_SUFFIX:  # e.g. runs on other datasets differ in many keys: keep file names legal
+            suffix = "_config-" + hashlib.sha256(label.encode()).hexdigest()[:8]
+        out.append((suffix, label, part))
     return out
 
 

@@ -4,9 +4,10 @@ A last-token cell's step feeds about `batch_size` one-token rows through the blo
 layer: products far too small to use the hardware, and on a GPU a step bound by kernel launches.
 The cells of a sweep are independent but share the frozen model, the base prompts and their cached
 prefix, so a bundle trains them together. Each cell draws its own batch (its own order, from its own
-seed, as when trained alone); the rows of all cells are stacked into one forward that starts at the
-bundle's earliest layer; a cell's rows take the base run's cached residual as they enter its own
-layer; each cell's intervention edits only its own rows at its own site. The step's loss is the sum
+seed, as when trained alone); the rows of all cells are stacked, deepest cells last, into one forward
+that starts at the bundle's earliest layer; a cell's rows enter at its own layer with the base run's
+cached residual (before it, each block computes only the rows that have entered, so no cell's rows
+cost more blocks than alone); each cell's intervention edits only its own rows at its own site. The step's loss is the sum
 of the cells' mean losses, so each cell's gradient, and its own Adam update, is what it would get
 alone. Products of another size round differently, so a cell's numbers can differ from its lone run
 in the last bits.
@@ -15,8 +16,9 @@ in the last bits.
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -41,17 +43,18 @@ def bundleable(engine) -> bool:
 class BundleEngine:
     """One forward for the batches of several cells (their FastEngines over the same train pairs)."""
 
-    def __init__(self, lm: LoadedModel, engines: list[FastEngine], first_residuals: list[Tensor] | None):
-        """`first_residuals`: per pair group, the base run's residual entering the bundle's earliest layer."""
+    def __init__(self, lm: LoadedModel, engines: list[FastEngine]):
         self.lm, self.engines = lm, engines
         self.first = min(e.site.layer for e in engines)
-        self.first_residuals = first_residuals
         self.width = engines[0].width
         if any(e.width != self.width for e in engines):
             raise ValueError("cells of one bundle must read answers of one width")
         self.readout = Readout(lm)
         self.window = engines[0].window
-        self.entries = {layer: resolve_site(lm, "block_input", layer) for layer in {e.site.layer for e in engines} if layer > self.first}
+        # Skipping the blocks before the first layer, each row starts as its own cell's cached residual and passes
+        # through unchanged until its cell's layer: it enters as it is. From layer 0 on, rows are replaced as they enter.
+        layers = {e.site.layer for e in engines if e.site.layer > self.first} if self.first == 0 else set()
+        self.entries = {layer: resolve_site(lm, "block_input", layer) for layer in layers}
 
     def losses(self, batches_: list[Batch], interventions: list[Intervention]) -> Tensor:
         """[cells]: each cell's training loss (mean cross-entropy over its batch), from one forward where it can."""
@@ -60,7 +63,8 @@ class BundleEngine:
         return self.readout.losses(hidden, labels)
 
     def final_hidden(self, batches_: list[Batch], interventions: list[Intervention]) -> list[Tensor]:
-        pieces = [(i, *piece) for i, batch in enumerate(batches_) for piece in batch]
+        order = sorted(range(len(self.engines)), key=lambda i: self.engines[i].site.layer)
+        pieces = [(i, *piece) for i in order for piece in batches_[i]]
         layout = self._layout(pieces)
         if layout is None:  # prompts of several lengths that one left-padded forward cannot hold: cell by cell
             return [e.final_hidden(b, v) for e, b, v in zip(self.engines, batches_, interventions)]
@@ -79,14 +83,18 @@ class BundleEngine:
         # per piece: its cell, group index, group, rows, left padding, first fed column in its own coordinates
         joined = [(i, g, self.engines[i].groups[g], rows, pad, start - pad) for (i, g, rows), pad in zip(pieces, pads)]
         spans = _spans([(i, len(rows)) for i, _, _, rows, _, _ in joined], len(self.engines))
-        skipping = self.first > 0 and self.first_residuals is not None
+        skipping = self.first > 0
         ids = torch.cat([group.fed_ids(rows, own) for _, _, group, rows, _, own in joined])
         kv_pieces = [(group, rows, pad, own) for _, _, group, rows, pad, own in joined]
-        cache = prefix_cache(self.lm, kv_pieces, start, self.first if skipping else 0) if start > 0 else None
+        layers = [self.engines[i].site.layer for i, *_ in joined]  # ascending: the pieces are in layer order
+        entered_pieces = {b: sum(layer <= b for layer in layers) for b in range(self.lm.n_layers)}
+        entered_rows = {b: sum(len(rows) for (_, _, _, rows, _, _), layer in zip(joined, layers) if layer <= b) for b in range(self.lm.n_layers)}
+        cache = prefix_cache(self.lm, kv_pieces, start, self.first if skipping else 0, entered_pieces) if start > 0 else None
         mask, position_ids = padding_inputs(kv_pieces, length + self.width - 1, start, ids.device)
-        residual = torch.cat([self.first_residuals[g][rows, own:] for _, g, _, rows, _, own in joined]) if skipping else None
+        residual = torch.cat([group.residual[rows, own:] for _, _, group, rows, _, own in joined]) if skipping else None
         with ExitStack() as stack:
             stack.enter_context(skip_blocks_before(self.lm, self.first, residual))
+            stack.enter_context(entered_rows_only(self.lm, self.first, entered_rows, len(ids)))
             for layer, entry in self.entries.items():  # cells of later layers enter with the cached residual
                 stack.enter_context(hooked(entry, self._entering(layer, joined, spans)))
             for site, cells in _by_site(self.engines):
@@ -124,12 +132,53 @@ class BundleEngine:
 
 
 def _spans(sizes: list[tuple[int, int]], cells: int) -> list[tuple[int, int]]:
-    """Per cell, its rows' [first, end) in the joined batch (its pieces are consecutive)."""
-    counts = [0] * cells
+    """Per cell, its rows' [first, end) in the joined batch, from (cell, rows) per piece in batch order
+    (a cell's pieces are consecutive)."""
+    spans: dict[int, tuple[int, int]] = {}
+    cursor = 0
     for i, n in sizes:
-        counts[i] += n
-    ends = torch.tensor(counts).cumsum(0).tolist()
-    return [(end - n, end) for end, n in zip(ends, counts)]
+        first = spans[i][0] if i in spans else cursor
+        spans[i] = (first, cursor + n)
+        cursor += n
+    return [spans.get(i, (0, 0)) for i in range(cells)]
+
+
+@contextmanager
+def entered_rows_only(lm: LoadedModel, first: int, entered: dict[int, int], total: int) -> Iterator[None]:
+    """Each block from `first` on computes only the first `entered[block]` of the `total` rows (the cells that
+    have entered by then); the other rows pass through it unchanged, to be replaced as their cell enters."""
+    blocks = [(lm.block(b), entered[b]) for b in range(first, lm.n_layers) if entered[b] < total]
+    for block, n in blocks:
+        block.forward = _on_leading_rows(type(block).forward.__get__(block), n, total)
+    try:
+        yield
+    finally:
+        for block, _ in blocks:
+            del block.forward  # back to the class's forward
+
+
+def _on_leading_rows(forward, n: int, total: int):
+    def run(*args, **kwargs):
+        full = args[0] if args else kwargs["hidden_states"]
+        out = forward(*_leading(args, n, total), **_leading(kwargs, n, total))
+        head = out[0] if isinstance(out, tuple) else out
+        joined = torch.cat([head, full[n:]])
+        return (joined, *out[1:]) if isinstance(out, tuple) else joined
+
+    return run
+
+
+def _leading(value, n: int, total: int):
+    """`value` with every per-row tensor (batch dimension `total`, two or more dimensions) cut to its first `n` rows."""
+    if torch.is_tensor(value):
+        return value[:n] if value.dim() >= 2 and value.shape[0] == total else value
+    if isinstance(value, tuple):
+        return tuple(_leading(v, n, total) for v in value)
+    if isinstance(value, list):
+        return [_leading(v, n, total) for v in value]
+    if isinstance(value, dict):
+        return {k: _leading(v, n, total) for k, v in value.items()}
+    return value
 
 
 def _by_site(engines: list[FastEngine]) -> list[tuple[Site, list[int]]]:
@@ -239,11 +288,7 @@ def fit_bundle(
 
 def _narrowed(bundle: BundleEngine, live: list[int]) -> BundleEngine:
     """The bundle without the cells that left it."""
-    narrowed = BundleEngine.__new__(BundleEngine)
-    narrowed.__dict__.update(bundle.__dict__)
-    narrowed.engines = [bundle.engines[i] for i in live]
-    narrowed.entries = {layer: site for layer, site in bundle.entries.items() if any(e.site.layer == layer for e in narrowed.engines)}
-    return narrowed
+    return BundleEngine(bundle.lm, [bundle.engines[i] for i in live])
 
 
 # `train.cells_per_step=auto`: enough cells that a step feeds about this many token rows, where a bigger

@@ -184,8 +184,9 @@ def padding_inputs(pieces: list, total: int, start: int, device: torch.device) -
     return mask, position_ids
 
 
-def prefix_cache(lm: LoadedModel, pieces: list, start: int, first_block: int) -> DynamicCache:
-    """The base runs' keys and values before `start` (left-padded per piece), for blocks from `first_block` on.
+def prefix_cache(lm: LoadedModel, pieces: list, start: int, first_block: int, leading: dict[int, int] | None = None) -> DynamicCache:
+    """The base runs' keys and values before `start` (left-padded per piece), for blocks from `first_block` on
+    (`leading`: per layer, only the first so many pieces, the rows that block computes).
 
     Skipped blocks read nothing from the cache, but the model reads the prefix length from
     their layers (layer 0, the first sliding-window layer), so they hold a placeholder of that length.
@@ -198,8 +199,9 @@ def prefix_cache(lm: LoadedModel, pieces: list, start: int, first_block: int) ->
             continue
         if any(group.prefix[layer] is None for group, *_ in pieces):
             raise ValueError(f"the base run kept no keys and values for layer {layer}, which block {first_block} on needs")
+        kept = pieces[: leading[layer]] if leading else pieces
         keys, values = (
-            torch.cat([_left_pad(group.prefix[layer][i][rows, :, :own], pad) for group, rows, pad, own in pieces])
+            torch.cat([_left_pad(group.prefix[layer][i][rows, :, :own], pad) for group, rows, pad, own in kept])
             for i in (0, 1)
         )
         cache.update(keys, values, layer)

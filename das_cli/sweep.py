@@ -306,7 +306,7 @@ class Sweep:
             for r in joins:
                 r.shared_seconds, r.start = started - r.start, started
             try:
-                bundle = BundleEngine(self.lm, [r.train for r in joins], self.first_residuals(joins))
+                bundle = BundleEngine(self.lm, [r.train for r in joins])
                 members = [Member(r.intervention, r.seed, self.store.checkpoint(r.cell)) for r in joins]
                 results = fit_bundle(bundle, members, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
                                      bool(self.cfg.progress))
@@ -330,12 +330,6 @@ class Sweep:
                        ready.seed, bool(self.cfg.progress), self.store.checkpoint(ready.cell))
         except CELL_FAILURES as e:
             return e
-
-    def first_residuals(self, joins: list[ReadyCell]) -> list[torch.Tensor] | None:
-        """Per train pair group, the base run's residual entering the bundle's earliest layer."""
-        first = min(r.cell.layer for r in joins)
-        base = self.base.get("train")
-        return [per_layer[first] for per_layer in base.residuals] if base and base.residuals else None
 
     def save_failure(self, cell: Cell, error: BaseException) -> dict:
         """Record the cell with its `error` (first line of the message) and let the sweep go on;

@@ -24,6 +24,8 @@ LAYERS = (0, 1, 3)
 # (stream, layer, position): several streams, layers and positions in one bundle
 JOINABLE = [("block_output", 1, "last"), ("mlp_activation", 3, "middle"), ("block_input", 3, "per_row"),
             ("attention_output", 1, "middle+last"), ("block_output", 3, "last")]
+# from layer 0: the embeddings' forward, later cells' rows replaced by their cached residual as they enter
+FROM_ZERO = [("block_output", 0, "last"), ("mlp_activation", 3, "middle"), ("attention_output", 1, "middle+last")]
 # a cell at the first token: its rows cannot share a left-padded forward with the other group's, so cell by cell
 SPLIT = JOINABLE[:2] + [("block_output", 1, "first")]
 
@@ -51,11 +53,10 @@ def cells(lm, pairs, base, specs, seed=0):
 
 
 def bundle_of(lm, base, engines):
-    first = min(e.site.layer for e in engines)
-    return BundleEngine(lm, engines, [per_layer[first] for per_layer in base.residuals])
+    return BundleEngine(lm, engines)
 
 
-@pytest.mark.parametrize("specs", [JOINABLE, SPLIT], ids=["one-forward", "cell-by-cell"])
+@pytest.mark.parametrize("specs", [JOINABLE, FROM_ZERO, SPLIT], ids=["one-forward", "from-layer-0", "cell-by-cell"])
 def test_bundle_gives_each_cell_its_own_loss_and_gradient(lm, pairs, base, specs):
     members = cells(lm, pairs, base, specs)
     plans = [batches([G, G], 3, torch.Generator().manual_seed(k))[0] for k in range(len(members))]
@@ -209,3 +210,22 @@ def test_bad_cells_per_step_is_one_line(value, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.cells_per_step" in lines[0] and "auto" in lines[0], result.stderr
+
+
+def test_a_block_computes_only_the_rows_that_have_entered(lm, pairs, base):
+    """Cells at layers 1 and 3: blocks 1 and 2 run the layer-1 cell's rows only, block 3 both cells'."""
+    members = cells(lm, pairs, base, [("block_output", 3, "last"), ("block_output", 1, "last")])
+    plans = [batches([G, G], 3, torch.Generator().manual_seed(k))[0] for k in range(2)]
+    seen = {}
+    attention = lm.family.attention
+    handles = [lm.block(b).get_submodule(attention).register_forward_pre_hook(
+        lambda module, args, kwargs, b=b: seen.__setitem__(b, (args[0] if args else kwargs["hidden_states"]).shape[0]),
+        with_kwargs=True) for b in range(lm.n_layers)]
+    try:
+        with torch.no_grad():
+            bundle_of(lm, base, [e for e, _ in members]).losses(plans, [v for _, v in members])
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows = [sum(len(r) for _, r in plan) for plan in plans]
+    assert seen == {1: rows[1], 2: rows[1], 3: rows[0] + rows[1]}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run THERE, on a lent CUDA machine, after benchmarks/gpu_prepare.sh here (read it for the two device calls).
 # One prepared call: the GPU-marked tests, then the engine benchmark on SmolLM2-135M in float32 and bfloat16
-# (single cells at layer 22 and the default 12-layer sweep, fast vs reference engine, 10 epochs).
+# (single cells at layer 22 and the default 12-layer sweep, bundled vs fast vs reference engine, 10 epochs).
 # Everything it writes lands in $OUT (the device tool brings it back): gpu_tests.log, gpu_float32.md,
 # gpu_bfloat16.md, gpu_check.log. Meant to finish in under 8 minutes on one H100/H200.
 set -uo pipefail

@@ -24,7 +24,7 @@ import inspect
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,22 @@ class CellGroup:
         return torch.cat([self.base_ids[rows, first:], teacher_forced(self.labels[rows])], dim=1)
 
 
+class Engine(Protocol):
+    """What training and evaluation need of an engine: a cell's pair groups, and per batch (pieces of groups)
+    its labels, its edited logits at the answer positions and its training loss."""
+
+    lm: LoadedModel
+    site: Site
+    groups: list[CellGroup]
+    width: int  # K: answer positions read per pair
+
+    def labels(self, batch: Batch) -> Tensor: ...
+
+    def logits(self, batch: Batch, intervene: Intervene) -> Tensor: ...
+
+    def loss(self, batch: Batch, intervene: Intervene) -> Tensor: ...
+
+
 class ReferenceEngine:
     """The plain path: a full forward of each base prompt with the site edited by a hook.
 
@@ -80,7 +96,8 @@ class ReferenceEngine:
             raise ValueError(f"the groups' labels have different widths {sorted(widths)}; pad them to one (data.tokenize_pairs does)")
         self.width = widths.pop() if widths else 1  # K: answer positions read per pair
 
-    def _edit(self, positions: Tensor, source: Tensor, intervene: Intervene) -> Callable[[Tensor], Tensor]:
+    def edit(self, positions: Tensor, source: Tensor, intervene: Intervene) -> Callable[[Tensor], Tensor]:
+        """The hook's edit: the site's values at `positions` (per row) replaced by `intervene(base, source)`."""
         def edit(hidden: Tensor) -> Tensor:
             return scatter(hidden, positions, self.columns, intervene(gather(hidden, positions, self.columns), source))
 
@@ -100,13 +117,13 @@ class ReferenceEngine:
         return answer_cross_entropy(self.logits(batch, intervene), self.labels(batch))
 
     def _piece_logits(self, group: CellGroup, rows: Tensor, intervene: Intervene) -> Tensor:
-        edit = self._edit(group.base_positions[rows], group.source_values[rows], intervene)
+        edit = self.edit(group.base_positions[rows], group.source_values[rows], intervene)
         with hooked(self.site, edit):
             out = self.lm.model(input_ids=group.fed_ids(rows), logits_to_keep=self.width)
         return out.logits.float()
 
 
-class FastEngine(ReferenceEngine):
+class FastEngine:
     """Feeds only tokens from the batch's earliest intervened position on, over the cached base prefix,
     and only through the blocks from the site's layer on; the loss reads the vocabulary weight once.
 
@@ -118,7 +135,8 @@ class FastEngine(ReferenceEngine):
     """
 
     def __init__(self, lm: LoadedModel, site: Site, groups: list[CellGroup]):
-        super().__init__(lm, site, groups)
+        self.reference = ReferenceEngine(lm, site, groups)  # its fallback, where the caches are missing
+        self.lm, self.site, self.groups, self.width = lm, site, groups, self.reference.width
         self.starts = [int(group.base_positions.min()) for group in groups]
         self.cached = all(group.prefix is not None for group in groups)
         self.readout = Readout(lm)
@@ -128,14 +146,17 @@ class FastEngine(ReferenceEngine):
             if group.residual is not None and group.residual.shape[1] != fed:
                 raise ValueError(f"the cached residual covers {group.residual.shape[1]} tokens, not the {fed} of prompt and fed label")
 
+    def labels(self, batch: Batch) -> Tensor:
+        return self.reference.labels(batch)
+
     def logits(self, batch: Batch, intervene: Intervene) -> Tensor:
         if not self.cached:
-            return super().logits(batch, intervene)
+            return self.reference.logits(batch, intervene)
         return self.readout.logits(self.final_hidden(batch, intervene))
 
     def loss(self, batch: Batch, intervene: Intervene) -> Tensor:
         if not self.cached:
-            return super().loss(batch, intervene)
+            return self.reference.loss(batch, intervene)
         return self.readout.loss(self.final_hidden(batch, intervene), self.labels(batch))
 
     def final_hidden(self, batch: Batch, intervene: Intervene) -> Tensor:
@@ -166,7 +187,8 @@ class FastEngine(ReferenceEngine):
         residual = torch.cat([group.residual[rows, own:] for group, rows, _, own in pieces]) if skipping else None
         cache = prefix_cache(self.lm, pieces, start, self.site.layer if skipping else 0) if start > 0 else None
         mask, position_ids = padding_inputs(pieces, length + self.width - 1, start, ids.device)
-        with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, self._edit(positions, source, intervene)):
+        edit = self.reference.edit(positions, source, intervene)
+        with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, edit):
             out = self.lm.model.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_arguments(self.lm.model.base_model, cache)
             )
@@ -248,7 +270,7 @@ def _pass_through(hidden_states: Tensor, *args, **kwargs) -> Tensor:
     return hidden_states
 
 
-def make_engine(name: str, lm: LoadedModel, site: Site, groups: list[CellGroup]) -> ReferenceEngine:
+def make_engine(name: str, lm: LoadedModel, site: Site, groups: list[CellGroup]) -> Engine:
     return {"fast": FastEngine, "reference": ReferenceEngine}[name](lm, site, groups)
 
 

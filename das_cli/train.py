@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .data import PairSet, answer_matrix, batches, resolve_positions, to_device
 from .interventions import Intervention
-from .engines import CellGroup, ReferenceEngine
+from .engines import CellGroup, Engine
 from .folder import Checkpoint
 from .interrupts import WholeSteps, stops_the_job
 from .readout import answer_cross_entropy
@@ -60,7 +60,7 @@ class Fit:
 
 
 def fit(
-    engine: ReferenceEngine,
+    engine: Engine,
     intervention: Intervention,
     epochs: int,
     lr: float,
@@ -262,7 +262,7 @@ def _mean_over_types(tally: Tally) -> float:
 
 
 @torch.no_grad()
-def evaluate_kinds(engine: ReferenceEngine, intervention, batch_size: int, base_labels: list[Tensor] | None = None,
+def evaluate_kinds(engine: Engine, intervention, batch_size: int, base_labels: list[Tensor] | None = None,
                    base_correct: list[Tensor] | None = None) -> Evaluation:
     """Per kind of pair (and per counterfactual type): how often every label token is the intervened model's
     top-1 token (teacher-forced), the label's probability and, where `base_labels` (per group, [G, K'] token
@@ -320,7 +320,7 @@ def _add(totals: dict, key: str, value) -> None:
     totals[key] = totals.get(key, 0) + value
 
 
-def evaluate(engine: ReferenceEngine, intervention, batch_size: int) -> tuple[float, float]:
+def evaluate(engine: Engine, intervention, batch_size: int) -> tuple[float, float]:
     """(IIA over all pairs, mean CE): every label token is the intervened model's top-1 (teacher-forced)."""
     result = evaluate_kinds(engine, intervention, batch_size)
     return result.iia(), result.loss

@@ -252,8 +252,6 @@ class Sweep:
             row, tensors = self.run_cell(cell, site, sources)
         except CELL_FAILURES as e:
             return self.save_failure(cell, e)
-        if cell in self.loaded:
-            row["trained_in"] = str(self.cfg.from_run)
         self.store.save(cell, row, tensors, describe(self.cfg, self.lm, cell, int(row["width"])))
         return row
 
@@ -410,6 +408,8 @@ class Sweep:
             row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
             if cfg.output.plots:
                 bar_chart(shares, layout.head_plot_file(self.folder, cell.id), f"{cell.id}: share of the subspace per head")
+        if cell in self.loaded:
+            row["trained_in"] = str(self.cfg.from_run)
         row["seconds"] = time.perf_counter() - ready.start + ready.shared_seconds
         return row, tensors
 

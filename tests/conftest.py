@@ -19,8 +19,8 @@ def das_cli_command() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "das_cli.cli"]
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
     return subprocess.run(das_cli_command() + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

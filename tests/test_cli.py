@@ -134,7 +134,7 @@ def test_multirun_key_typo_is_one_line(tmp_path):
     result = run_cli(["-m", "model=tiny_gpt2", "train.epoch=1,2", f"hydra.sweep.dir={tmp_path}"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "das-cli: error: train.epoch: unknown key in train; valid keys: batch_size, engine, epochs, lr, lr_end_factor; "
+        "das-cli: error: train.epoch: unknown key in train; valid keys: batch_size, cells_per_step, engine, epochs, lr, lr_end_factor; "
         "did you mean train.epochs?"]
 
 

@@ -158,7 +158,7 @@ def test_bad_values_are_one_line_errors(overrides, message):
 
 @pytest.mark.parametrize("override,message", [
     ("layer=[1]", "layer: unknown key; valid keys: analysis, dataset,"),
-    ("train.epoch=3", "train.epoch: unknown key in train; valid keys: batch_size, engine, epochs, lr, lr_end_factor; did you mean train.epochs?"),
+    ("train.epoch=3", "train.epoch: unknown key in train; valid keys: batch_size, cells_per_step, engine, epochs, lr, lr_end_factor; did you mean train.epochs?"),
     ("intervention.dimm=2", "intervention.dimm: unknown key of intervention=das; valid keys: dim, full_rotation, name, orthogonal_map; did you mean intervention.dim?"),
     ("dataset.ntrain=5", "did you mean dataset.n_train?"),
 ])

@@ -16,6 +16,9 @@ from conftest import TINY, das_cli_command, run_cli
 from safetensors.torch import load_file
 from test_cluster import CELLS, GRID, RESULT, SETTINGS, results
 
+# A SLURM job runs torch on the CPUs it was given (one here); local runs it is compared with bit for bit do too.
+ONE_CPU = {"OMP_NUM_THREADS": "1"}
+
 # The shipped profile, fitted to a small CPU node: the rest (array, requeues, signal) stays as shipped.
 NODE_FIT = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2",
             "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=30"]
@@ -184,7 +187,7 @@ def start_again(job: str) -> None:
 def local_table(tmp_path_factory):
     """The same grid in one local job: the reference every SLURM sweep must reproduce."""
     out = tmp_path_factory.mktemp("local")
-    result = run_cli(GRID + SETTINGS + [f"hydra.run.dir={out}"])
+    result = run_cli(GRID + SETTINGS + [f"hydra.run.dir={out}"], env=ONE_CPU)
     assert result.returncode == 0, result.stderr
     return results(out)[RESULT]
 
@@ -202,7 +205,7 @@ def test_array_sweep_merges_to_the_local_table(local_table, tmp_path):
 @pytest.mark.slurm
 def test_requeue_mid_sweep_loses_and_duplicates_nothing(tmp_path):
     local = tmp_path / "local"
-    assert run_cli(GRID + LONG_SETTINGS + [f"hydra.run.dir={local}"]).returncode == 0
+    assert run_cli(GRID + LONG_SETTINGS + [f"hydra.run.dir={local}"], env=ONE_CPU).returncode == 0
     local_table = results(local)[RESULT]
     tmp_path = tmp_path / "sweep"
     proc = launch(slurm_args(tmp_path, settings=LONG_SETTINGS))
@@ -226,7 +229,7 @@ def test_time_limit_signal_mid_cell_checkpoints_and_the_requeued_job_resumes_it(
     """SLURM's time-limit signal (USR2, sent by hand) once the cell trains: submitit requeues the job, the cell is
     checkpointed on the way out; the requeued job resumes it from that step to the numbers of a local run."""
     local = tmp_path / "local"
-    assert run_cli(ONE_LONG_CELL + [f"hydra.run.dir={local}"]).returncode == 0
+    assert run_cli(ONE_LONG_CELL + [f"hydra.run.dir={local}"], env=ONE_CPU).returncode == 0
     folder = tmp_path / "slurm"
     launcher = ["hydra/launcher=slurm", f"hydra.launcher.partition={default_partition()}"] + NODE_FIT
     proc = launch(["-m", *launcher, f"hydra.sweep.dir={folder}"] + ONE_LONG_CELL)

@@ -7,8 +7,8 @@ prefix, so a bundle trains them together. Each cell draws its own batch (its own
 seed, as when trained alone); the rows of all cells are stacked, deepest cells last, into one forward
 that starts at the bundle's earliest layer; a cell's rows enter at its own layer with the base run's
 cached residual (before it, each block computes only the rows that have entered, so no cell's rows
-cost more blocks than alone); each cell's intervention edits only its own rows at its own site. The step's loss is the sum
-of the cells' mean losses, so each cell's gradient, and its own Adam update, is what it would get
+cost more blocks than alone); each cell's intervention edits only its own rows at its own site. The
+step's loss is the sum of the cells' mean losses, so each cell's gradient, and its own Adam update, is what it would get
 alone. Products of another size round differently, so a cell's numbers can differ from its lone run
 in the last bits.
 """
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import Batch, batches, to_device
+from .data import Batch, answer_matrix, resolve_positions
 from .engines import FastEngine, cache_arguments, padding_inputs, prefix_cache, skip_blocks_before
 from .folder import Checkpoint
 from .interrupts import WholeSteps, stops_the_job
@@ -32,7 +32,7 @@ from .interventions import Intervention
 from .models import LoadedModel
 from .readout import Readout
 from .sites import Site, gather, hooked, resolve_site, scatter
-from .train import Fit, TrainingState, rng_state
+from .train import Fit, TrainingState, batch_plan, optimiser, rng_state
 
 
 def bundleable(engine) -> bool:
@@ -223,21 +223,17 @@ def fit_bundle(
     cell still training at the last whole step."""
     sizes = [len(group) for group in bundle.engines[0].groups]
     device = bundle.lm.device
-    plans = []
-    for member in members:
-        generator = torch.Generator().manual_seed(member.seed)
-        plans.append([batch for _ in range(epochs) for batch in to_device(batches(sizes, batch_size, generator), device)])
+    per_epoch = [batch_plan(sizes, batch_size, epochs, member.seed, device) for member in members]
+    plans = [[batch for epoch in plan for batch in epoch] for plan in per_epoch]
+    epoch_starts = {sum(len(epoch) for epoch in per_epoch[0][:e]) for e in range(epochs)}
     total = max(1, len(plans[0]))
-    per_epoch = len(plans[0]) // max(epochs, 1)
-    epoch_starts = {e * per_epoch for e in range(epochs)}
     states = []
     for member in members:
         member.intervention.train()
-        optimizer = torch.optim.Adam(member.intervention.param_groups(lr))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (lr_end_factor - 1) * min(s / total, 1.0))
-        states.append(TrainingState(member.intervention, optimizer, schedule, device))
+        states.append(TrainingState(member.intervention, *optimiser(member.intervention, lr, lr_end_factor, total), device))
     results: list[Fit | Exception | None] = [None] * len(members)
     live = list(range(len(members)))
+    engine = bundle
     step = 0
     bar = tqdm(total=total, desc=f"steps ({len(members)} cells)", leave=False, disable=not progress, mininterval=1.0)
     try:
@@ -248,7 +244,6 @@ def fit_bundle(
                         states[i].losses, states[i].penalties = [], []
                 for i in live:
                     members[i].intervention.set_progress(step / total)
-                engine = bundle if len(live) == len(members) else _narrowed(bundle, live)
                 cross = engine.losses([plans[i][step] for i in live], [members[i].intervention for i in live])
                 penalties = [members[i].intervention.extra_loss() for i in live]
                 finite = [k for k, value in enumerate(cross.detach().tolist()) if math.isfinite(value)]
@@ -267,10 +262,13 @@ def fit_bundle(
                         states[i].schedule.step()
                         states[i].losses.append(cross[k].detach())
                         states[i].penalties.append(penalties[k].detach())
+                    left = len(finite) < len(live)
                     live = [live[k] for k in finite]
                     step += 1
                     for i in live:
                         states[i].rng = rng_state(device)
+                if left and live:  # the bundle without the cells that left it
+                    engine = BundleEngine(bundle.lm, [bundle.engines[i] for i in live])
                 bar.update()
     except BaseException as stop:
         if stops_the_job(stop):
@@ -281,14 +279,8 @@ def fit_bundle(
     for i in live:
         members[i].intervention.set_progress(1.0)
         members[i].intervention.eval()
-        state = states[i]
-        results[i] = Fit(loss=float(torch.stack(state.losses).mean()), steps=step, penalty=float(torch.stack(state.penalties).mean()))
+        results[i] = states[i].fit(step)
     return results  # type: ignore[return-value]
-
-
-def _narrowed(bundle: BundleEngine, live: list[int]) -> BundleEngine:
-    """The bundle without the cells that left it."""
-    return BundleEngine(bundle.lm, [bundle.engines[i] for i in live])
 
 
 # `train.cells_per_step=auto`: enough cells that a step feeds about this many token rows, where a bigger
@@ -316,11 +308,8 @@ def cells_per_step(cfg, lm: LoadedModel, cells: list, pairs) -> int:
 
 def fed_tokens(pairs, position) -> int:
     """Tokens a fast-engine step feeds per pair for cells at `position`: from the earliest intervened one on."""
-    from .data import resolve_positions
-
     widths = []
     for group in pairs.groups:
         first = int(resolve_positions(group, position, "base").min())
-        answer = group.labels.shape[1] if group.labels.dim() == 2 else 1
-        widths.append(group.base_ids.shape[1] - first + answer - 1)
+        widths.append(group.base_ids.shape[1] - first + answer_matrix(group.labels).shape[1] - 1)
     return max(widths)

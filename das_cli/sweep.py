@@ -562,7 +562,8 @@ def resolve_sites(lm: LoadedModel, cells: list[Cell]) -> dict[tuple, Site]:
 
 def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list[dict]:
     """The rows of `cells`, run where not finished; cells another process holds are left out."""
-    pending = dict.fromkeys(site_key(c) for c in cells if sweep.store.finished(c) is None)
+    finished = {cell: sweep.store.finished(cell) for cell in cells}
+    pending = dict.fromkeys(site_key(c) for c in cells if finished[c] is None)
     sweep.read_ahead([sites[key] for key in pending])
     size = cells_per_step(sweep.cfg, sweep.lm, [c for c in cells if site_key(c) in pending], sweep.pairs["train"])
     rows = []
@@ -578,10 +579,11 @@ def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list
                 for row in sweep.run_site(sites[key], list(site_cells)):
                     record(row)
             return rows
-        for row in filter(None, map(sweep.store.finished, cells)):
+        for row in filter(None, finished.values()):
             record(row)
+        unfinished = [c for c in cells if finished[c] is None]  # run_bundle checks each again under its lock
         for chunk in list(sweep.upcoming):
-            for row in run_bundles(sweep, chunk, [c for c in cells if sweep.store.finished(c) is None], sites, size):
+            for row in run_bundles(sweep, chunk, unfinished, sites, size):
                 record(row)
     return rows
 

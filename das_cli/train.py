@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import PairSet, answer_matrix, batches, resolve_positions, to_device
+from .data import Batch, PairSet, answer_matrix, batches, resolve_positions, to_device
 from .interventions import Intervention
 from .engines import CellGroup, Engine
 from .folder import Checkpoint
@@ -80,14 +80,11 @@ def fit(
     if not intervention.trainable or epochs == 0:
         return Fit(loss=math.nan, steps=0)
     intervention.train()
-    generator = torch.Generator().manual_seed(seed)
-    sizes = [len(group) for group in engine.groups]
-    plan = [to_device(batches(sizes, batch_size, generator), engine.lm.device) for _ in range(epochs)]
+    plan = batch_plan([len(group) for group in engine.groups], batch_size, epochs, seed, engine.lm.device)
     steps = [(e, batch) for e, epoch in enumerate(plan) for batch in epoch]
     first_steps = [sum(len(epoch) for epoch in plan[:e]) for e in range(epochs)]
     total = max(1, len(steps))
-    optimizer = torch.optim.Adam(intervention.param_groups(lr))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (lr_end_factor - 1) * min(s / total, 1.0))
+    optimizer, schedule = optimiser(intervention, lr, lr_end_factor, total)
     state = TrainingState(intervention, optimizer, schedule, engine.lm.device)
     step = state.resume(checkpoint.load(len(steps))) if checkpoint else 0
     progress_bar = partial(tqdm, total=total, initial=step, desc="steps", leave=False, disable=not progress, mininterval=1.0)
@@ -115,7 +112,21 @@ def fit(
         raise
     intervention.set_progress(1.0)
     intervention.eval()
-    return Fit(loss=float(torch.stack(state.losses).mean()), steps=step, penalty=float(torch.stack(state.penalties).mean()))
+    return state.fit(step)
+
+
+def batch_plan(sizes: list[int], batch_size: int, epochs: int, seed: int, device: torch.device) -> list[list[Batch]]:
+    """Per epoch, the batches a cell trains on: drawn in turn from one generator seeded with the cell's seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return [to_device(batches(sizes, batch_size, generator), device) for _ in range(epochs)]
+
+
+def optimiser(intervention: Intervention, lr: float, lr_end_factor: float, total: int) -> tuple:
+    """Adam on the intervention's parameters, and its learning rate decaying linearly to lr x lr_end_factor
+    over `total` steps."""
+    optimizer = torch.optim.Adam(intervention.param_groups(lr))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 + (lr_end_factor - 1) * min(s / total, 1.0))
+    return optimizer, schedule
 
 
 class TrainingState:
@@ -128,6 +139,10 @@ class TrainingState:
         self.losses: list[Tensor] = []
         self.penalties: list[Tensor] = []
         self.rng = rng_state(device)
+
+    def fit(self, steps: int) -> Fit:
+        """The Fit of a finished training: the last epoch's mean loss and penalty."""
+        return Fit(loss=float(torch.stack(self.losses).mean()), steps=steps, penalty=float(torch.stack(self.penalties).mean()))
 
     def saved(self) -> dict:
         return {

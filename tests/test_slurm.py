@@ -131,13 +131,14 @@ def launch(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(das_cli_command() + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def first_cell_then(proc: subprocess.Popen, folder, action) -> tuple[str, dict]:
-    """Once a job has finished its first cell: `action(array job id)`; returns the id and the cells finished when
-    the action returned."""
+def first_cell_then(proc: subprocess.Popen, folder, action, jobs: int = 2) -> tuple[str, dict]:
+    """Once every one of the `jobs` jobs has listed its cells (grid*.json) and some job has finished its first
+    cell: `action(array job id)`; returns the id and the cells finished when the action returned. (A job signalled
+    before it lists its cells ran no cell, and the report cannot name its cells as missing.)"""
     deadline = time.monotonic() + 300
-    while not list(folder.glob("*/cells/*/metrics.json")):
+    while len(list(folder.glob("*/grid*.json"))) < jobs or not list(folder.glob("*/cells/*/metrics.json")):
         assert proc.poll() is None, f"das-cli ended before its first cell: {proc.communicate()}"
-        assert time.monotonic() < deadline, "no cell finished in 300 s"
+        assert time.monotonic() < deadline, "the jobs did not list their cells and finish one in 300 s"
         time.sleep(0.05)
     job = array_job(folder)
     action(job)
@@ -202,12 +203,17 @@ def test_array_sweep_merges_to_the_local_table(local_table, tmp_path):
     pd.testing.assert_frame_equal(results(tmp_path)[RESULT], local_table)
 
 
+@pytest.fixture(scope="module")
+def long_local_table(tmp_path_factory):
+    """The local reference for sweeps of long cells (LONG_SETTINGS)."""
+    out = tmp_path_factory.mktemp("local_long")
+    result = run_cli(GRID + LONG_SETTINGS + [f"hydra.run.dir={out}"], env=ONE_CPU)
+    assert result.returncode == 0, result.stderr
+    return results(out)[RESULT]
+
+
 @pytest.mark.slurm
-def test_requeue_mid_sweep_loses_and_duplicates_nothing(tmp_path):
-    local = tmp_path / "local"
-    assert run_cli(GRID + LONG_SETTINGS + [f"hydra.run.dir={local}"], env=ONE_CPU).returncode == 0
-    local_table = results(local)[RESULT]
-    tmp_path = tmp_path / "sweep"
+def test_requeue_mid_sweep_loses_and_duplicates_nothing(long_local_table, tmp_path):
     proc = launch(slurm_args(tmp_path, settings=LONG_SETTINGS))
     job, before = first_cell_then(proc, tmp_path, requeue)
     stdout, stderr = proc.communicate(timeout=600)
@@ -216,7 +222,7 @@ def test_requeue_mid_sweep_loses_and_duplicates_nothing(tmp_path):
     assert job_states(job).count("REQUEUED") == 2 and job_states(job).count("COMPLETED") == 2
     assert {p: p.stat().st_mtime_ns for p in before} == before  # cells finished before the requeue: not rerun
     assert sorted(p.parent.name for p in tmp_path.glob("*/cells/*/metrics.json")) == sorted(CELLS)  # each once
-    pd.testing.assert_frame_equal(results(tmp_path)[RESULT], local_table)
+    pd.testing.assert_frame_equal(results(tmp_path)[RESULT], long_local_table)
 
 
 # One cell of 120 steps (40 epochs of 3 batches), its progress bar in the job's log.
@@ -258,10 +264,10 @@ def test_time_limit_signal_mid_cell_checkpoints_and_the_requeued_job_resumes_it(
 
 
 @pytest.mark.slurm
-def test_out_of_requeues_stops_the_job_and_fails_no_cell(local_table, tmp_path):
+def test_out_of_requeues_stops_the_job_and_fails_no_cell(long_local_table, tmp_path):
     """max_num_timeout=0 and SLURM's time-limit signal (USR2, sent by hand): submitit does not requeue, the
     job stops at once; the report lists the unfinished cells as missing; rerunning the command resumes."""
-    args = slurm_args(tmp_path, "hydra.launcher.max_num_timeout=0")
+    args = slurm_args(tmp_path, "hydra.launcher.max_num_timeout=0", settings=LONG_SETTINGS)
     proc = launch(args)
     job, before = first_cell_then(proc, tmp_path, lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True))
     stdout, stderr = proc.communicate(timeout=600)
@@ -276,4 +282,4 @@ def test_out_of_requeues_stops_the_job_and_fails_no_cell(local_table, tmp_path):
     assert "failed: Job not requeued because: timed-out too many times" in logs  # das-cli's job log line
     rerun = run_cli(args)
     assert rerun.returncode == 0, rerun.stderr
-    pd.testing.assert_frame_equal(results(tmp_path)[RESULT], local_table)
+    pd.testing.assert_frame_equal(results(tmp_path)[RESULT], long_local_table)

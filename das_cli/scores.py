@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .data import PairSet, resolve_positions
 from .interventions import Intervention
-from .sites import Site, gather, read_sites
+from .sites import Site, gather
 
 
 def wilson_interval(hits: int, n: int) -> tuple[float, float]:
@@ -77,20 +77,11 @@ def edit_scores(intervention: Intervention, natural: Tensor, base: Tensor, sourc
 
 
 @torch.no_grad()
-def base_vectors(lm, site: Site, position: tuple, pairs: PairSet, batch_size: int, cache: dict | None = None) -> Tensor:
-    """The unedited site vectors of every base prompt at `position` ([N, P*C] float32 on the CPU), group by group.
-
-    With `cache` (a per-site dict), the site's tensors of the base prompts are read once and kept
-    there under "test_base" for the site's other cells.
-    """
-    cache = {} if cache is None else cache
-    if "test_base" not in cache:
-        cache["test_base"] = [
-            torch.cat([read_sites(lm, [site], ids[i : i + batch_size])[0] for i in range(0, len(ids), batch_size)])
-            for ids in (group.base_ids.to(lm.device) for group in pairs.groups)
-        ]
+def base_vectors(site: Site, position: tuple, pairs: PairSet, tensors: list[Tensor]) -> Tensor:
+    """The unedited site vectors of every base prompt at `position` ([N, P*C] float32 on the CPU), group by
+    group, from the site's tensors on the base prompts (`tensors`, [N, T, C] per group)."""
     every_column = torch.arange(site.width)
     return torch.cat([
         gather(acts, resolve_positions(group, position, "base").to(acts.device), every_column.to(acts.device)).float().cpu()
-        for group, acts in zip(pairs.groups, cache["test_base"])
+        for group, acts in zip(pairs.groups, tensors)
     ])

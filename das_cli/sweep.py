@@ -39,8 +39,9 @@ from .artefacts import describe
 from . import transfer
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .scores import base_vectors, edit_scores
+from .activations import ActivationStore, SiteTensors
 from .results import bar_chart
-from .sites import Site, gather, head_counts, read_sites, resolve_site
+from .sites import Site, gather, head_counts, resolve_site
 from .engines import BaseRun, base_run, make_engine
 from .bundles import cells_per_step
 from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
@@ -136,43 +137,13 @@ def run_fingerprint(cfg: DictConfig, lm: LoadedModel, pairs: dict[str, PairSet])
     return layout.run_fingerprint(parts, data, lm.device.type, int(cfg.eval.batch_size))
 
 
-@torch.no_grad()
-def read_sources(lm: LoadedModel, sites: list[Site], pairs: PairSet, batch_size: int, side: str = "source") -> list[list[torch.Tensor]]:
-    """Every site's tensor on every source (or base) prompt, [G, S, C] per group, in one forward per batch."""
-    per_site: list[list[torch.Tensor]] = [[] for _ in sites]
-    for group in pairs.groups:
-        ids = (group.source_ids if side == "source" else group.base_ids).to(lm.device)
-        parts = [read_sites(lm, sites, ids[i : i + batch_size]) for i in range(0, len(ids), batch_size)]
-        for k in range(len(sites)):
-            per_site[k].append(torch.cat([part[k] for part in parts]))
-    return per_site
-
-
-SOURCE_BUDGET_BYTES = 1 << 30  # source activations read together in one pass, at most
-
-
-def source_chunks(sites: list[Site], pairs: list[PairSet], element_bytes: int) -> list[list[Site]]:
-    """Consecutive sites whose source tensors together stay within SOURCE_BUDGET_BYTES."""
-    tokens = sum(g.source_ids.numel() for p in pairs for g in p.groups)
-    chunks: list[list[Site]] = []
-    used = SOURCE_BUDGET_BYTES
-    for site in sites:
-        size = tokens * site.width * element_bytes
-        if used + size > SOURCE_BUDGET_BYTES:
-            chunks.append([])
-            used = 0
-        chunks[-1].append(site)
-        used += size
-    return chunks
-
-
 @dataclass
 class ReadyCell:
     """A cell between set-up and evaluation: what `Sweep.finish` needs after training."""
 
     cell: Cell
     site: Site
-    sources: dict
+    sources: SiteTensors
     train: object  # its engines (engines.py)
     test: object
     intervention: object
@@ -204,24 +175,16 @@ class Sweep:
     base: dict[str, BaseRun]
     accuracy: float  # base accuracy on the test prompts
     layers: tuple[int, ...] = ()  # the layers the base runs cached for the fast engine
-    upcoming: list[list[Site]] = field(default_factory=list)  # sites whose sources are still to be read, in chunks
-    sources: dict[int, dict] = field(default_factory=dict)  # id(site) -> {split: [G, S, C] per group}
+    activations: ActivationStore | None = None  # the sites' tensors on the prompts, read a chunk of sites at a time
     loaded: dict = field(default_factory=dict)  # from_run: cell -> the source cell, its intervention frozen
 
     def read_ahead(self, sites: list[Site]) -> None:
-        """Source activations of the sites still to run, several sites per forward (within a memory budget)."""
-        self.upcoming = source_chunks(sites, list(self.pairs.values()), self.lm.model.dtype.itemsize)
-        self.sources = {}
+        """The sites still to run, in order: their tensors are read a chunk of sites at a time."""
+        self.activations = ActivationStore(self.lm, self.pairs, int(self.cfg.eval.batch_size))
+        self.activations.plan(sites)
 
-    def sources_of(self, site: Site) -> dict:
-        if id(site) not in self.sources:
-            chunk = next(c for c in self.upcoming if any(s is site for s in c))
-            self.upcoming.remove(chunk)
-            batch = int(self.cfg.eval.batch_size)
-            read = {name: read_sources(self.lm, chunk, pairs, batch) for name, pairs in self.pairs.items()}
-            for k, s in enumerate(chunk):
-                self.sources[id(s)] = {name: per_site[k] for name, per_site in read.items()}
-        return self.sources.pop(id(site))
+    def sources_of(self, site: Site) -> SiteTensors:
+        return self.activations.take(site)
 
     def run_site(self, site: Site, cells: list[Cell]) -> list[dict]:
         """All cells of one site; the sources' site tensors are read once for all of them."""
@@ -247,7 +210,7 @@ class Sweep:
             log.info("cell %s trained: iia %.3f%s", cell.id, row["iia"], f" ({row['error']})" if row.get("error") else "")
             return row
 
-    def run_and_save(self, cell: Cell, site: Site, sources: dict) -> dict:
+    def run_and_save(self, cell: Cell, site: Site, sources: SiteTensors) -> dict:
         try:
             row, tensors = self.run_cell(cell, site, sources)
         except CELL_FAILURES as e:
@@ -267,7 +230,7 @@ class Sweep:
         log.info("cell %s trained: iia %.3f", ready.cell.id, row["iia"])
         return row
 
-    def run_bundle(self, cells: list[Cell], sites: dict, sources: dict) -> list[dict]:
+    def run_bundle(self, cells: list[Cell], sites: dict, sources: dict[tuple, SiteTensors]) -> list[dict]:
         """Several cells trained together (bundles.py), each evaluated and written as soon as the bundle ends.
         Cells another process holds are left out; a cell that cannot join (a checkpoint to resume, nothing
         to train, the reference engine) trains alone."""
@@ -344,14 +307,14 @@ class Sweep:
         self.store.save(cell, row, {})
         return row
 
-    def engine(self, split: str, cell: Cell, site: Site, sources: dict):
+    def engine(self, split: str, cell: Cell, site: Site, sources: SiteTensors):
         base = self.base.get(split)
         prefixes = base.prefixes if base else None
         residuals = [per_layer[cell.layer] for per_layer in base.residuals] if base and base.residuals else None
-        groups = prepare(self.pairs[split], cell.position, sources[split], self.lm.device, prefixes, residuals)
+        groups = prepare(self.pairs[split], cell.position, sources.source[split], self.lm.device, prefixes, residuals)
         return make_engine(self.cfg.train.engine, self.lm, site, groups)
 
-    def run_cell(self, cell: Cell, site: Site, sources: dict) -> tuple[dict, dict]:
+    def run_cell(self, cell: Cell, site: Site, sources: SiteTensors) -> tuple[dict, dict]:
         """Train (or estimate) and evaluate one cell; returns its table row and its learned tensors."""
         ready = self.set_up(cell, site, sources)
         result = self.fit_alone(ready)
@@ -359,7 +322,7 @@ class Sweep:
             raise result
         return self.finish(ready, result)
 
-    def set_up(self, cell: Cell, site: Site, sources: dict) -> "ReadyCell":
+    def set_up(self, cell: Cell, site: Site, sources: SiteTensors) -> "ReadyCell":
         """A cell ready to train: its engines, its intervention built (and estimated, for those that are)."""
         cfg, start = self.cfg, time.perf_counter()
         seed = cell.seed(int(cfg.seed))
@@ -395,7 +358,7 @@ class Sweep:
         }
         if cfg.output.plots:
             _plot_safely(intervention, layout.cell_dir(self.folder, cell.id))
-        test_base = base_vectors(self.lm, site, cell.position, self.pairs["test"], batch, cache=sources)
+        test_base = base_vectors(site, cell.position, self.pairs["test"], sources.base["test"])
         test_source = torch.cat([g.source_values for g in test.groups])
         row.update(edit_scores(intervention, self.site_activations(cell, site, sources, train).values, test_base, test_source))
         tensors = intervention.state_for_saving()
@@ -419,22 +382,17 @@ class Sweep:
             return self.loaded[cell].intervention
         return build_intervention(self.cfg.intervention.name, width, **options)
 
-    def validation(self, cell: Cell, site: Site, sources: dict, intervention) -> dict:
+    def validation(self, cell: Cell, site: Site, sources: SiteTensors, intervention) -> dict:
         """`iia_val` on the validation split (what the tool's choices among cells read), and its size."""
         if "val" not in self.pairs:
             return {}
         scores = evaluate_kinds(self.engine("val", cell, site, sources), intervention, int(self.cfg.eval.batch_size))
         return {"iia_val": scores.scores()["iia"], "n_val": len(self.pairs["val"])}
 
-    def site_activations(self, cell: Cell, site: Site, sources: dict, train) -> SiteActivations:
-        """The train prompts' unedited site vectors at the cell's positions: base prompts, then sources.
-
-        The base prompts' site tensors are read once per site and kept with its sources for its other cells.
-        """
+    def site_activations(self, cell: Cell, site: Site, sources: SiteTensors, train) -> SiteActivations:
+        """The train prompts' unedited site vectors at the cell's positions: base prompts, then sources."""
         pairs = self.pairs["train"]
-        if "train_base" not in sources:
-            sources["train_base"] = read_sources(self.lm, [site], pairs, int(self.cfg.eval.batch_size), side="base")[0]
-        base_acts = sources["train_base"]
+        base_acts = sources.base["train"]
         every_column = torch.arange(site.width)
         base = [gather(acts, resolve_positions(g, cell.position, "base").to(acts.device), every_column.to(acts.device))
                 for g, acts in zip(pairs.groups, base_acts)]
@@ -582,7 +540,7 @@ def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list
         for row in filter(None, finished.values()):
             record(row)
         unfinished = [c for c in cells if finished[c] is None]  # run_bundle checks each again under its lock
-        for chunk in list(sweep.upcoming):
+        for chunk in list(sweep.activations.upcoming):
             for row in run_bundles(sweep, chunk, unfinished, sites, size):
                 record(row)
     return rows

@@ -81,7 +81,7 @@ def test_pairs_group_by_base_length_and_padded_sources_read_exactly(tokenizer, o
     from das_cli.config import conf_dir
     from das_cli.models import load_model
     from das_cli.sites import resolve_site
-    from das_cli.sweep import read_sources
+    from das_cli.activations import read_prompts
 
     base = "Paris is a city in the country of"
     sources = ["Rome is a city in the country of", "Ouagadougou is a city in the country of"]
@@ -93,9 +93,9 @@ def test_pairs_group_by_base_length_and_padded_sources_read_exactly(tokenizer, o
     assert resolve_positions(group, ("last", -2), "source").tolist() == [[n - 1, n - 2] for n in lengths]
     lm = load_model(OmegaConf.load(conf_dir() / "model" / "tiny_llama.yaml"), "cpu", "float32")
     site = resolve_site(lm, "block_output", 2)
-    padded = read_sources(lm, [site], pairs, 8)[0][0]
+    padded = read_prompts(lm, [site], pairs, 8)[0][0]
     for row, source in enumerate(sources):
-        alone = read_sources(lm, [site], tokenize_pairs(tokenizer, [examples[row]], "train"), 8)[0][0][0]
+        alone = read_prompts(lm, [site], tokenize_pairs(tokenizer, [examples[row]], "train"), 8)[0][0][0]
         n = lengths[row]
         assert torch.allclose(padded[row, :n], alone[:n], atol=1e-5)  # padding after the prompt changes nothing
 

@@ -23,7 +23,7 @@ from das_cli.data import PairGroup, PairSet
 from das_cli.engines import ENGINES, base_run, make_engine
 from das_cli.models import FAMILIES, LoadedModel, load_model
 from das_cli.sites import gather, hooked, read_site, resolve_site, scatter
-from das_cli.sweep import read_sources
+from das_cli.activations import read_prompts
 from das_cli.train import evaluate_kinds, prepare
 
 CONF = Path(__file__).parents[1] / "conf" / "model"
@@ -94,7 +94,7 @@ def planted_engine(lm: LoadedModel, name: str, pairs: PairSet):
     site = resolve_site(lm, "block_output", 0)
     base = base_run(lm, pairs, batch_size=2, keep_prefix=True, layers=(0,))
     residuals = [per_layer[0] for per_layer in base.residuals]
-    groups = prepare(pairs, ("last",), read_sources(lm, [site], pairs, 4)[0], lm.device, base.prefixes, residuals)
+    groups = prepare(pairs, ("last",), read_prompts(lm, [site], pairs, 4)[0], lm.device, base.prefixes, residuals)
     return make_engine(name, lm, site, groups)
 
 

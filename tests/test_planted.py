@@ -16,7 +16,7 @@ from das_cli.engines import base_prefixes, make_engine
 from das_cli.interventions import build_intervention
 from das_cli.models import FAMILIES, LoadedModel
 from das_cli.sites import resolve_site
-from das_cli.sweep import read_sources
+from das_cli.activations import read_prompts
 from das_cli.train import evaluate, fit, prepare
 
 D, N_INPUT, A, B = 16, 32, 32, 33
@@ -65,7 +65,7 @@ def iia_after_training(intervention_name: str, engine: str, **options) -> float:
     train, test = pairs(200, False, 0), pairs(100, True, 1)
     groups = {}
     for name, ps in (("train", train), ("test", test)):
-        groups[name] = prepare(ps, ("last",), read_sources(lm, [site], ps, 50)[0], lm.device, base_prefixes(lm, ps, 50))
+        groups[name] = prepare(ps, ("last",), read_prompts(lm, [site], ps, 50)[0], lm.device, base_prefixes(lm, ps, 50))
     torch.manual_seed(0)
     intervention = build_intervention(intervention_name, D, **options)
     fit(make_engine(engine, lm, site, groups["train"]), intervention, 20, 0.05, 20, 0.1, seed=0, progress=False)
@@ -100,14 +100,14 @@ def estimated(name: str, **options):
     lm, u = planted_model()
     site = resolve_site(lm, "block_output", 0)
     train, test = pairs(200, False, 0), pairs(100, True, 1)
-    base_acts = read_sources(lm, [site], train, 50, side="base")[0][0][:, -1]
-    source_acts = read_sources(lm, [site], train, 50)[0][0][:, -1]
+    base_acts = read_prompts(lm, [site], train, 50, side="base")[0][0][:, -1]
+    source_acts = read_prompts(lm, [site], train, 50)[0][0][:, -1]
     group = train.groups[0]
     classes = torch.cat([(group.base_labels == B).long(), (group.labels == B).long()])
     torch.manual_seed(0)
     intervention = build_intervention(name, D, **options)
     intervention.fit_activations(SiteActivations(torch.cat([base_acts, source_acts]), classes, ["A", "B"]))
-    groups = prepare(test, ("last",), read_sources(lm, [site], test, 50)[0], lm.device, base_prefixes(lm, test, 50))
+    groups = prepare(test, ("last",), read_prompts(lm, [site], test, 50)[0], lm.device, base_prefixes(lm, test, 50))
     iia, _ = evaluate(make_engine("fast", lm, site, groups), intervention, 50)
     return intervention, u, iia
 

@@ -511,14 +511,10 @@ def test_one_pass_reads_many_sites_like_single_reads(lm):
         torch.testing.assert_close(tensor, read_site(lm, site, ids), rtol=0, atol=0)
 
 
-def test_source_chunks_respect_the_budget(lm, monkeypatch):
-    from das_cli import sweep as sweep_module
-    from das_cli.data import PairGroup, PairSet
+def test_site_chunks_respect_the_budget(lm):
+    from das_cli.activations import chunks as site_chunks
 
-    ids = torch.zeros(10, 5, dtype=torch.long)
-    pairs = PairSet([PairGroup(ids, ids, ids[:, 0], ids[:, 0], {}, {}, [])])
     sites = [resolve_site(lm, "block_output", layer) for layer in range(4)]  # 50 tokens x 64 x 4 B each
-    monkeypatch.setattr(sweep_module, "SOURCE_BUDGET_BYTES", 2 * 50 * 64 * 4)
-    chunks = sweep_module.source_chunks(sites, [pairs], 4)
+    chunks = site_chunks(sites, 50, 4, budget=2 * 50 * 64 * 4)
     assert [len(c) for c in chunks] == [2, 2]
     assert [s for c in chunks for s in c] == sites

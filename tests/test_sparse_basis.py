@@ -237,7 +237,7 @@ def test_mask_finds_a_variable_planted_on_one_rotated_coordinate():
     from das_cli.engines import base_prefixes, make_engine
     from das_cli.interventions import build_intervention
     from das_cli.sites import resolve_site
-    from das_cli.sweep import read_sources
+    from das_cli.activations import read_prompts
     from das_cli.train import evaluate, fit, prepare
 
     lm, u = planted_model()
@@ -252,7 +252,7 @@ def test_mask_finds_a_variable_planted_on_one_rotated_coordinate():
     site = resolve_site(lm, "block_output", 0)
     groups = {}
     for name, ps in (("train", pairs(200, False, 0)), ("test", pairs(100, True, 1))):
-        groups[name] = prepare(ps, ("last",), read_sources(lm, [site], ps, 50)[0], lm.device, base_prefixes(lm, ps, 50))
+        groups[name] = prepare(ps, ("last",), read_prompts(lm, [site], ps, 50)[0], lm.device, base_prefixes(lm, ps, 50))
     fit(make_engine("fast", lm, site, groups["train"]), intervention, 20, 0.05, 20, 0.1, seed=0, progress=False)
     iia, _ = evaluate(make_engine("fast", lm, site, groups["test"]), intervention, 50)
     assert intervention.learned_dim() == 1 and iia >= 0.95

@@ -16,8 +16,10 @@ import math
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import groupby
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -154,6 +156,17 @@ class ReadyCell:
     shared_seconds: float = 0.0  # its share of a bundle's training time (trained alone: 0, counted from start)
 
 
+@dataclass
+class CellResult:
+    """A trained and evaluated cell: its table row, its learned tensors, and its figures, drawn once the cell
+    is written (a figure that cannot be drawn costs a warning, never the cell)."""
+
+    cell: Cell
+    row: dict
+    tensors: dict
+    figures: list[tuple[str, Callable[[], None]]] = field(default_factory=list)  # (name, draw)
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during the cells: finished cells are kept, the cell in flight is checkpointed;
     the message says how to resume; `status` is the exit status (130, or 143 for SIGTERM)."""
@@ -212,22 +225,31 @@ class Sweep:
 
     def run_and_save(self, cell: Cell, site: Site, sources: SiteTensors) -> dict:
         try:
-            row, tensors = self.run_cell(cell, site, sources)
+            result = self.run_cell(cell, site, sources)
         except CELL_FAILURES as e:
             return self.save_failure(cell, e)
-        self.store.save(cell, row, tensors, describe(self.cfg, self.lm, cell, int(row["width"])))
-        return row
+        return self.write(result)
 
-    def save_trained(self, ready: ReadyCell, result) -> dict:
+    def save_trained(self, ready: ReadyCell, fitted) -> dict:
         """Evaluate a trained cell and write it (or its failure); its row."""
         try:
-            if isinstance(result, BaseException):
-                raise result
-            row, tensors = self.finish(ready, result)
+            if isinstance(fitted, BaseException):
+                raise fitted
+            result = self.finish(ready, fitted)
         except CELL_FAILURES as e:
             return self.save_failure(ready.cell, e)
-        self.store.save(ready.cell, row, tensors, describe(self.cfg, self.lm, ready.cell, int(row["width"])))
-        log.info("cell %s trained: iia %.3f", ready.cell.id, row["iia"])
+        log.info("cell %s trained: iia %.3f", ready.cell.id, result.row["iia"])
+        return self.write(result)
+
+    def write(self, result: CellResult) -> dict:
+        """Write a finished cell atomically, then draw its figures; its row."""
+        cell, row = result.cell, result.row
+        self.store.save(cell, row, result.tensors, describe(self.cfg, self.lm, cell, int(row["width"])))
+        for name, draw in result.figures:
+            try:
+                draw()
+            except Exception as e:  # noqa: BLE001 - matplotlib and the interventions' plots raise many kinds
+                log.warning("cell %s: %s skipped (%s); the cell is kept", cell.id, name, e)
         return row
 
     def run_bundle(self, cells: list[Cell], sites: dict, sources: dict[tuple, SiteTensors]) -> list[dict]:
@@ -314,8 +336,8 @@ class Sweep:
         groups = prepare(self.pairs[split], cell.position, sources.source[split], self.lm.device, prefixes, residuals)
         return make_engine(self.cfg.train.engine, self.lm, site, groups)
 
-    def run_cell(self, cell: Cell, site: Site, sources: SiteTensors) -> tuple[dict, dict]:
-        """Train (or estimate) and evaluate one cell; returns its table row and its learned tensors."""
+    def run_cell(self, cell: Cell, site: Site, sources: SiteTensors) -> CellResult:
+        """Train (or estimate) and evaluate one cell."""
         ready = self.set_up(cell, site, sources)
         result = self.fit_alone(ready)
         if isinstance(result, BaseException):
@@ -336,8 +358,8 @@ class Sweep:
         learned = intervention.fit_model(self.lm, site, self.pairs["train"], cell.position, seed) if intervention.needs_model else {}
         return ReadyCell(cell, site, sources, train, test, intervention, learned, seed, width, start)
 
-    def finish(self, ready: "ReadyCell", result) -> tuple[dict, dict]:
-        """Evaluate a trained cell; returns its table row and its learned tensors."""
+    def finish(self, ready: "ReadyCell", result) -> CellResult:
+        """Evaluate a trained cell: its row, its learned tensors and its figures (not drawn yet)."""
         cfg, cell, site, sources, intervention = self.cfg, ready.cell, ready.site, ready.sources, ready.intervention
         train, test = ready.train, ready.test
         if math.isnan(result.loss) and result.steps:
@@ -356,8 +378,7 @@ class Sweep:
             **scores.graded_scores(), "penalty": result.penalty, **ready.learned,
             **{f"n_{name}_before_filter": pairs.before_filter for name, pairs in self.pairs.items() if pairs.before_filter is not None},
         }
-        if cfg.output.plots:
-            _plot_safely(intervention, layout.cell_dir(self.folder, cell.id))
+        figures = [("intervention plot", partial(_plot_intervention, intervention, layout.cell_dir(self.folder, cell.id)))]
         test_base = base_vectors(site, cell.position, self.pairs["test"], sources.base["test"])
         test_source = torch.cat([g.source_values for g in test.groups])
         row.update(edit_scores(intervention, self.site_activations(cell, site, sources, train).values, test_base, test_source))
@@ -369,12 +390,12 @@ class Sweep:
         shares = _head_shares(self.lm, site, cell, tensors.get("basis"))
         if shares is not None:
             row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
-            if cfg.output.plots:
-                bar_chart(shares, layout.head_plot_file(self.folder, cell.id), f"{cell.id}: share of the subspace per head")
+            title = f"{cell.id}: share of the subspace per head"
+            figures.append(("head shares", partial(bar_chart, shares, layout.head_plot_file(self.folder, cell.id), title)))
         if cell in self.loaded:
             row["trained_in"] = str(self.cfg.from_run)
         row["seconds"] = time.perf_counter() - ready.start + ready.shared_seconds
-        return row, tensors
+        return CellResult(cell, row, tensors, figures if cfg.output.plots else [])
 
     def new_intervention(self, cell: Cell, width: int, options: dict):
         """The cell's intervention: built afresh, or (from_run) the source cell's, frozen."""
@@ -425,13 +446,10 @@ def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, fl
     return head_importance(basis, len(cell.position), site.heads or tuple(range(n_heads)), head_dim)
 
 
-def _plot_safely(intervention, directory: Path) -> None:
-    """The intervention's own figures; a figure that cannot be drawn costs a warning, not the cell."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        intervention.plot(directory)
-    except Exception as e:  # noqa: BLE001 - matplotlib raises many kinds
-        log.warning("plot of %s skipped: %s", directory.name, e)
+def _plot_intervention(intervention, directory: Path) -> None:
+    """The intervention's own figures, into the cell's folder."""
+    directory.mkdir(parents=True, exist_ok=True)
+    intervention.plot(directory)
 
 
 def _failed_row(cell: Cell, cfg: DictConfig, error: str) -> dict:

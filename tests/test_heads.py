@@ -89,3 +89,26 @@ def test_attention_value_output_cells_get_head_importance(tmp_path):
     table = das_cli.run(cfg, tmp_path)
     shares = json.loads(table["head_importance"].iloc[0])
     assert sorted(shares) == ["0", "1", "2", "3"] and sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_figure_that_cannot_be_drawn_never_fails_its_cell(tmp_path, monkeypatch, caplog):
+    """The head-share chart and the intervention's own plot are drawn after the cell is written: an error in
+    either costs a warning, the cell keeps its numbers and its subspace."""
+    import das_cli.sweep as sweep_module
+    from das_cli.interventions import Intervention
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(sweep_module, "bar_chart", broken)
+    monkeypatch.setattr(Intervention, "plot", broken)
+    cfg = das_cli.compose(["stream=attention_value_output", "layers=[0]", "positions=[last]", "model=tiny_llama",
+                           "intervention.dim=2", "output.plots=true"] + TINY)
+    table = das_cli.run(cfg, tmp_path)
+    cell = table["cell"].iloc[0]
+    row = json.loads((tmp_path / "cells" / cell / "metrics.json").read_text())
+    assert not row.get("error") and row["iia"] == table["iia"].iloc[0] and "head_importance" in row
+    assert (tmp_path / "cells" / cell / "subspace.safetensors").exists()
+    skipped = [r.getMessage() for r in caplog.records if "skipped (no display)" in r.getMessage()]
+    assert skipped == [f"cell {cell}: intervention plot skipped (no display); the cell is kept",
+                       f"cell {cell}: head shares skipped (no display); the cell is kept"]

@@ -18,12 +18,23 @@ to --out and prints it.
 With --pyvene-python (the python of a virtualenv holding pyvene, see pyvene_peer.py), every single
 cell is also trained by pyvene on the same pairs, in the same batch order, with the same
 hyperparameters and seed; the table then adds pyvene's seconds per cell, IIA and peak memory.
+
+With --whole-process (and --pyvene-python), the whole `das-cli` command over the sweep (default grid,
+or --layers; --overrides and --epochs apply) is timed as a subprocess, from start to exit: model load,
+base runs, source reads, training, evaluation, tables and heatmaps. Against it, one pyvene_peer.py
+process trains and evaluates the same cells one after another (same pairs, batch orders, seeds and
+hyperparameters), timed the same way: imports, model load and every cell. Exporting the cells is
+timed by neither. The table (written to benchmarks/results_whole_process.md unless --out) gives both
+wall clocks, their ratio, the mean IIA of each, the largest per-cell IIA gap and each peak RSS.
+
+    python benchmarks/bench_engines.py --whole-process --pyvene-python .venv-pyvene/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -104,49 +115,143 @@ def measure(overrides: list[str], engine: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def export_cell(overrides: list[str], path: Path) -> None:
-    """Everything pyvene_peer.py needs to train the one cell `overrides` names exactly as das-cli does."""
+def export_cells(overrides: list[str], folder: Path) -> list[tuple[str, Path]]:
+    """A CELL.pt per cell of the sweep `overrides` names: what pyvene_peer.py needs to train it exactly as
+    das-cli does (the model loaded and the pairs built once). Returns (cell id, path) in the grid's order."""
     import torch
 
     import das_cli
     from das_cli import config as C
     from das_cli.data import batches, resolve_positions
-    from das_cli.models import _converted_embedded_dir, load_model
     from das_cli.grid import expand_grid
+    from das_cli.models import load_model
     from das_cli.sweep import build_pairs
 
     cfg = C.typed(das_cli.compose(overrides))
     lm = load_model(cfg.model, "cpu", "float32")
-    (cell,) = expand_grid(cfg, lm)
-    seed = cell.seed(int(cfg.seed))
     pairs = build_pairs(cfg, lm)
     train, test = pairs["train"], pairs["test"]
+    model_dir = _model_dir(cfg, lm, folder)
+    exported = []
+    for cell in expand_grid(cfg, lm):
+        if cell.stream != "block_output" or len(cell.position) != 1 or cell.heads is not None:
+            raise SystemExit(f"the pyvene peer trains block_output cells at one position; cell {cell.id} is not one")
+        seed = cell.seed(int(cfg.seed))
 
-    def groups(pairs):
-        assert all(g.labels.shape[1] == 1 for g in pairs.groups), "the pyvene peer scores one-token labels"
-        return [{"base_ids": g.base_ids, "source_ids": g.source_ids, "labels": g.labels[:, 0],
-                 "base_pos": resolve_positions(g, cell.position, "base")[:, 0],
-                 "source_pos": resolve_positions(g, cell.position, "source")[:, 0]} for g in pairs.groups]
+        def groups(pairs):
+            assert all(g.labels.shape[1] == 1 for g in pairs.groups), "the pyvene peer scores one-token labels"
+            return [{"base_ids": g.base_ids, "source_ids": g.source_ids, "labels": g.labels[:, 0],
+                     "base_pos": resolve_positions(g, cell.position, "base")[:, 0],
+                     "source_pos": resolve_positions(g, cell.position, "source")[:, 0]} for g in pairs.groups]
 
-    generator = torch.Generator().manual_seed(seed)  # the order fit() draws for this cell
-    steps = [step for _ in range(int(cfg.train.epochs)) for step in batches(train.sizes, int(cfg.train.batch_size), generator)]
-    model_dir = str(_converted_embedded_dir()) if cfg.model.get("embedded") else str(cfg.model.get("name_or_path", cfg.model.name))
-    torch.save({"model_dir": model_dir, "layer": cell.layer, "dim": int(cfg.intervention.dim), "seed": seed,
-                "lr": float(cfg.train.lr), "lr_end_factor": float(cfg.train.lr_end_factor), "steps": steps,
-                "eval_batch": int(cfg.eval.batch_size), "train": groups(train), "test": groups(test)}, path)
+        generator = torch.Generator().manual_seed(seed)  # the order fit() draws for this cell (train.batch_plan)
+        steps = [step for _ in range(int(cfg.train.epochs)) for step in batches(train.sizes, int(cfg.train.batch_size), generator)]
+        path = folder / f"{cell.id}.pt"
+        torch.save({"model_dir": model_dir, "layer": cell.layer, "dim": int(cfg.intervention.dim), "seed": seed,
+                    "lr": float(cfg.train.lr), "lr_end_factor": float(cfg.train.lr_end_factor), "steps": steps,
+                    "eval_batch": int(cfg.eval.batch_size), "train": groups(train), "test": groups(test)}, path)
+        exported.append((cell.id, path))
+    return exported
+
+
+def _model_dir(cfg, lm, folder: Path) -> str:
+    """A folder or hub id the peer can load: the embedded model's converted checkpoint, a tiny random
+    model saved next to the cells, or the config's own name."""
+    from das_cli.models import _converted_embedded_dir
+
+    if cfg.model.get("embedded"):
+        return str(_converted_embedded_dir())
+    if cfg.model.get("random_init"):
+        lm.model.save_pretrained(folder / "model")
+        lm.tokenizer.save_pretrained(folder / "model")
+        return str(folder / "model")
+    return str(cfg.model.get("name_or_path", cfg.model.name))
 
 
 def measure_pyvene(overrides: list[str], python: str) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "cell.pt"
-        export_cell(overrides, path)
-        peer = Path(__file__).with_name("pyvene_peer.py")
-        out = subprocess.run([python, str(peer), str(path)], capture_output=True, text=True)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"pyvene peer failed ({' '.join(overrides)}):\n{out.stderr[-2000:]}")
-    result = json.loads(lines[-1][len("RESULT "):])
+        (_, path), = export_cells(overrides, Path(folder))
+        result = run_peer([path], python)
     return {"cell_seconds": result["seconds"], "cells": 1, "iia": [result["iia"]], "peak_rss_mb": result["peak_rss_mb"]}
+
+
+def run_peer(paths: list[Path], python: str) -> dict:
+    """One pyvene_peer.py process over `paths`: its JSON line, plus its wall clock and peak RSS seen from here."""
+    peer = Path(__file__).with_name("pyvene_peer.py")
+    done = timed([python, str(peer), *map(str, paths)])
+    lines = [line for line in done["stdout"].splitlines() if line.startswith("RESULT ")]
+    if done["returncode"] != 0 or not lines:
+        raise SystemExit(f"pyvene peer failed ({len(paths)} cells):\n{done['stderr'][-2000:]}")
+    return {**json.loads(lines[-1][len("RESULT "):]), "wall_seconds": done["wall_seconds"],
+            "process_peak_rss_mb": done["peak_rss_mb"]}
+
+
+def timed(command: list[str]) -> dict:
+    """Run `command` to the end: its wall clock, its peak RSS (from the kernel's account of that child), output."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"returncode": process.returncode, "wall_seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+                "stdout": out.read(), "stderr": err.read()}
+
+
+def run_das_cli(overrides: list[str]) -> dict:
+    """The `das-cli` command itself over the sweep: wall clock, peak RSS and each cell's IIA from its iia.csv."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "das_cli.cli", *overrides, "progress=false", f"hydra.run.dir={folder}"]
+        done = timed(command)
+        if done["returncode"] != 0:
+            raise SystemExit(f"das-cli failed ({' '.join(overrides)}):\n{done['stderr'][-2000:]}")
+        table = pd.read_csv(Path(folder) / "iia.csv")
+    return {"wall_seconds": done["wall_seconds"], "peak_rss_mb": done["peak_rss_mb"],
+            "iia": dict(zip(table["cell"], table["iia"]))}
+
+
+def whole_process(sweep: list[str], python: str, repeats: int) -> str:
+    """das-cli's whole run of the sweep against one pyvene process over the same cells; a Markdown table.
+    Exporting the cells is timed by neither side; with repeats, each side's fastest run counts."""
+    das, peer = [], []
+    load_before = os.getloadavg()[0]  # other work on the machine slows both sides; the note shows it
+    with tempfile.TemporaryDirectory() as folder:
+        cells = export_cells(sweep, Path(folder))
+        for _ in range(repeats):  # alternating, so drift in machine load hits both
+            das.append(run_das_cli(sweep))
+            print(f"  das-cli  {das[-1]['wall_seconds']:8.1f} s  {' '.join(sweep)}", flush=True)
+            peer.append(run_peer([path for _, path in cells], python))
+            print(f"  pyvene   {peer[-1]['wall_seconds']:8.1f} s  {len(cells)} cells", flush=True)
+    ids = [cell_id for cell_id, _ in cells]
+    if sorted(das[0]["iia"]) != sorted(ids):
+        raise SystemExit(f"das-cli's cells {sorted(das[0]['iia'])} are not the exported cells {sorted(ids)}")
+    das_iia = [das[0]["iia"][cell_id] for cell_id in ids]
+    peer_iia = [cell["iia"] for cell in peer[0]["cells"]]
+    das_s, peer_s = min(r["wall_seconds"] for r in das), min(r["wall_seconds"] for r in peer)
+    return WHOLE_HEADER + (
+        f"\n| sweep {' '.join(f'`{o}`' for o in sweep) or '(default grid)'} | {len(ids)} | {das_s:.1f} | {peer_s:.1f} | "
+        f"**{peer_s / das_s:.1f}×** | {min(r['seconds'] for r in peer):.1f} | {_mean(das_iia):.3f} | {_mean(peer_iia):.3f} | "
+        f"{max(abs(a - b) for a, b in zip(das_iia, peer_iia)):.3f} | {max(r['peak_rss_mb'] for r in das):.0f} | "
+        f"{max(r['process_peak_rss_mb'] for r in peer):.0f} |"
+        f"\n\nPer-cell test IIA, das-cli / pyvene: "
+        + ", ".join(f"`{cell_id}` {a:.3f} / {b:.3f}" for cell_id, a, b in zip(ids, das_iia, peer_iia))
+        + f". Load average (1 min) before the runs: {load_before:.2f}, after: {os.getloadavg()[0]:.2f}."
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+WHOLE_HEADER = (
+    "| measurement | cells | das-cli wall clock s | pyvene loop wall clock s | das-cli vs pyvene | pyvene s in training and evaluation | "
+    "das-cli mean IIA | pyvene mean IIA | max abs per-cell IIA gap | das-cli peak RSS MB | pyvene peak RSS MB |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def alternate(overrides: list[str], repeats: int, pyvene: str | None = None) -> dict[str, list[dict]]:
@@ -200,12 +305,21 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--sweeps", default="default", help="comma-separated: default, wide, seeds")
     parser.add_argument("--skip-cells", action="store_true", help="time the sweep only")
-    parser.add_argument("--out", default="benchmarks/results.md")
+    parser.add_argument("--out", default=None, help="Markdown table (default: benchmarks/results.md; "
+                        "--whole-process: benchmarks/results_whole_process.md)")
     parser.add_argument("--pyvene-python", default=None, help="python of a virtualenv with pyvene (see pyvene_peer.py)")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="time the das-cli command over the sweep against one pyvene process over its cells")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
     base = list(args.overrides) + ([f"train.epochs={args.epochs}"] if args.epochs is not None else [])
+    if args.whole_process:
+        if not args.pyvene_python:
+            raise SystemExit("--whole-process needs --pyvene-python (the python of a virtualenv with pyvene)")
+        sweep = base + ([f"layers=[{args.layers}]"] if args.layers else [])
+        return write_table(whole_process(sweep, args.pyvene_python, args.repeats), base,
+                           args.out or "benchmarks/results_whole_process.md")
     n_layers = _n_layers(base)
     cell_layer = args.cell_layer if args.cell_layer is not None else n_layers // 2
     header = HEADER
@@ -229,10 +343,13 @@ def main() -> None:
         print("sweep:", " ".join(sweep))
         peer_gap = " — | — | — | — |" if args.pyvene_python else ""  # pyvene runs single cells only
         lines.append(row("sweep " + (" ".join(f"`{o}`" for o in sweep) or "(default grid)"), alternate(sweep, args.repeats)) + peer_gap)
-    table = "\n".join(lines)
-    note = f"\n\n{platform.processor() or platform.machine()}, {_device()}; overrides: {' '.join(base) or 'none'}\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table + note)
+    write_table("\n".join(lines), base, args.out or "benchmarks/results.md")
+
+
+def write_table(table: str, overrides: list[str], out: str) -> None:
+    note = f"\n\n{platform.processor() or platform.machine()}, {_device()}; overrides: {' '.join(overrides) or 'none'}\n"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(table + note)
     print(table + note)
 
 

@@ -4,26 +4,33 @@ Runs in its own virtualenv (pyvene 0.1.x needs transformers 4.x; das-cli needs 5
 
     python -m venv .venv-pyvene
     .venv-pyvene/bin/pip install torch==2.13.0 pyvene==0.1.8 "transformers<5"
-    .venv-pyvene/bin/python benchmarks/pyvene_peer.py CELL.pt
+    .venv-pyvene/bin/python benchmarks/pyvene_peer.py CELL.pt [CELL.pt ...]
 
 CELL.pt is written by bench_engines.py: the model folder, the cell's layer, the token ids and
 positions of every pair, the batch order of every training step (the order das-cli's own run of
 the cell uses), the cell seed and the hyperparameters. The intervention is pyvene's
 LowRankRotatedSpaceIntervention on block_output, trained with Adam and the same linear decay on
-the cross-entropy of the last position's logits. Prints one JSON line: seconds, IIA, peak RSS.
+the cross-entropy of the last position's logits.
+
+Several CELL.pt files (a sweep's cells, one model) make a researcher's pyvene loop: one process loads
+the model once and trains and evaluates the cells one after another. Prints one JSON line: `seconds`
+(training and evaluation, summed over the cells), `iia` (the mean over the cells; one file: its IIA),
+`peak_rss_mb`, `total_seconds` (the whole process from the top of this file: imports, model load,
+every cell) and `cells` (each cell's layer, seconds and IIA).
 """
 
-from __future__ import annotations
-
-import json
-import sys
 import time
-from pathlib import Path
 
-import pyvene as pv
-import torch
-import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+STARTED = time.perf_counter()  # before the imports: total_seconds counts them
+
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pyvene as pv  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 
 def load_model(name_or_folder: str):
@@ -59,9 +66,8 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def main(path: str) -> None:
-    cell = torch.load(path, weights_only=False)
-    model = load_model(cell["model_dir"])
+def train_and_test(model, cell: dict) -> dict:
+    """Train one cell's intervention on the frozen model and return its seconds and test IIA."""
     torch.manual_seed(cell["seed"])
     config = pv.IntervenableConfig(
         representations=[{"layer": cell["layer"], "component": "block_output", "unit": "pos",
@@ -90,9 +96,26 @@ def main(path: str) -> None:
                 rows = torch.arange(i, min(i + cell["eval_batch"], len(group["labels"])))
                 correct += int((logits(intervenable, group, rows).argmax(-1) == group["labels"][rows]).sum())
                 n += len(rows)
-    print("RESULT " + json.dumps({"seconds": time.perf_counter() - start, "iia": correct / max(n, 1),
-                                  "peak_rss_mb": peak_rss_mb()}))
+    return {"layer": cell["layer"], "seconds": time.perf_counter() - start, "iia": correct / max(n, 1)}
+
+
+def main(paths: list[str]) -> None:
+    cells = [torch.load(path, weights_only=False) for path in paths]
+    folders = {cell["model_dir"] for cell in cells}
+    if len(folders) != 1:
+        raise SystemExit(f"pyvene_peer: the cells name {len(folders)} models ({', '.join(sorted(folders))}); give one model's cells")
+    model = load_model(folders.pop())
+    results = [train_and_test(model, cell) for cell in cells]
+    print("RESULT " + json.dumps({
+        "seconds": sum(r["seconds"] for r in results),
+        "iia": sum(r["iia"] for r in results) / len(results),
+        "peak_rss_mb": peak_rss_mb(),
+        "total_seconds": time.perf_counter() - STARTED,
+        "cells": results,
+    }))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: pyvene_peer.py CELL.pt [CELL.pt ...]")
+    main(sys.argv[1:])

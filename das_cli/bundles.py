@@ -32,7 +32,7 @@ from .interventions import Intervention
 from .models import LoadedModel
 from .readout import Readout
 from .sites import Site, gather, hooked, resolve_site, scatter
-from .train import Fit, TrainingState, batch_plan, optimiser, rng_state
+from .train import Evaluation, EvaluationTally, Fit, TrainingState, batch_plan, evaluation_batches, optimiser, rng_state
 
 
 def bundleable(engine) -> bool:
@@ -61,6 +61,12 @@ class BundleEngine:
         hidden = self.final_hidden(batches_, interventions)
         labels = [e.labels(b) for e, b in zip(self.engines, batches_)]
         return self.readout.losses(hidden, labels)
+
+    def logits(self, batches_: list[Batch], interventions: list[Intervention]) -> list[Tensor]:
+        """Per cell, the logits of its batch at the answer positions, [B, K, vocab], from one forward where it can."""
+        hidden = self.final_hidden(batches_, interventions)
+        joined = self.readout.logits(torch.cat(hidden))
+        return list(joined.split([len(h) for h in hidden]))
 
     def final_hidden(self, batches_: list[Batch], interventions: list[Intervention]) -> list[Tensor]:
         order = sorted(range(len(self.engines)), key=lambda i: self.engines[i].site.layer)
@@ -282,6 +288,28 @@ def fit_bundle(
         results[i] = states[i].fit(step)
     return results  # type: ignore[return-value]
 
+
+@torch.no_grad()
+def evaluate_bundle(engines: list[FastEngine], interventions: list[Intervention], batch_size: int,
+                    base_labels: list[Tensor] | None = None, base_correct: list[Tensor] | None = None) -> list[Evaluation]:
+    """`train.evaluate_kinds` for several cells over the same pairs: every batch of the evaluation is one
+    forward for as many cells as keep it within EVAL_ROWS rows (each cell's own batch, as alone)."""
+    lm = engines[0].lm
+    device = "cuda" if lm.device.type == "cuda" else "cpu"
+    tallies = [EvaluationTally(engine, base_labels, base_correct) for engine in engines]
+    plan = evaluation_batches(engines[0], batch_size)
+    per_step = max(1, EVAL_ROWS[device] // max(batch_size * engines[0].width, 1))
+    for first in range(0, len(engines), per_step):
+        part = slice(first, first + per_step)
+        bundle = BundleEngine(lm, engines[part])
+        for batch in plan:
+            for tally, logits in zip(tallies[part], bundle.logits([batch] * len(bundle.engines), interventions[part])):
+                tally.add(batch, logits)
+    return [tally.result() for tally in tallies]
+
+
+# Bundled evaluation: at most this many rows of logits per forward (the vocabulary's logits dominate its memory).
+EVAL_ROWS = {"cpu": 1024, "cuda": 16384}
 
 # `train.cells_per_step=auto`: enough cells that a step feeds about this many token rows, where a bigger
 # step stops paying on the device (measured with benchmarks/bench_engines.py; README: Speed) ...

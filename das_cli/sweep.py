@@ -45,9 +45,9 @@ from .activations import ActivationStore, SiteTensors
 from .results import bar_chart
 from .sites import Site, gather, head_counts, resolve_site
 from .engines import BaseRun, base_run, make_engine
-from .bundles import cells_per_step
+from .bundles import bundleable, cells_per_step, evaluate_bundle
 from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
-from .train import evaluate_kinds, fit, prepare
+from .train import Evaluation, evaluate_kinds, fit, prepare
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +230,12 @@ class Sweep:
             return self.save_failure(cell, e)
         return self.write(result)
 
-    def save_trained(self, ready: ReadyCell, fitted) -> dict:
-        """Evaluate a trained cell and write it (or its failure); its row."""
+    def save_trained(self, ready: ReadyCell, fitted, evaluation: dict[str, Evaluation] | None = None) -> dict:
+        """Evaluate a trained cell (unless `evaluation` is given) and write it (or its failure); its row."""
         try:
             if isinstance(fitted, BaseException):
                 raise fitted
-            result = self.finish(ready, fitted)
+            result = self.finish(ready, fitted, evaluation)
         except CELL_FAILURES as e:
             return self.save_failure(ready.cell, e)
         log.info("cell %s trained: iia %.3f", ready.cell.id, result.row["iia"])
@@ -256,7 +256,7 @@ class Sweep:
         """Several cells trained together (bundles.py), each evaluated and written as soon as the bundle ends.
         Cells another process holds are left out; a cell that cannot join (a checkpoint to resume, nothing
         to train, the reference engine) trains alone."""
-        from .bundles import BundleEngine, Member, bundleable, fit_bundle
+        from .bundles import BundleEngine, Member, fit_bundle
 
         rows: list[dict] = []
         with ExitStack() as locks:
@@ -299,11 +299,34 @@ class Sweep:
                 log.warning("a bundle of %d cells failed (%s); training them one by one", len(joins), e)
                 return rows + [self.save_trained(r, self.fit_alone(r)) for r in joins]
             trained = time.perf_counter()
-            for r, result in zip(joins, results):
+            for r in joins:
                 r.shared_seconds += (trained - started) / len(joins)
+            evaluations = self.bundle_evaluations(joins, results)
+            for r, result, evaluation in zip(joins, results, evaluations):
                 r.start = time.perf_counter()
-                rows.append(self.save_trained(r, result))
+                rows.append(self.save_trained(r, result, evaluation))
         return rows
+
+    def bundle_evaluations(self, ready: list[ReadyCell], fits: list) -> list[dict[str, Evaluation] | None]:
+        """The evaluations of a bundle's cells that trained to a finite loss, made together; None for the
+        others, and for all when the joint evaluation fails (then each cell is evaluated alone)."""
+        good = [k for k, f in enumerate(fits) if not isinstance(f, BaseException) and not (math.isnan(f.loss) and f.steps)]
+        out: list[dict[str, Evaluation] | None] = [None] * len(ready)
+        if len(good) < 2:
+            return out
+        started = time.perf_counter()
+        try:
+            for k, evaluation in zip(good, self.evaluations([ready[k] for k in good])):
+                out[k] = evaluation
+        except CELL_FAILURES as e:
+            if is_interruption(e):
+                raise
+            log.warning("the joint evaluation of %d cells failed (%s); evaluating them one by one", len(good), e)
+            return [None] * len(ready)
+        share = (time.perf_counter() - started) / len(good)
+        for k in good:
+            ready[k].shared_seconds += share
+        return out
 
     def fit_alone(self, ready: ReadyCell):
         """`train.fit` of one cell; a failure is returned, not raised."""
@@ -358,21 +381,49 @@ class Sweep:
         learned = intervention.fit_model(self.lm, site, self.pairs["train"], cell.position, seed) if intervention.needs_model else {}
         return ReadyCell(cell, site, sources, train, test, intervention, learned, seed, width, start)
 
-    def finish(self, ready: "ReadyCell", result) -> CellResult:
-        """Evaluate a trained cell: its row, its learned tensors and its figures (not drawn yet)."""
+    def evaluations(self, ready: list[ReadyCell]) -> list[dict[str, Evaluation]]:
+        """Each trained cell's evaluation on every split (train, test, and val where the dataset has it); the
+        cells of a bundle together (bundles.evaluate_bundle), each batch one forward for several cells."""
+        batch = int(self.cfg.eval.batch_size)
+        splits = [name for name in ("train", "test", "val") if name in self.pairs]
+        engines = {name: [self.evaluation_engine(r, name) for r in ready] for name in splits}
+        interventions = [r.intervention for r in ready]
+        together = len(ready) > 1 and all(bundleable(e) for per_cell in engines.values() for e in per_cell)
+        out: list[dict[str, Evaluation]] = [{} for _ in ready]
+        for name in splits:
+            arguments = self.evaluation_arguments(name)
+            if together:
+                scores = evaluate_bundle(engines[name], interventions, batch, **arguments)
+            else:
+                scores = [evaluate_kinds(e, v, batch, **arguments) for e, v in zip(engines[name], interventions)]
+            for cell_scores, evaluation in zip(out, scores):
+                cell_scores[name] = evaluation
+        return out
+
+    def evaluation_engine(self, ready: ReadyCell, split: str):
+        return {"train": ready.train, "test": ready.test}.get(split) or self.engine(split, ready.cell, ready.site, ready.sources)
+
+    def evaluation_arguments(self, split: str) -> dict:
+        """The test split's evaluation also compares with the base prompts' own answers."""
+        if split != "test":
+            return {}
+        return {"base_labels": [g.base_labels for g in self.pairs["test"].groups], "base_correct": self.base["test"].correct(self.pairs["test"])}
+
+    def finish(self, ready: "ReadyCell", result, evaluation: dict[str, Evaluation] | None = None) -> CellResult:
+        """Evaluate a trained cell (unless its `evaluation` was made with its bundle's): its row, its learned
+        tensors and its figures (not drawn yet)."""
         cfg, cell, site, sources, intervention = self.cfg, ready.cell, ready.site, ready.sources, ready.intervention
-        train, test = ready.train, ready.test
+        test = ready.test
         if math.isnan(result.loss) and result.steps:
             raise FloatingPointError("training loss became NaN")
-        batch = int(cfg.eval.batch_size)
-        train_scores = evaluate_kinds(train, intervention, batch)
-        scores = evaluate_kinds(test, intervention, batch, [g.base_labels for g in self.pairs["test"].groups],
-                                self.base["test"].correct(self.pairs["test"]))
+        evaluation = evaluation or self.evaluations([ready])[0]
+        train_scores, scores = evaluation["train"], evaluation["test"]
+        validation = {"iia_val": evaluation["val"].scores()["iia"], "n_val": len(self.pairs["val"])} if "val" in evaluation else {}
         row = {
             "stream": cell.stream, "layer": cell.layer, "position": cell.position_label, "heads": cell.heads_label,
             "intervention": cfg.intervention.name, "dim": intervention.learned_dim(), "seed": cell.run_seed(int(cfg.seed)),
             **scores.scores(), "train_iia": train_scores.scores()["iia"], "loss": result.loss, "base_accuracy": self.accuracy,
-            "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]), **self.validation(cell, site, sources, intervention),
+            "n_train": len(self.pairs["train"]), "n_test": len(self.pairs["test"]), **validation,
             "seconds": 0.0, "test_loss": scores.loss, "width": ready.width, "steps": result.steps,
             "cell": cell.id, "cell_seed": ready.seed, "model": self.lm.name, "model_layers": self.lm.n_layers, "engine": cfg.train.engine,
             **scores.graded_scores(), "penalty": result.penalty, **ready.learned,
@@ -381,7 +432,7 @@ class Sweep:
         figures = [("intervention plot", partial(_plot_intervention, intervention, layout.cell_dir(self.folder, cell.id)))]
         test_base = base_vectors(site, cell.position, self.pairs["test"], sources.base["test"])
         test_source = torch.cat([g.source_values for g in test.groups])
-        row.update(edit_scores(intervention, self.site_activations(cell, site, sources, train).values, test_base, test_source))
+        row.update(edit_scores(intervention, self.site_activations(cell, site, sources, ready.train).values, test_base, test_source))
         tensors = intervention.state_for_saving()
         if cfg.analysis.illusion and cell.stream in ILLUSION_STREAMS:
             # the split patches orthogonal swaps of parts of one subspace; oblique_das reads and writes two
@@ -402,13 +453,6 @@ class Sweep:
         if cell in self.loaded:
             return self.loaded[cell].intervention
         return build_intervention(self.cfg.intervention.name, width, **options)
-
-    def validation(self, cell: Cell, site: Site, sources: SiteTensors, intervention) -> dict:
-        """`iia_val` on the validation split (what the tool's choices among cells read), and its size."""
-        if "val" not in self.pairs:
-            return {}
-        scores = evaluate_kinds(self.engine("val", cell, site, sources), intervention, int(self.cfg.eval.batch_size))
-        return {"iia_val": scores.scores()["iia"], "n_val": len(self.pairs["val"])}
 
     def site_activations(self, cell: Cell, site: Site, sources: SiteTensors, train) -> SiteActivations:
         """The train prompts' unedited site vectors at the cell's positions: base prompts, then sources."""

@@ -287,11 +287,29 @@ def evaluate_kinds(engine: Engine, intervention, batch_size: int, base_labels: l
 
     An engine gives logits [B, K, vocab] and labels [B, K] (-1 past a shorter label's end); [B, vocab]
     and [B] mean one token per pair."""
-    result = Evaluation({}, {}, 0.0, base_correct={} if base_correct is not None else None)
-    known = [answer_matrix(labels)[:, 0].to(engine.lm.device) for labels in base_labels] if base_labels else None
-    loss_sum, n = 0.0, 0
-    for batch in to_device(batches([len(group) for group in engine.groups], batch_size), engine.lm.device):
-        logits, labels = engine.logits(batch, intervention), answer_matrix(engine.labels(batch))
+    tally = EvaluationTally(engine, base_labels, base_correct)
+    for batch in evaluation_batches(engine, batch_size):
+        tally.add(batch, engine.logits(batch, intervention))
+    return tally.result()
+
+
+def evaluation_batches(engine: Engine, batch_size: int) -> list[Batch]:
+    """The evaluation's batches: every pair once, in order (the same for every cell over these pairs)."""
+    return to_device(batches([len(group) for group in engine.groups], batch_size), engine.lm.device)
+
+
+class EvaluationTally:
+    """`evaluate_kinds`'s running totals over one engine's pairs, fed the logits of one batch at a time."""
+
+    def __init__(self, engine: Engine, base_labels: list[Tensor] | None = None, base_correct: list[Tensor] | None = None):
+        self.engine, self.base_correct = engine, base_correct
+        self.evaluation = Evaluation({}, {}, 0.0, base_correct={} if base_correct is not None else None)
+        self.known = [answer_matrix(labels)[:, 0].to(engine.lm.device) for labels in base_labels] if base_labels else None
+        self.loss_sum, self.n = 0.0, 0
+
+    def add(self, batch: Batch, logits: Tensor) -> None:
+        engine, result, base_correct = self.engine, self.evaluation, self.base_correct
+        labels = answer_matrix(engine.labels(batch))
         logits = logits[:, None] if logits.dim() == 2 else logits
         given, targets = labels >= 0, labels.clamp_min(0)
         right = ((logits.argmax(-1) == labels) | ~given).all(dim=1)
@@ -299,8 +317,8 @@ def evaluate_kinds(engine: Engine, intervention, batch_size: int, base_labels: l
         probability = (token_log_p * given).sum(dim=1).exp()
         first = logits[:, 0]
         chosen = first.gather(1, targets[:, :1])[:, 0]
-        if known:
-            base = torch.cat([known[g][rows] for g, rows in batch])
+        if self.known:
+            base = torch.cat([self.known[g][rows] for g, rows in batch])
             differs = (base >= 0) & (base != labels[:, 0])
             diff = chosen - first.gather(1, base.clamp_min(0)[:, None])[:, 0]
         else:
@@ -320,10 +338,12 @@ def evaluate_kinds(engine: Engine, intervention, batch_size: int, base_labels: l
             if counted:
                 _add(result.logit_diff, kind, d)
                 _add(result.logit_diff_counts, kind, 1)
-        loss_sum += float(answer_cross_entropy(logits, labels, reduction="sum"))
-        n += len(labels)
-    result.loss = loss_sum / max(n, 1)
-    return result
+        self.loss_sum += float(answer_cross_entropy(logits, labels, reduction="sum"))
+        self.n += len(labels)
+
+    def result(self) -> Evaluation:
+        self.evaluation.loss = self.loss_sum / max(self.n, 1)
+        return self.evaluation
 
 
 def _tally(tallies: dict[str, Tally], kind: str, name: str, hit: int) -> None:

@@ -11,12 +11,13 @@ from conftest import TINY, run_cli
 from test_engines import G, base_prefixes, hand_groups, random_pairs  # noqa: F401  (fixtures below)
 from test_engines import lm  # noqa: F401  (the tiny models, module-scoped)
 
-from das_cli.bundles import BundleEngine, Member, fed_tokens, fit_bundle
+from das_cli import bundles
+from das_cli.bundles import BundleEngine, Member, evaluate_bundle, fed_tokens, fit_bundle
 from das_cli.data import batches
 from das_cli.engines import FastEngine, base_run
 from das_cli.interventions import build_intervention
 from das_cli.sites import resolve_site
-from das_cli.train import fit
+from das_cli.train import evaluate_kinds, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -89,6 +90,23 @@ def test_a_bundle_trains_each_cell_as_alone(lm, pairs, base):
         for p, q in zip(a.parameters(), b.parameters()):
             torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4)
         assert not b.training  # left in eval mode, as fit leaves it
+
+
+@pytest.mark.parametrize("specs", [JOINABLE, FROM_ZERO, SPLIT], ids=["one-forward", "from-layer-0", "cell-by-cell"])
+@pytest.mark.parametrize("rows", [1024, 2 * 3], ids=["one-step", "two-cells-per-step"])
+def test_bundled_evaluation_gives_each_cell_its_lone_evaluation(lm, pairs, base, specs, rows, monkeypatch):
+    monkeypatch.setattr(bundles, "EVAL_ROWS", {"cpu": rows, "cuda": rows})
+    members = cells(lm, pairs, base, specs)
+    base_labels = [torch.randint(0, 1000, (G, 1), generator=torch.Generator().manual_seed(g)) for g in range(2)]
+    base_correct = [torch.tensor([True, False, True, True]), torch.tensor([False, True, True, False])]
+    for labels, correct in [(None, None), (base_labels, base_correct)]:
+        alone = [evaluate_kinds(e, v, 3, labels, correct) for e, v in members]
+        together = evaluate_bundle([e for e, _ in members], [v for _, v in members], 3, labels, correct)
+        for a, b in zip(alone, together):
+            assert (b.hits, b.counts, b.types, b.base_correct) == (a.hits, a.counts, a.types, a.base_correct)
+            assert b.loss == pytest.approx(a.loss, abs=1e-5)
+            for score, value in a.graded_scores().items():
+                assert b.graded_scores()[score] == pytest.approx(value, abs=1e-5, nan_ok=True)
 
 
 class Diverging(torch.nn.Module):

@@ -158,7 +158,7 @@ def check_output_folder(overrides: list[str], multirun: bool) -> None:
 def interrupted(error: KeyboardInterrupt) -> None:
     """Ctrl-C or SIGTERM: one line (the sweep's says how many cells are kept, which cell is checkpointed
     and how to resume), exit 130 (SIGTERM: 143)."""
-    print(f"das-cli: {error or 'interrupted'}", file=sys.stderr)
+    print(f"das-cli: {str(error) or 'interrupted'}", file=sys.stderr)
     sys.exit(getattr(error, "status", 130))
 
 

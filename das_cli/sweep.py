@@ -524,6 +524,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     fingerprint = run_fingerprint(cfg, lm, pairs)
     layout.check_resume(folder, fingerprint)
     store = CellStore(folder, fingerprint, int(cfg.seed), bool(cfg.output.save_subspaces))
+    try:  # Ctrl-C or SIGTERM from here on: finished cells are kept, the one in flight checkpointed
+        return _run_cells(cfg, lm, folder, store, pairs, cells, sites, loaded)
+    except KeyboardInterrupt as stop:
+        raise _interrupted(stop, folder, store.in_flight) from None
+
+
+def _run_cells(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore, pairs: dict[str, PairSet],
+               cells: list[Cell], sites: dict, loaded: dict | None) -> pd.DataFrame:
+    """This job's shard of `cells`, then the tables of every finished cell in the folder."""
     ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked" and not loaded  # phase 2 needs all single heads of a layer
     shard, num_shards = int(cfg.sweep.shard), int(cfg.sweep.num_shards)
     grid_size, cells = len(cells), shard_cells(cells, shard, num_shards, layer_key if ranked else site_key, not ranked)
@@ -534,12 +543,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     sweep = _start(cfg, lm, folder, store, pairs, layers=_layers(pending))
     sweep.loaded = loaded or {}
     log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(pairs["test"]), sweep.accuracy)
-    try:
-        run_cells(sweep, cells, sites)
-        if ranked:
-            _second_phase(sweep, cells, shard, num_shards)
-    except KeyboardInterrupt as stop:
-        raise _interrupted(stop, folder, store.in_flight) from None
+    run_cells(sweep, cells, sites)
+    if ranked:
+        _second_phase(sweep, cells, shard, num_shards)
     from .report import aggregate
 
     report = aggregate(folder, plots=bool(cfg.output.plots), nested=False)

@@ -31,8 +31,8 @@ def test_exported_cell_has_das_clis_batches(tmp_path):
         import bench_engines
     finally:
         sys.path.remove(str(BENCH.parent))
-    path = tmp_path / "cell.pt"
-    bench_engines.export_cell(TINY + ["train.epochs=2", "layers=[1]", "positions=[last]"], path)
+    (cell_id, path), = bench_engines.export_cells(TINY + ["train.epochs=2", "layers=[1]", "positions=[last]"], tmp_path)
+    assert cell_id == "block_output__L01__Plast" and path.parent == tmp_path
     cell = torch.load(path, weights_only=False)
     assert cell["layer"] == 1 and cell["dim"] == 1
     assert len(cell["steps"]) == 2 * 3  # 24 pairs in batches of 8, two epochs

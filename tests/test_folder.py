@@ -199,7 +199,7 @@ def wait_for_cells(out, proc, n: int, seconds: float = 300) -> None:
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     out = tmp_path / "run"
-    args = GRID + TINY + [f"hydra.run.dir={out}"]
+    args = GRID + TINY + [f"hydra.run.dir={out}", "train.cells_per_step=1"]  # cells end one by one, not as one bundle
     proc = subprocess.Popen(das_cli_command() + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HYDRA_FULL_ERROR": "0"})
     try:
@@ -282,3 +282,19 @@ def test_report_ctrl_c_is_one_line(finished, monkeypatch, capsys):
         report.main([str(finished)])
     err = capsys.readouterr().err
     assert exit_.value.code == 130 and len(err.strip().splitlines()) == 1 and "interrupted" in err, err
+
+
+def test_ctrl_c_while_the_tables_are_written_keeps_the_cells_and_says_how_to_resume(tmp_path, monkeypatch):
+    import das_cli
+    import das_cli.report as report
+    from das_cli.sweep import Interrupted
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "aggregate", interrupted)
+    cfg = das_cli.compose(GRID + TINY)
+    with pytest.raises(Interrupted) as stop:
+        das_cli.run(cfg, tmp_path)
+    assert str(stop.value).startswith(f"interrupted; 4 finished cells are kept in {tmp_path}; ")
+    assert str(stop.value).endswith(f"to resume, run the same command with hydra.run.dir={tmp_path}")

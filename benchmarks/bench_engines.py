@@ -138,18 +138,24 @@ def export_cells(overrides: list[str], folder: Path) -> list[tuple[str, Path]]:
             raise SystemExit(f"the pyvene peer trains block_output cells at one position; cell {cell.id} is not one")
         seed = cell.seed(int(cfg.seed))
 
-        def groups(pairs):
+        def groups(pairs, causes_only=False):
+            """Per group, the tensors the peer reads; with `causes_only`, only the cause pairs (das-cli's `iia`
+            counts those: isolate pairs, whose label is the base's own answer, are scored apart)."""
             assert all(g.labels.shape[1] == 1 for g in pairs.groups), "the pyvene peer scores one-token labels"
-            return [{"base_ids": g.base_ids, "source_ids": g.source_ids, "labels": g.labels[:, 0],
-                     "base_pos": resolve_positions(g, cell.position, "base")[:, 0],
-                     "source_pos": resolve_positions(g, cell.position, "source")[:, 0]} for g in pairs.groups]
+            out = []
+            for g in pairs.groups:
+                keep = torch.tensor([k == "cause" for k in g.kinds]) if causes_only and g.kinds else torch.ones(len(g), dtype=torch.bool)
+                out.append({"base_ids": g.base_ids[keep], "source_ids": g.source_ids[keep], "labels": g.labels[keep, 0],
+                            "base_pos": resolve_positions(g, cell.position, "base")[keep, 0],
+                            "source_pos": resolve_positions(g, cell.position, "source")[keep, 0]})
+            return [group for group in out if len(group["labels"])]
 
         generator = torch.Generator().manual_seed(seed)  # the order fit() draws for this cell (train.batch_plan)
         steps = [step for _ in range(int(cfg.train.epochs)) for step in batches(train.sizes, int(cfg.train.batch_size), generator)]
         path = folder / f"{cell.id}.pt"
         torch.save({"model_dir": model_dir, "layer": cell.layer, "dim": int(cfg.intervention.dim), "seed": seed,
                     "lr": float(cfg.train.lr), "lr_end_factor": float(cfg.train.lr_end_factor), "steps": steps,
-                    "eval_batch": int(cfg.eval.batch_size), "train": groups(train), "test": groups(test)}, path)
+                    "eval_batch": int(cfg.eval.batch_size), "train": groups(train), "test": groups(test, causes_only=True)}, path)
         exported.append((cell.id, path))
     return exported
 

@@ -338,7 +338,7 @@ class CellStore:
     def __init__(self, folder: Path, run: dict, run_seed: int, save_subspaces: bool) -> None:
         self.folder, self.run, self.run_seed, self.save_subspaces = Path(folder), run, run_seed, save_subspaces
         self.warned: set[str] = set()
-        self.in_flight: Checkpoint | None = None  # the checkpoint of the cell this process trains last
+        self.in_flight: list[Checkpoint] = []  # the checkpoints this process handed out (saved if a stop came mid-cell)
 
     def fingerprint(self, cell) -> dict:
         return cell_fingerprint(self.run, cell.run_seed(self.run_seed))
@@ -367,8 +367,9 @@ class CellStore:
         return CellLock(cell_dir(self.folder, cell.id) / LOCK)
 
     def checkpoint(self, cell) -> "Checkpoint":
-        self.in_flight = Checkpoint(checkpoint_file(self.folder, cell.id), cell.id, self.fingerprint(cell))
-        return self.in_flight
+        checkpoint = Checkpoint(checkpoint_file(self.folder, cell.id), cell.id, self.fingerprint(cell))
+        self.in_flight.append(checkpoint)
+        return checkpoint
 
 
 # --- a cell stopped mid-way ----------------------------------------------------------------------

@@ -210,18 +210,22 @@ class Sweep:
             return [done[cell] or self.locked(cell, lambda c: self.save_failure(c, e)) for cell in cells]
         return [done[cell] or self.locked(cell, lambda c: self.run_and_save(c, site, sources)) for cell in cells]
 
+    def claim(self, cell: Cell, locks: ExitStack) -> tuple[bool, dict | None]:
+        """Take the cell's lock for as long as `locks` is open. (True, None): this process runs the cell;
+        (False, its row): it is finished (another process may have finished it since we looked);
+        (False, None): another live process holds it (that one trains it)."""
+        lock = self.store.lock(cell)
+        if not locks.enter_context(lock.held()):
+            log.warning("cell %s is being trained by %s; skipped here", cell.id, lock.holder())
+            return False, None
+        done = self.store.finished(cell)
+        return done is None, done
+
     def locked(self, cell: Cell, work) -> dict | None:
-        """`work(cell)` under the cell's lock; None when another live process holds it (that one trains it)."""
-        with self.store.lock(cell).held() as mine:
-            if not mine:
-                log.warning("cell %s is being trained by %s; skipped here", cell.id, self.store.lock(cell).holder())
-                return None
-            done = self.store.finished(cell)  # another process may have finished it since we looked
-            if done:
-                return done
-            row = work(cell)
-            log.info("cell %s trained: iia %.3f%s", cell.id, row["iia"], f" ({row['error']})" if row.get("error") else "")
-            return row
+        """`work(cell)` under the cell's lock; its finished row when it is done, None when another process holds it."""
+        with ExitStack() as locks:
+            mine, done = self.claim(cell, locks)
+            return work(cell) if mine else done
 
     def run_and_save(self, cell: Cell, site: Site, sources: SiteTensors) -> dict:
         try:
@@ -238,13 +242,13 @@ class Sweep:
             result = self.finish(ready, fitted, evaluation)
         except CELL_FAILURES as e:
             return self.save_failure(ready.cell, e)
-        log.info("cell %s trained: iia %.3f", ready.cell.id, result.row["iia"])
         return self.write(result)
 
     def write(self, result: CellResult) -> dict:
         """Write a finished cell atomically, then draw its figures; its row."""
         cell, row = result.cell, result.row
         self.store.save(cell, row, result.tensors, describe(self.cfg, self.lm, cell, int(row["width"])))
+        log.info("cell %s trained: iia %.3f", cell.id, row["iia"])
         for name, draw in result.figures:
             try:
                 draw()
@@ -262,13 +266,9 @@ class Sweep:
         with ExitStack() as locks:
             ready: list[ReadyCell] = []
             for cell in cells:
-                lock = self.store.lock(cell)
-                if not locks.enter_context(lock.held()):
-                    log.warning("cell %s is being trained by %s; skipped here", cell.id, lock.holder())
-                    continue
-                done = self.store.finished(cell)
-                if done:
-                    rows.append(done)
+                mine, done = self.claim(cell, locks)
+                if not mine:
+                    rows += [done] if done else []
                     continue
                 site = sites[site_key(cell)]
                 if layout.checkpoint_file(self.folder, cell.id).exists():  # resumes alone, from its own step
@@ -553,12 +553,19 @@ def _run_cells(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore,
     return report.frame
 
 
-def _interrupted(stop: KeyboardInterrupt, folder: Path, in_flight: Checkpoint | None) -> Interrupted:
-    """The one line Ctrl-C or SIGTERM ends with: what is kept, and how to resume."""
-    saved = in_flight.saved if in_flight else None
-    checkpointed = f"cell {in_flight.cell_id} checkpointed at step {saved[0]}/{saved[1]}; " if saved else ""
+def _interrupted(stop: KeyboardInterrupt, folder: Path, in_flight: list[Checkpoint]) -> Interrupted:
+    """The one line Ctrl-C or SIGTERM ends with: what is kept, which cells are checkpointed, how to resume."""
+    saved = [c for c in in_flight if c.saved]
+    steps = {c.saved for c in saved}
+    if len(saved) == 1:
+        checkpointed = f"cell {saved[0].cell_id} checkpointed at step {saved[0].saved[0]}/{saved[0].saved[1]}; "
+    elif len(steps) == 1:  # a bundle stops all its cells at one step
+        (step, total), = steps
+        checkpointed = f"cells {', '.join(c.cell_id for c in saved)} checkpointed at step {step}/{total}; "
+    else:
+        checkpointed = "cells " + ", ".join(f"{c.cell_id} at step {c.saved[0]}/{c.saved[1]}" for c in saved) + " checkpointed; "
     return Interrupted(f"{str(stop) or 'interrupted'}; {layout.count_finished(folder)} finished cells are kept in {folder}; "
-                       f"{checkpointed}to resume, run the same command with hydra.run.dir={folder}",
+                       f"{checkpointed if saved else ''}to resume, run the same command with hydra.run.dir={folder}",
                        getattr(stop, "status", 130))
 
 

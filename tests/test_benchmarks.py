@@ -25,6 +25,16 @@ def test_benchmark_sweep_row(tmp_path):
     assert float(cells[-1]) <= 0.01  # IIA gap to the reference engine
 
 
+def das_cli_pairs(overrides):
+    import das_cli
+    from das_cli import config as C
+    from das_cli.models import load_model
+    from das_cli.sweep import build_pairs
+
+    cfg = C.typed(das_cli.compose(overrides))
+    return build_pairs(cfg, load_model(cfg.model, "cpu", "float32"))
+
+
 def test_exported_cell_has_das_clis_batches(tmp_path):
     sys.path.insert(0, str(BENCH.parent))
     try:
@@ -36,6 +46,9 @@ def test_exported_cell_has_das_clis_batches(tmp_path):
     cell = torch.load(path, weights_only=False)
     assert cell["layer"] == 1 and cell["dim"] == 1
     assert len(cell["steps"]) == 2 * 3  # 24 pairs in batches of 8, two epochs
+    test_kinds = [k for g in das_cli_pairs(TINY)["test"].groups for k in g.kinds]
+    assert "isolate" in test_kinds  # the peer scores what das-cli's `iia` counts: the cause pairs only
+    assert sum(len(g["labels"]) for g in cell["test"]) == test_kinds.count("cause")
     rows = sorted((g, int(i)) for batch in cell["steps"][:3] for g, r in batch for i in r)
     assert rows == sorted((g, i) for g, group in enumerate(cell["train"]) for i in range(len(group["labels"])))
 

@@ -218,3 +218,20 @@ def test_torch_random_state_is_saved_and_restored():
     torch.rand(5)
     assert state().resume((4, saved)) == 4
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_stop_line_names_every_checkpointed_cell_of_a_bundle(tmp_path):
+    from das_cli.folder import Checkpoint
+    from das_cli.sweep import _interrupted
+
+    def checkpoint(cell_id, saved):
+        made = Checkpoint(tmp_path / cell_id, cell_id, {})
+        made.saved = saved
+        return made
+
+    bundle = [checkpoint("a", (2, 6)), checkpoint("b", None), checkpoint("c", (2, 6))]  # b finished before the stop
+    line = str(_interrupted(KeyboardInterrupt(), tmp_path, bundle))
+    assert line.startswith("interrupted; 0 finished cells are kept") and "; cells a, c checkpointed at step 2/6; to resume" in line
+    apart = str(_interrupted(KeyboardInterrupt(), tmp_path, [checkpoint("a", (2, 6)), checkpoint("d", (5, 9))]))
+    assert "; cells a at step 2/6, d at step 5/9 checkpointed; to resume" in apart
+    assert "checkpointed" not in str(_interrupted(KeyboardInterrupt(), tmp_path, [checkpoint("b", None)]))

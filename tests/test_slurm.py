@@ -184,13 +184,16 @@ def start_again(job: str) -> None:
     raise AssertionError(f"array job {job} did not return to the queue after scontrol requeue")
 
 
+def local_run(folder, settings: list[str]) -> pd.DataFrame:
+    """The same grid in one local job: the reference a SLURM sweep must reproduce."""
+    result = run_cli(GRID + settings + [f"hydra.run.dir={folder}"], env=ONE_CPU)
+    assert result.returncode == 0, result.stderr
+    return results(folder)[RESULT]
+
+
 @pytest.fixture(scope="module")
 def local_table(tmp_path_factory):
-    """The same grid in one local job: the reference every SLURM sweep must reproduce."""
-    out = tmp_path_factory.mktemp("local")
-    result = run_cli(GRID + SETTINGS + [f"hydra.run.dir={out}"], env=ONE_CPU)
-    assert result.returncode == 0, result.stderr
-    return results(out)[RESULT]
+    return local_run(tmp_path_factory.mktemp("local"), SETTINGS)
 
 
 @pytest.mark.slurm
@@ -205,11 +208,7 @@ def test_array_sweep_merges_to_the_local_table(local_table, tmp_path):
 
 @pytest.fixture(scope="module")
 def long_local_table(tmp_path_factory):
-    """The local reference for sweeps of long cells (LONG_SETTINGS)."""
-    out = tmp_path_factory.mktemp("local_long")
-    result = run_cli(GRID + LONG_SETTINGS + [f"hydra.run.dir={out}"], env=ONE_CPU)
-    assert result.returncode == 0, result.stderr
-    return results(out)[RESULT]
+    return local_run(tmp_path_factory.mktemp("local_long"), LONG_SETTINGS)
 
 
 @pytest.mark.slurm

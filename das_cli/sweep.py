@@ -548,9 +548,26 @@ def _run_cells(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore,
         _second_phase(sweep, cells, shard, num_shards)
     from .report import aggregate
 
+    seen = _cells_on_disk(folder)
     report = aggregate(folder, plots=bool(cfg.output.plots), nested=False)
+    for _ in range(3):  # another process on the folder may have written a cell meanwhile: its tables must hold it
+        now = _cells_on_disk(folder)
+        if now == seen:
+            break
+        seen, report = now, aggregate(folder, plots=bool(cfg.output.plots), nested=False)
     print(report.text())
     return report.frame
+
+
+def _cells_on_disk(folder: Path) -> set[tuple[str, int]]:
+    """Every cell's metrics.json in the folder, with its modification time."""
+    out = set()
+    for path in Path(folder).glob(f"cells/*/{layout.METRICS}"):
+        try:
+            out.add((path.parent.name, path.stat().st_mtime_ns))
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def _interrupted(stop: KeyboardInterrupt, folder: Path, in_flight: list[Checkpoint]) -> Interrupted:

@@ -65,7 +65,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import das_cli
-    from das_cli.engines import base_run
+    from das_cli.activations import base_run
     from das_cli.models import load_model
     from das_cli.sweep import build_pairs
 
@@ -260,8 +260,8 @@ WHOLE_HEADER = (
 )
 
 
-def alternate(overrides: list[str], repeats: int, pyvene: str | None = None) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+def alternate(overrides: list[str], repeats: int, pyvene: str | None = None, engines: tuple[str, ...] = ENGINES) -> dict[str, list[dict]]:
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     if pyvene:
         runs["pyvene"] = []
     for _ in range(repeats):
@@ -272,28 +272,41 @@ def alternate(overrides: list[str], repeats: int, pyvene: str | None = None) -> 
 
 
 def row(name: str, runs: dict[str, list[dict]]) -> str:
-    seconds = {e: min(r["cell_seconds"] for r in runs[e]) / runs[e][0]["cells"] for e in ENGINES}
-    first = {e: runs[e][0] for e in ENGINES}
-    iia_gap = max(abs(a - b) for e in ("bundled", "fast") for a, b in zip(first[e]["iia"], first["reference"]["iia"]))
-    mean_iia = {e: sum(first[e]["iia"]) / len(first[e]["iia"]) for e in ENGINES}
-    mem = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in ENGINES}
-    bundled, fast, ref = (seconds[e] for e in ENGINES)
+    """One table line; an engine left out (--engines) shows as a dash, and the IIA gap is then taken to the
+    unbundled fast engine."""
+    ran = [e for e in ENGINES if e in runs]
+    seconds = {e: min(r["cell_seconds"] for r in runs[e]) / runs[e][0]["cells"] for e in ran}
+    first = {e: runs[e][0] for e in ran}
+    anchor = "reference" if "reference" in ran else "fast"
+    iia_gap = max(abs(a - b) for e in ran if e != anchor for a, b in zip(first[e]["iia"], first[anchor]["iia"]))
+    mean_iia = {e: sum(first[e]["iia"]) / len(first[e]["iia"]) for e in ran}
+    mem = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in ran}
+
+    def ratio(a: str, b: str, bold: bool) -> str:
+        if a not in seconds or b not in seconds:
+            return "—"
+        return f"**{seconds[b] / seconds[a]:.1f}×**" if bold else f"{seconds[b] / seconds[a]:.1f}×"
+
+    def shown(values: dict, e: str, spec: str) -> str:
+        return format(values[e], spec) if e in values else "—"
+
     line = (
-        f"| {name} | {first['fast']['cells']} | {bundled:.2f} | {fast:.2f} | {ref:.2f} | **{ref / bundled:.1f}×** | "
-        f"**{fast / bundled:.1f}×** | {ref / fast:.1f}× | {mem['bundled']:.0f} | {mem['fast']:.0f} | {mem['reference']:.0f} | "
-        f"{first['fast']['cache_mb']:.0f} | {mean_iia['bundled']:.3f} | {mean_iia['fast']:.3f} | {mean_iia['reference']:.3f} | {iia_gap:.3f} |"
+        f"| {name} | {first['fast']['cells']} | {shown(seconds, 'bundled', '.2f')} | {shown(seconds, 'fast', '.2f')} | "
+        f"{shown(seconds, 'reference', '.2f')} | {ratio('bundled', 'reference', True)} | {ratio('bundled', 'fast', True)} | "
+        f"{ratio('fast', 'reference', False)} | {shown(mem, 'bundled', '.0f')} | {shown(mem, 'fast', '.0f')} | "
+        f"{shown(mem, 'reference', '.0f')} | {first['fast']['cache_mb']:.0f} | {shown(mean_iia, 'bundled', '.3f')} | "
+        f"{shown(mean_iia, 'fast', '.3f')} | {shown(mean_iia, 'reference', '.3f')} | {iia_gap:.3f} |"
     )
     if "pyvene" not in runs:
         return line
     peer = min(r["cell_seconds"] for r in runs["pyvene"])
     pv = runs["pyvene"][0]
-    return line + f" {peer:.2f} | **{peer / bundled:.1f}×** | {max(r['peak_rss_mb'] for r in runs['pyvene']):.0f} | {pv['iia'][0]:.3f} |"
-
+    return line + f" {peer:.2f} | **{peer / seconds['bundled']:.1f}×** | {max(r['peak_rss_mb'] for r in runs['pyvene']):.0f} | {pv['iia'][0]:.3f} |"
 
 HEADER = (
     "| measurement | cells | bundled s/cell | fast s/cell | reference s/cell | bundled vs reference | bundled vs fast | "
     "fast vs reference | bundled peak RSS MB | fast peak RSS MB | reference peak RSS MB | caches MB | "
-    "bundled mean IIA | fast mean IIA | reference mean IIA | max abs IIA gap to reference |\n"
+    "bundled mean IIA | fast mean IIA | reference mean IIA | max abs IIA gap to reference (to fast where the reference is not run) |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 PEER_HEADER = (" pyvene s/cell | bundled vs pyvene | pyvene peak RSS MB | pyvene IIA |", "---|---|---|---|")
@@ -311,6 +324,9 @@ def main() -> None:
     parser.add_argument("--skip-sweep", action="store_true")
     parser.add_argument("--sweeps", default="default", help="comma-separated: default, wide, seeds")
     parser.add_argument("--skip-cells", action="store_true", help="time the sweep only")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="comma-separated engines to time in the sweeps; bundled and fast always (e.g. leave the "
+                        "reference out of the 90-cell wide sweep)")
     parser.add_argument("--out", default=None, help="Markdown table (default: benchmarks/results.md; "
                         "--whole-process: benchmarks/results_whole_process.md)")
     parser.add_argument("--pyvene-python", default=None, help="python of a virtualenv with pyvene (see pyvene_peer.py)")
@@ -326,6 +342,9 @@ def main() -> None:
         sweep = base + ([f"layers=[{args.layers}]"] if args.layers else [])
         return write_table(whole_process(sweep, args.pyvene_python, args.repeats), base,
                            args.out or "benchmarks/results_whole_process.md")
+    if unknown := set(args.engines.split(",")) - set(ENGINES):
+        raise SystemExit(f"--engines: unknown engine {sorted(unknown)[0]!r}; valid choices: {', '.join(ENGINES)}")
+    engines = tuple(e for e in ENGINES if e in args.engines.split(",") or e != "reference")
     n_layers = _n_layers(base)
     cell_layer = args.cell_layer if args.cell_layer is not None else n_layers // 2
     header = HEADER
@@ -348,7 +367,8 @@ def main() -> None:
         sweep = base + sweeps[name]
         print("sweep:", " ".join(sweep))
         peer_gap = " — | — | — | — |" if args.pyvene_python else ""  # pyvene runs single cells only
-        lines.append(row("sweep " + (" ".join(f"`{o}`" for o in sweep) or "(default grid)"), alternate(sweep, args.repeats)) + peer_gap)
+        runs = alternate(sweep, args.repeats, engines=engines)
+        lines.append(row("sweep " + (" ".join(f"`{o}`" for o in sweep) or "(default grid)"), runs) + peer_gap)
     write_table("\n".join(lines), base, args.out or "benchmarks/results.md")
 
 

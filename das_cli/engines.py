@@ -21,7 +21,7 @@ the training loss on them; the fast engine's loss reads the vocabulary weight on
 from __future__ import annotations
 
 import inspect
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator, Protocol
@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
-from .data import Batch, PairSet, answer_matrix, teacher_forced
+from .data import Batch, answer_matrix, teacher_forced
 from .models import LoadedModel
 from .names import ENGINES
 from .readout import Readout, answer_cross_entropy
-from .sites import Site, gather, hooked, resolve_site, scatter
+from .sites import Site, gather, hooked, scatter
 
 Intervene = Callable[[Tensor, Tensor], Tensor]  # (base's site values, source's) -> the edited values
 
@@ -272,103 +272,3 @@ def _pass_through(hidden_states: Tensor, *args, **kwargs) -> Tensor:
 
 def make_engine(name: str, lm: LoadedModel, site: Site, groups: list[CellGroup]) -> Engine:
     return {"fast": FastEngine, "reference": ReferenceEngine}[name](lm, site, groups)
-
-
-@dataclass
-class BaseRun:
-    """The unedited base run, computed once per run: its answers, keys and values, residuals."""
-
-    predictions: list[Tensor]  # per group [G, K'] top-1 token ids, the base label teacher-forced (K': its width)
-    prefixes: list[list[tuple[Tensor, Tensor] | None]] | None = None  # per group, per layer (keys, values) [G, heads, T-1, d]
-    residuals: list[dict[int, Tensor]] | None = None  # per group, layer -> [G, T+K-1, hidden] entering that block, label fed
-
-    def correct(self, pairs: PairSet) -> list[Tensor]:
-        """Per group [G] bool: the base prompt's own answer is known and is the top-1 token at every one of its positions."""
-        out = []
-        for predictions, group in zip(self.predictions, pairs.groups):
-            answers = answer_matrix(group.base_labels)
-            right = ((predictions.cpu() == answers) | (answers < 0)).all(dim=1)
-            out.append(right & (answers[:, 0] >= 0))
-        return out
-
-    def accuracy(self, pairs: PairSet) -> float:
-        """Share of the base prompts whose own answer is known and right (`correct`); NaN when none is known."""
-        known = sum(int((answer_matrix(g.base_labels)[:, 0] >= 0).sum()) for g in pairs.groups)
-        return sum(int(right.sum()) for right in self.correct(pairs)) / known if known else float("nan")
-
-
-@torch.no_grad()
-def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool, layers: tuple[int, ...] = ()) -> BaseRun:
-    """The base prompts' own answers (top-1 with the base label teacher-forced); keeps what the fast engine reuses if asked.
-
-    The fast engine's caches come from the base prompts followed by the teacher-forced counterfactual
-    label (the tokens it feeds); with one-token answers that is the same forward as the answers'.
-    Cache cost per pair of T tokens, in the model's dtype: 2 x layers x kv_heads x head_dim x (T - 1)
-    numbers of keys and values, plus hidden x (T + K - 1) per swept layer of residual stream. With `layers`
-    given, the fast engine skips the blocks before the earliest of them, so their keys and values
-    are not kept (None). Each group's tensors are allocated once and filled batch by batch as the
-    attention layers compute them; no batch's cache of every layer is ever held.
-    """
-    first = min(layers, default=0)
-    run = BaseRun(predictions=[], prefixes=[] if keep_prefix else None, residuals=[] if keep_prefix else None)
-    blocks = [resolve_site(lm, "block_input", layer) for layer in layers] if keep_prefix else []
-    for group in pairs.groups:
-        ids = group.base_ids.to(lm.device)
-        label_fed = teacher_forced(group.labels).to(lm.device)
-        answers_fed = teacher_forced(group.base_labels).to(lm.device)
-        same = label_fed.shape[1] == answers_fed.shape[1] == 0  # one-token answers: one forward serves both
-        kept: dict = {}  # ("kv", layer, 0 | 1) -> keys | values;  ("residual", layer) -> residual
-        predictions = []
-        if keep_prefix:
-            with ExitStack() as stack:  # only the swept layers' residuals, not every layer's hidden states
-                for site in blocks:
-                    stack.enter_context(hooked(site, lambda hidden, layer=site.layer: _fill(kept, ("residual", layer), rows, hidden, len(ids))))
-                for i in range(0, len(ids), batch_size):
-                    rows = slice(i, i + batch_size)
-                    fed = torch.cat([ids[rows], label_fed[rows]], dim=1)
-                    predictions.append(_base_batch(lm, fed, label_fed.shape[1] + 1, _RecordingCache(first, kept, rows, len(ids), ids.shape[1] - 1)))
-            run.prefixes.append([(kept["kv", i, 0], kept["kv", i, 1]) if i >= first else None for i in range(lm.n_layers)])
-            run.residuals.append({layer: kept["residual", layer] for layer in layers})
-        if not (keep_prefix and same):
-            width = answers_fed.shape[1] + 1
-            predictions = [_base_batch(lm, torch.cat([ids[i : i + batch_size], answers_fed[i : i + batch_size]], dim=1), width)
-                           for i in range(0, len(ids), batch_size)]
-        run.predictions.append(torch.cat(predictions))
-    return run
-
-
-def _base_batch(lm: LoadedModel, ids: Tensor, width: int, cache: "_RecordingCache | None" = None) -> Tensor:
-    """[b, width] top-1 token ids at the last `width` positions of one batch; with a recording cache,
-    the keys and values of the prompt before its last position are written into it."""
-    out = lm.model(input_ids=ids, logits_to_keep=width, **cache_arguments(lm.model, cache))
-    return out.logits.argmax(-1)
-
-
-class _RecordingCache(DynamicCache):
-    """A cache that stores nothing: each attention layer from `first` on writes its keys and values
-    before the last position into rows `rows` of `kept`, and attends to this forward's own, as an
-    empty cache would let it. So a base run never holds a whole batch's keys and values of every layer."""
-
-    def __init__(self, first: int, kept: dict, rows: slice, total: int, prefix: int | None = None):
-        super().__init__()
-        self.first, self.kept, self.rows, self.total = first, kept, rows, total
-        self.prefix = prefix  # positions kept: the prompt but its last token (None: all but the last position)
-
-    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if layer_idx >= self.first:
-            end = self.prefix if self.prefix is not None else key_states.shape[2] - 1
-            _fill(self.kept, ("kv", layer_idx, 0), self.rows, key_states[:, :, :end], self.total)
-            _fill(self.kept, ("kv", layer_idx, 1), self.rows, value_states[:, :, :end], self.total)
-        return key_states, value_states
-
-
-def _fill(store: dict, key: tuple, rows: slice, value: Tensor, total: int) -> None:
-    """store[key][rows] = value, allocating store[key] with `total` rows at the first write."""
-    if key not in store:
-        store[key] = value.new_empty((total, *value.shape[1:]))
-    store[key][rows] = value
-
-
-def base_prefixes(lm: LoadedModel, pairs: PairSet, batch_size: int) -> list[list[tuple[Tensor, Tensor]]]:
-    """Only the prefix cache of `base_run`."""
-    return base_run(lm, pairs, batch_size, keep_prefix=True).prefixes  # type: ignore[return-value]

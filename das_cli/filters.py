@@ -12,7 +12,7 @@ import logging
 import torch
 
 from .data import grouped_order, tokenize_pairs
-from .engines import base_run
+from .activations import base_run
 from .errors import DasError, choices_error
 from .examples import FILTERS, Example
 from .models import LoadedModel
@@ -46,7 +46,7 @@ def filter_pairs(lm: LoadedModel, splits: dict[str, list[Example]], mode: str, b
 
 def answered(lm: LoadedModel, prompts: list[tuple[str, str]], batch_size: int) -> list[bool]:
     """Per (prompt, answer): the unedited model's top-1 token is the answer's at every one of its positions
-    (teacher-forced), by `engines.base_run`; each distinct (prompt, answer) is run once."""
+    (teacher-forced), by `activations.base_run`; each distinct (prompt, answer) is run once."""
     unique = list(dict.fromkeys(prompts))
     examples = [Example(base=prompt, source=prompt, label=answer, base_label=answer) for prompt, answer in unique]
     pairs = tokenize_pairs(lm.tokenizer, examples, "filtered")

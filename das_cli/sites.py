@@ -32,6 +32,7 @@ are before those norms; in GPT-NeoX (parallel residual) mlp_input is the normed 
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -102,8 +103,18 @@ def _stream_columns(lm: LoadedModel, stream: str, module: nn.Module, side: str) 
     return torch.arange(_tensor_width(lm, module, side))
 
 
+_WIDTHS: "weakref.WeakKeyDictionary[nn.Module, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
 def _tensor_width(lm: LoadedModel, module: nn.Module, side: str) -> int:
-    """Last-dimension size of the hooked tensor, measured on a one-token forward."""
+    """Last-dimension size of the hooked tensor, measured on a one-token forward once per module and side."""
+    known = _WIDTHS.setdefault(module, {})
+    if side not in known:
+        known[side] = _measured_width(lm, module, side)
+    return known[side]
+
+
+def _measured_width(lm: LoadedModel, module: nn.Module, side: str) -> int:
     probe = Site(stream="probe", layer=0, module=module, side=side, columns=torch.arange(0))
     sizes: list[int] = []
 

@@ -41,10 +41,10 @@ from .artefacts import describe
 from . import transfer
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .scores import base_vectors, edit_scores
-from .activations import ActivationStore, SiteTensors
+from .activations import ActivationStore, BaseRun, SiteTensors
 from .results import bar_chart
 from .sites import Site, gather, head_counts, resolve_site
-from .engines import BaseRun, base_run, make_engine
+from .engines import make_engine
 from .bundles import bundleable, cells_per_step, evaluate_bundle
 from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
 from .train import Evaluation, evaluate_kinds, fit, prepare
@@ -185,19 +185,11 @@ class Sweep:
     folder: Path
     store: CellStore
     pairs: dict[str, PairSet]  # "train", "test", "val" (when the dataset has a validation split)
+    activations: ActivationStore  # the base runs; the sites' tensors on the prompts, read a chunk of sites at a time
     base: dict[str, BaseRun]
     accuracy: float  # base accuracy on the test prompts
     layers: tuple[int, ...] = ()  # the layers the base runs cached for the fast engine
-    activations: ActivationStore | None = None  # the sites' tensors on the prompts, read a chunk of sites at a time
     loaded: dict = field(default_factory=dict)  # from_run: cell -> the source cell, its intervention frozen
-
-    def read_ahead(self, sites: list[Site]) -> None:
-        """The sites still to run, in order: their tensors are read a chunk of sites at a time."""
-        self.activations = ActivationStore(self.lm, self.pairs, int(self.cfg.eval.batch_size))
-        self.activations.plan(sites)
-
-    def sources_of(self, site: Site) -> SiteTensors:
-        return self.activations.take(site)
 
     def run_site(self, site: Site, cells: list[Cell]) -> list[dict]:
         """All cells of one site; the sources' site tensors are read once for all of them."""
@@ -205,7 +197,7 @@ class Sweep:
         if all(done.values()):
             return list(done.values())
         try:
-            sources = self.sources_of(site)
+            sources = self.activations.take(site)
         except CELL_FAILURES as e:  # e.g. out of memory reading the site: every pending cell of it fails
             return [done[cell] or self.locked(cell, lambda c: self.save_failure(c, e)) for cell in cells]
         return [done[cell] or self.locked(cell, lambda c: self.run_and_save(c, site, sources)) for cell in cells]
@@ -540,7 +532,7 @@ def _run_cells(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore,
         log.info("shard %d of %d: %d of %d cells", shard, num_shards, len(cells), grid_size)
     write_grid(folder, shard, num_shards, cells)
     pending = [c for c in cells if store.finished(c) is None]
-    sweep = _start(cfg, lm, folder, store, pairs, layers=_layers(pending))
+    sweep = _start(cfg, lm, folder, store, pairs, _layers(pending), _sites_of(pending, sites))
     sweep.loaded = loaded or {}
     log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(pairs["test"]), sweep.accuracy)
     run_cells(sweep, cells, sites)
@@ -597,13 +589,19 @@ def _second_phase(sweep: Sweep, cells: list[Cell], shard: int, num_shards: int) 
     cumulative = [c for c in expand_grid(cfg, lm, head_rankings(singles)) if c not in first_phase and layer_key(c) in mine]
     write_grid(folder, shard, num_shards, cells + cumulative)
     layers = _layers([c for c in cumulative if store.finished(c) is None])
+    sites = resolve_sites(lm, cumulative)
     if not set(layers) <= set(sweep.layers):  # resumed after phase 1: cache the layers phase 2 still needs
-        sweep = _start(cfg, lm, folder, store, sweep.pairs, layers)
-    run_cells(sweep, cumulative, resolve_sites(lm, cumulative))
+        sweep = _start(cfg, lm, folder, store, sweep.pairs, layers, _sites_of([c for c in cumulative if store.finished(c) is None], sites))
+    run_cells(sweep, cumulative, sites)
 
 
 def _layers(cells: list[Cell]) -> tuple[int, ...]:
     return tuple(sorted({c.layer for c in cells}))
+
+
+def _sites_of(cells: list[Cell], sites: dict[tuple, Site]) -> list[Site]:
+    """The sites of `cells`, in the order the cells run."""
+    return [sites[key] for key in dict.fromkeys(map(site_key, cells))]
 
 
 def resolve_sites(lm: LoadedModel, cells: list[Cell]) -> dict[tuple, Site]:
@@ -614,7 +612,7 @@ def run_cells(sweep: Sweep, cells: list[Cell], sites: dict[tuple, Site]) -> list
     """The rows of `cells`, run where not finished; cells another process holds are left out."""
     finished = {cell: sweep.store.finished(cell) for cell in cells}
     pending = dict.fromkeys(site_key(c) for c in cells if finished[c] is None)
-    sweep.read_ahead([sites[key] for key in pending])
+    sweep.activations.plan([sites[key] for key in pending])
     size = cells_per_step(sweep.cfg, sweep.lm, [c for c in cells if site_key(c) in pending], sweep.pairs["train"])
     rows = []
     with tqdm(total=len(cells), desc="cells", disable=not sweep.cfg.progress) as bar:
@@ -644,7 +642,7 @@ def run_bundles(sweep: Sweep, chunk: list[Site], cells: list[Cell], sites: dict[
     keys = [key for key in dict.fromkeys(map(site_key, cells)) if any(sites[key] is site for site in chunk)]
     mine = [c for c in cells if site_key(c) in keys]
     try:
-        sources = {key: sweep.sources_of(sites[key]) for key in keys}
+        sources = {key: sweep.activations.take(sites[key]) for key in keys}
     except CELL_FAILURES as e:  # e.g. out of memory reading the sites: every pending cell of them fails
         return [sweep.locked(cell, lambda c: sweep.save_failure(c, e)) for cell in mine]
     rows = []
@@ -657,9 +655,11 @@ def run_bundles(sweep: Sweep, chunk: list[Site], cells: list[Cell], sites: dict[
 
 
 def _start(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore, pairs: dict[str, PairSet],
-           layers: tuple[int, ...]) -> Sweep:
-    """One forward over the base prompts: base accuracy, plus the fast engine's caches for pending layers."""
+           layers: tuple[int, ...], sites: list[Site]) -> Sweep:
+    """The activation store for the pending `sites` and its base runs: base accuracy, plus the fast engine's
+    caches for the pending layers (whose forwards also record the first chunk of sites on the base prompts)."""
     keep = bool(layers) and cfg.train.engine == "fast"
-    batch = int(cfg.eval.batch_size)
-    base = {name: base_run(lm, split, batch, keep, layers) for name, split in pairs.items() if keep or name == "test"}
-    return Sweep(cfg, lm, folder, store, pairs, base, base["test"].accuracy(pairs["test"]), layers)
+    activations = ActivationStore(lm, pairs, int(cfg.eval.batch_size))
+    activations.plan(sites)
+    base = activations.base_runs(layers, keep)
+    return Sweep(cfg, lm, folder, store, pairs, activations, base, base["test"].accuracy(pairs["test"]), layers)

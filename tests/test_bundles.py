@@ -14,7 +14,8 @@ from test_engines import lm  # noqa: F401  (the tiny models, module-scoped)
 from das_cli import bundles
 from das_cli.bundles import BundleEngine, Member, evaluate_bundle, fed_tokens, fit_bundle
 from das_cli.data import batches
-from das_cli.engines import FastEngine, base_run
+from das_cli.activations import base_run
+from das_cli.engines import FastEngine
 from das_cli.interventions import build_intervention
 from das_cli.sites import resolve_site
 from das_cli.train import evaluate_kinds, fit

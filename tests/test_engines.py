@@ -13,8 +13,10 @@ from omegaconf import OmegaConf
 from conftest import TINY
 
 from das_cli.data import PairGroup, PairSet, batches, to_device
+from das_cli import activations as activations_module
 from das_cli import engines as engines_module
-from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, base_run, make_engine
+from das_cli.activations import base_run
+from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, make_engine
 from das_cli.interventions import build_intervention
 from das_cli.models import load_model
 from das_cli.sites import HEAD_STREAMS, STREAMS, head_counts, read_site, resolve_site
@@ -181,7 +183,7 @@ def test_base_run_cache_stores_nothing(lm, pairs):
     """The base run's cache hands each layer's keys and values on (from layer 2 on) and keeps none itself."""
     group = pairs.groups[0]
     kept: dict = {}
-    cache = engines_module._RecordingCache(2, kept, slice(1, 3), G)
+    cache = activations_module._RecordingCache(2, kept, slice(1, 3), G)
     with torch.no_grad():
         lm.model(input_ids=group.base_ids[1:3], **engines_module.cache_arguments(lm.model, cache))
     assert all(cache.get_seq_length(layer) == 0 for layer in range(lm.n_layers))
@@ -190,11 +192,10 @@ def test_base_run_cache_stores_nothing(lm, pairs):
     assert kept["kv", 3, 0].shape[0] == G and kept["kv", 3, 0].shape[2] == t - 1
 
 
-@pytest.mark.skipif(not hasattr(engines_module, "base_run"), reason="engines.base_run not present")
 def test_base_run_predictions_and_accuracy(lm, pairs):
-    plain = engines_module.base_run(lm, pairs, batch_size=3, keep_prefix=False)
+    plain = activations_module.base_run(lm, pairs, batch_size=3, keep_prefix=False)
     assert plain.prefixes is None
-    kept = engines_module.base_run(lm, pairs, batch_size=3, keep_prefix=True)
+    kept = activations_module.base_run(lm, pairs, batch_size=3, keep_prefix=True)
     for group, p, q in zip(pairs.groups, plain.predictions, kept.predictions):
         expected = unedited_last_logits(lm, group.base_ids).argmax(-1)
         assert torch.equal(p, expected) and torch.equal(q, expected)

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from transformers.pytorch_utils import Conv1D
 
 from das_cli.data import PairGroup, PairSet
-from das_cli.engines import CellGroup, FastEngine, ReferenceEngine, base_run
+from das_cli.activations import base_run
+from das_cli.engines import CellGroup, FastEngine, ReferenceEngine
 from das_cli.errors import DasError
 from das_cli.models import FAMILIES, family_of, load_model
 from das_cli.sites import HEAD_STREAMS, STREAMS, gather, head_counts, hooked, read_site, resolve_site, scatter

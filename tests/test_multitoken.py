@@ -20,7 +20,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from conftest import run_cli
 
 from das_cli.data import PairGroup, PairSet
-from das_cli.engines import ENGINES, base_run, make_engine
+from das_cli.activations import base_run
+from das_cli.engines import ENGINES, make_engine
 from das_cli.models import FAMILIES, LoadedModel, load_model
 from das_cli.sites import gather, hooked, read_site, resolve_site, scatter
 from das_cli.activations import read_prompts

@@ -12,11 +12,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from das_cli.data import PairGroup, PairSet
-from das_cli.engines import base_prefixes, make_engine
+from das_cli.engines import make_engine
 from das_cli.interventions import build_intervention
 from das_cli.models import FAMILIES, LoadedModel
 from das_cli.sites import resolve_site
-from das_cli.activations import read_prompts
+from das_cli.activations import base_prefixes, read_bases, read_prompts
 from das_cli.train import evaluate, fit, prepare
 
 D, N_INPUT, A, B = 16, 32, 32, 33
@@ -100,7 +100,7 @@ def estimated(name: str, **options):
     lm, u = planted_model()
     site = resolve_site(lm, "block_output", 0)
     train, test = pairs(200, False, 0), pairs(100, True, 1)
-    base_acts = read_prompts(lm, [site], train, 50, side="base")[0][0][:, -1]
+    base_acts = read_bases(lm, [site], train, 50)[0][0][:, -1]
     source_acts = read_prompts(lm, [site], train, 50)[0][0][:, -1]
     group = train.groups[0]
     classes = torch.cat([(group.base_labels == B).long(), (group.labels == B).long()])

@@ -234,7 +234,8 @@ def test_mask_finds_a_variable_planted_on_one_rotated_coordinate():
     counterfactual loss, keeps that one coordinate and nothing else."""
     from test_planted import D, pairs, planted_model
 
-    from das_cli.engines import base_prefixes, make_engine
+    from das_cli.activations import base_prefixes
+    from das_cli.engines import make_engine
     from das_cli.interventions import build_intervention
     from das_cli.sites import resolve_site
     from das_cli.activations import read_prompts

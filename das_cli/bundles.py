@@ -62,11 +62,11 @@ class BundleEngine:
         labels = [e.labels(b) for e, b in zip(self.engines, batches_)]
         return self.readout.losses(hidden, labels)
 
-    def logits(self, batches_: list[Batch], interventions: list[Intervention]) -> list[Tensor]:
-        """Per cell, the logits of its batch at the answer positions, [B, K, vocab], from one forward where it can."""
+    def logits(self, batches_: list[Batch], interventions: list[Intervention]) -> Iterator[Tensor]:
+        """Per cell, the logits of its batch at the answer positions, [B, K, vocab], from one forward where it can;
+        each cell's are computed as they are consumed, so one cell's vocabulary-wide logits are held at a time."""
         hidden = self.final_hidden(batches_, interventions)
-        joined = self.readout.logits(torch.cat(hidden))
-        return list(joined.split([len(h) for h in hidden]))
+        return (self.readout.logits(h) for h in hidden)
 
     def final_hidden(self, batches_: list[Batch], interventions: list[Intervention]) -> list[Tensor]:
         order = sorted(range(len(self.engines)), key=lambda i: self.engines[i].site.layer)
@@ -308,7 +308,7 @@ def evaluate_bundle(engines: list[FastEngine], interventions: list[Intervention]
     return [tally.result() for tally in tallies]
 
 
-# Bundled evaluation: at most this many rows of logits per forward (the vocabulary's logits dominate its memory).
+# Bundled evaluation: at most this many rows per forward (its hidden states; each cell's logits are made in turn).
 EVAL_ROWS = {"cpu": 1024, "cuda": 16384}
 
 # `train.cells_per_step=auto`: enough cells that a step feeds about this many token rows, where a bigger

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
-from .data import Batch, answer_matrix, teacher_forced
+from .data import Batch, PairSet, answer_matrix, resolve_positions, teacher_forced
 from .models import LoadedModel
 from .names import ENGINES
 from .readout import Readout, answer_cross_entropy
@@ -64,6 +64,38 @@ class CellGroup:
     def fed_ids(self, rows: Tensor, first: int = 0) -> Tensor:
         """The rows' base prompts from column `first` on, followed by their teacher-forced label tokens."""
         return torch.cat([self.base_ids[rows, first:], teacher_forced(self.labels[rows])], dim=1)
+
+
+def prepare(
+    pairs: PairSet,
+    position: tuple,
+    source_acts: list[Tensor],
+    device: torch.device,
+    prefixes: list | None = None,
+    residuals: list[Tensor] | None = None,
+) -> list[CellGroup]:
+    """Per group: base ids and positions, and the source's site vector gathered at its positions.
+
+    `source_acts[g]` is the site's tensor for every source prompt of group g at every position,
+    [G, S, C] (read once per stream and layer, shared by all position cells of that layer).
+    """
+    out = []
+    for g, (group, acts) in enumerate(zip(pairs.groups, source_acts)):
+        source_pos = resolve_positions(group, position, "source").to(acts.device)
+        every_column = torch.arange(acts.shape[-1], device=acts.device)
+        out.append(
+            CellGroup(
+                base_ids=group.base_ids.to(device),
+                base_positions=resolve_positions(group, position, "base").to(device),
+                source_values=gather(acts, source_pos, every_column).to(device),
+                labels=group.labels.to(device),
+                prefix=prefixes[g] if prefixes else None,
+                residual=residuals[g] if residuals else None,
+                kinds=group.kinds or None,
+                counterfactuals=group.counterfactuals or None,
+            )
+        )
+    return out
 
 
 class Engine(Protocol):

@@ -34,7 +34,7 @@ from .filters import filter_pairs
 from .interrupts import is_interruption
 from . import folder as layout
 from .folder import CellStore, Checkpoint
-from .interventions import SiteActivations, build_intervention
+from .interventions import Intervention, SiteActivations, build_intervention
 from .ioi import make_ioi
 from .models import LoadedModel, load_model
 from .artefacts import describe
@@ -44,10 +44,10 @@ from .scores import base_vectors, edit_scores
 from .activations import ActivationStore, BaseRun, SiteTensors
 from .results import bar_chart
 from .sites import Site, gather, head_counts, resolve_site
-from .engines import make_engine
+from .engines import make_engine, prepare
 from .bundles import bundleable, cells_per_step, evaluate_bundle
 from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
-from .train import Evaluation, evaluate_kinds, fit, prepare
+from .train import Evaluation, evaluate_kinds, fit
 
 log = logging.getLogger(__name__)
 
@@ -374,7 +374,8 @@ class Sweep:
         return ReadyCell(cell, site, sources, train, test, intervention, learned, seed, width, start)
 
     def evaluations(self, ready: list[ReadyCell]) -> list[dict[str, Evaluation]]:
-        """Each trained cell's evaluation on every split (train, test, and val where the dataset has it); the
+        """Each trained cell's evaluation on every split (train, test, and val where the dataset has it) and,
+        with analysis.illusion, its illusion parts' on the test split ("illusion_row", "illusion_null"); the
         cells of a bundle together (bundles.evaluate_bundle), each batch one forward for several cells."""
         batch = int(self.cfg.eval.batch_size)
         splits = [name for name in ("train", "test", "val") if name in self.pairs]
@@ -390,7 +391,31 @@ class Sweep:
                 scores = [evaluate_kinds(e, v, batch, **arguments) for e, v in zip(engines[name], interventions)]
             for cell_scores, evaluation in zip(out, scores):
                 cell_scores[name] = evaluation
+        patches = [(k, name, patch) for k, r in enumerate(ready) for name, patch in self.illusion_patches(r).items()]
+        if patches:
+            tests, parts = [ready[k].test for k, _, _ in patches], [patch for _, _, patch in patches]
+            if len(patches) > 1 and all(bundleable(e) for e in tests):
+                scores = evaluate_bundle(tests, parts, batch)
+            else:
+                scores = [evaluate_kinds(e, v, batch) for e, v in zip(tests, parts)]
+            for (k, name, _), evaluation in zip(patches, scores):
+                out[k][f"illusion_{name}"] = evaluation
         return out
+
+    def illusion_patches(self, ready: ReadyCell) -> dict[str, Intervention]:
+        """analysis.illusion: the fixed patches of the learned subspace's rowspace and nullspace parts (relative
+        to the weight that reads the site), by name ("row", "null"); a part that is (numerically) empty has none.
+        None for oblique_das either: the split patches orthogonal swaps of parts of one subspace, and it reads
+        along one and writes along another."""
+        cell = ready.cell
+        if not (self.cfg.analysis.illusion and cell.stream in ILLUSION_STREAMS) or self.cfg.intervention.name == "oblique_das":
+            return {}
+        basis = ready.intervention.state_for_saving().get("basis")
+        if basis is None:
+            return {}
+        weight = downstream_weight(self.lm, cell.stream, cell.layer)[:, ready.site.columns.to(self.lm.device)]
+        parts = illusion_parts(basis.to(self.lm.device), weight.float(), len(cell.position))
+        return {name: fixed_subspace(part).to(self.lm.device) for name, part in zip(("row", "null"), parts) if part is not None}
 
     def evaluation_engine(self, ready: ReadyCell, split: str):
         return {"train": ready.train, "test": ready.test}.get(split) or self.engine(split, ready.cell, ready.site, ready.sources)
@@ -426,10 +451,9 @@ class Sweep:
         test_source = torch.cat([g.source_values for g in test.groups])
         row.update(edit_scores(intervention, self.site_activations(cell, site, sources, ready.train).values, test_base, test_source))
         tensors = intervention.state_for_saving()
-        if cfg.analysis.illusion and cell.stream in ILLUSION_STREAMS:
-            # the split patches orthogonal swaps of parts of one subspace; oblique_das reads and writes two
-            swapped = None if cfg.intervention.name == "oblique_das" else tensors.get("basis")
-            row.update(self.illusion_scores(cell, site, test, swapped))
+        if cfg.analysis.illusion and cell.stream in ILLUSION_STREAMS:  # NaN for a part with no patch
+            row.update({f"iia_{name}": evaluation[f"illusion_{name}"].scores()["iia"] if f"illusion_{name}" in evaluation else math.nan
+                        for name in ("row", "null")})
         shares = _head_shares(self.lm, site, cell, tensors.get("basis"))
         if shares is not None:
             row["head_importance"] = json.dumps({str(h): round(v, 6) for h, v in shares.items()})
@@ -458,20 +482,6 @@ class Sweep:
         vocabulary = sorted({n for n in names if n is not None})
         classes = torch.tensor([-1 if n is None else vocabulary.index(n) for n in names])
         return SiteActivations(values=values, classes=classes, names=vocabulary)
-
-    def illusion_scores(self, cell: Cell, site: Site, test, basis: torch.Tensor | None) -> dict:
-        """IIA when patching only the rowspace part or only the nullspace part of the learned subspace
-        (relative to the weight that reads the site); NaN for a part that is (numerically) empty."""
-        if basis is None:
-            return {"iia_row": math.nan, "iia_null": math.nan}
-        weight = downstream_weight(self.lm, cell.stream, cell.layer)[:, site.columns.to(self.lm.device)]
-        parts = illusion_parts(basis.to(self.lm.device), weight.float(), len(cell.position))
-        batch = int(self.cfg.eval.batch_size)
-        out = {}
-        for name, part in zip(("row", "null"), parts):
-            patch = fixed_subspace(part).to(self.lm.device) if part is not None else None
-            out[f"iia_{name}"] = evaluate_kinds(test, patch, batch).scores()["iia"] if patch else math.nan
-        return out
 
 
 def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, float] | None:

@@ -9,47 +9,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .data import Batch, PairSet, answer_matrix, batches, resolve_positions, to_device
+from .data import Batch, answer_matrix, batches, to_device
 from .interventions import Intervention
-from .engines import CellGroup, Engine
+from .engines import Engine
 from .folder import Checkpoint
 from .interrupts import WholeSteps, stops_the_job
 from .readout import answer_cross_entropy
 from .examples import counterfactual_suffix
 from .scores import mean_proportion_interval, wilson_interval
-from .sites import gather
-
-
-def prepare(
-    pairs: PairSet,
-    position: tuple,
-    source_acts: list[Tensor],
-    device: torch.device,
-    prefixes: list | None = None,
-    residuals: list[Tensor] | None = None,
-) -> list[CellGroup]:
-    """Per group: base ids and positions, and the source's site vector gathered at its positions.
-
-    `source_acts[g]` is the site's tensor for every source prompt of group g at every position,
-    [G, S, C] (read once per stream and layer, shared by all position cells of that layer).
-    """
-    out = []
-    for g, (group, acts) in enumerate(zip(pairs.groups, source_acts)):
-        source_pos = resolve_positions(group, position, "source").to(acts.device)
-        every_column = torch.arange(acts.shape[-1], device=acts.device)
-        out.append(
-            CellGroup(
-                base_ids=group.base_ids.to(device),
-                base_positions=resolve_positions(group, position, "base").to(device),
-                source_values=gather(acts, source_pos, every_column).to(device),
-                labels=group.labels.to(device),
-                prefix=prefixes[g] if prefixes else None,
-                residual=residuals[g] if residuals else None,
-                kinds=group.kinds or None,
-                counterfactuals=group.counterfactuals or None,
-            )
-        )
-    return out
 
 
 @dataclass

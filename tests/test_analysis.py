@@ -104,3 +104,25 @@ def test_illusion_is_nan_for_oblique_das(tmp_path):
     row = pd.read_csv(out / "iia.csv").iloc[0]
     assert 0 <= row["iia"] <= 1 and math.isnan(row["iia_row"]) and math.isnan(row["iia_null"])
     assert 1.0 <= row["gain"] <= 2.0 + 1e-4
+
+
+def test_a_bundles_illusion_parts_are_evaluated_together_as_each_alone(tmp_path, monkeypatch):
+    """With cells trained in one bundle, every cell's rowspace and nullspace patches are evaluated in one
+    bundled evaluation, and give the IIA each cell gets trained and evaluated alone."""
+    import das_cli
+    import das_cli.sweep as sweep_module
+
+    sizes = []
+    real = sweep_module.evaluate_bundle
+    monkeypatch.setattr(sweep_module, "evaluate_bundle", lambda engines, *args, **kw: sizes.append(len(engines)) or real(engines, *args, **kw))
+    overrides = ["model=tiny_llama", "stream=mlp_activation", "layers=[0,1,2]", "analysis.illusion=true", "progress=false",
+                 "output.plots=false", *TINY]
+    columns = ["iia", "iia_row", "iia_null"]
+    bundled = das_cli.run(das_cli.compose(overrides + ["train.cells_per_step=auto"]), tmp_path / "bundled").sort_values("layer")
+    patches = int(bundled[["iia_row", "iia_null"]].notna().sum().sum())
+    assert patches >= 4 and sizes[-1] == patches  # the last bundled evaluation: every part of every cell at once
+    sizes.clear()
+    alone = das_cli.run(das_cli.compose(overrides + ["train.cells_per_step=1"]), tmp_path / "alone").sort_values("layer")
+    assert sizes and max(sizes) <= 2  # one cell at a time: its own two parts together
+    assert (bundled[columns].isna().values == alone[columns].isna().values).all()
+    assert (bundled[columns].fillna(0).values - alone[columns].fillna(0).values).__abs__().max() <= 0.01

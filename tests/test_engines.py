@@ -16,11 +16,11 @@ from das_cli.data import PairGroup, PairSet, batches, to_device
 from das_cli import activations as activations_module
 from das_cli import engines as engines_module
 from das_cli.activations import base_run
-from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, make_engine
+from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, make_engine, prepare
 from das_cli.interventions import build_intervention
 from das_cli.models import load_model
 from das_cli.sites import HEAD_STREAMS, STREAMS, head_counts, read_site, resolve_site
-from das_cli.train import evaluate, fit, prepare
+from das_cli.train import evaluate, fit
 
 CONF = Path(__file__).parents[1] / "conf" / "model"
 MODELS = ("tiny_gpt2", "tiny_llama")

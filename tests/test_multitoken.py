@@ -21,11 +21,11 @@ from conftest import run_cli
 
 from das_cli.data import PairGroup, PairSet
 from das_cli.activations import base_run
-from das_cli.engines import ENGINES, make_engine
+from das_cli.engines import ENGINES, make_engine, prepare
 from das_cli.models import FAMILIES, LoadedModel, load_model
 from das_cli.sites import gather, hooked, read_site, resolve_site, scatter
 from das_cli.activations import read_prompts
-from das_cli.train import evaluate_kinds, prepare
+from das_cli.train import evaluate_kinds
 
 CONF = Path(__file__).parents[1] / "conf" / "model"
 V = 16  # vocabulary of the planted model

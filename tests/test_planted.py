@@ -12,12 +12,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from das_cli.data import PairGroup, PairSet
-from das_cli.engines import make_engine
+from das_cli.engines import make_engine, prepare
 from das_cli.interventions import build_intervention
 from das_cli.models import FAMILIES, LoadedModel
 from das_cli.sites import resolve_site
 from das_cli.activations import base_prefixes, read_bases, read_prompts
-from das_cli.train import evaluate, fit, prepare
+from das_cli.train import evaluate, fit
 
 D, N_INPUT, A, B = 16, 32, 32, 33
 

@@ -235,11 +235,11 @@ def test_mask_finds_a_variable_planted_on_one_rotated_coordinate():
     from test_planted import D, pairs, planted_model
 
     from das_cli.activations import base_prefixes
-    from das_cli.engines import make_engine
+    from das_cli.engines import make_engine, prepare
     from das_cli.interventions import build_intervention
     from das_cli.sites import resolve_site
     from das_cli.activations import read_prompts
-    from das_cli.train import evaluate, fit, prepare
+    from das_cli.train import evaluate, fit
 
     lm, u = planted_model()
     q0 = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(7)))[0]

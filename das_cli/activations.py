@@ -24,17 +24,10 @@ from transformers import DynamicCache
 from .data import PairSet, answer_matrix, teacher_forced
 from .engines import cache_arguments
 from .models import LoadedModel
-from .sites import Site, hooked, read_sites, resolve_site
+from .sites import Site, SiteKey, hooked, read_sites, resolve_site, site_key
 
 BUDGET_BYTES = 1 << 30  # the site tensors of one chunk, read together and held until their cells run, at most
 BASE_SPLITS = ("train", "test")  # splits whose base prompts' site tensors the cells read
-
-SiteKey = tuple  # (stream, layer, heads)
-
-
-def site_key(site: Site) -> SiteKey:
-    return (site.stream, site.layer, site.heads)
-
 
 @dataclass
 class SiteTensors:

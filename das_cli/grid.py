@@ -19,7 +19,7 @@ from .data import position_label
 from .files import atomic_write_json
 from .folder import grid_file
 from .models import LoadedModel
-from .sites import HEAD_STREAMS, head_counts
+from .sites import HEAD_STREAMS, head_counts, site_key
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,6 @@ def head_rankings(rows: list[dict]) -> dict[tuple, list[int]]:
 
 def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def site_key(cell: Cell) -> tuple:
-    return (cell.stream, cell.layer, cell.heads)
 
 
 def write_grid(folder: Path, shard: int, num_shards: int, cells: list[Cell]) -> None:

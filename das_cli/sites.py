@@ -130,6 +130,14 @@ def _measured_width(lm: LoadedModel, module: nn.Module, side: str) -> int:
     return sizes[0]
 
 
+SiteKey = tuple  # (stream, layer, heads)
+
+
+def site_key(of: "Site | object") -> SiteKey:
+    """What names a site: (stream, layer, heads), of a Site or of a grid cell (cells of one site share it)."""
+    return (of.stream, of.layer, of.heads)
+
+
 def resolve_site(lm: LoadedModel, stream: str, layer: int, heads: tuple[int, ...] | None = None) -> Site:
     """The site of `stream` at `layer`, restricted to `heads` for head-level streams."""
     if stream not in STREAMS:

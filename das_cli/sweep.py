@@ -43,10 +43,10 @@ from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_
 from .scores import base_vectors, edit_scores
 from .activations import ActivationStore, BaseRun, SiteTensors
 from .results import bar_chart
-from .sites import Site, gather, head_counts, resolve_site
+from .sites import Site, gather, head_counts, resolve_site, site_key
 from .engines import make_engine, prepare
 from .bundles import bundleable, cells_per_step, evaluate_bundle
-from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
+from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, write_grid
 from .train import Evaluation, evaluate_kinds, fit
 
 log = logging.getLogger(__name__)

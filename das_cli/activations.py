@@ -184,8 +184,7 @@ def base_run(lm: LoadedModel, pairs: PairSet, batch_size: int, keep_prefix: bool
                     stack.enter_context(hooked(site, lambda hidden, k=k, site=site: _fill(kept, ("site", k), rows, _prompt_columns(hidden, site, ids), len(ids))))
                 for i in range(0, len(ids), batch_size):
                     rows = slice(i, i + batch_size)
-                    fed = torch.cat([ids[rows], label_fed[rows]], dim=1)
-                    predictions.append(_base_batch(lm, fed, label_fed.shape[1] + 1, _RecordingCache(first, kept, rows, len(ids), ids.shape[1] - 1)))
+                    predictions.append(_cached_forward(lm, ids, label_fed, rows, first, kept))
             run.prefixes.append([(kept["kv", i, 0], kept["kv", i, 1]) if i >= first else None for i in range(lm.n_layers)])
             run.residuals.append({layer: kept["residual", layer] for layer in layers})
             for k in range(len(sites)):
@@ -208,14 +207,22 @@ def read_bases(lm: LoadedModel, sites: list[Site], pairs: PairSet, batch_size: i
         ids = group.base_ids.to(lm.device)
         label_fed = teacher_forced(group.labels).to(lm.device)
         kept: dict = {}
+        seen: set[int] = set()  # the sites recorded in this batch
+
+        def record(hidden: Tensor, k: int, site: Site) -> None:
+            _fill(kept, ("site", k), rows, _prompt_columns(hidden, site, ids), len(ids))
+            seen.add(k)
+            if len(seen) == len(sites):
+                raise _AllRead
+
         with ExitStack() as stack:
             for k, site in enumerate(sites):
-                stack.enter_context(hooked(site, lambda hidden, k=k, site=site: _record_then_stop(kept, k, len(sites), rows, _prompt_columns(hidden, site, ids), len(ids))))
+                stack.enter_context(hooked(site, lambda hidden, k=k, site=site: record(hidden, k, site)))
             for i in range(0, len(ids), batch_size):
                 rows = slice(i, i + batch_size)
-                fed = torch.cat([ids[rows], label_fed[rows]], dim=1)
+                seen.clear()
                 try:
-                    _base_batch(lm, fed, label_fed.shape[1] + 1, _RecordingCache(lm.n_layers, {}, rows, len(ids), ids.shape[1] - 1))
+                    _cached_forward(lm, ids, label_fed, rows, lm.n_layers, kept)
                 except _AllRead:
                     pass
         for k in range(len(sites)):
@@ -227,12 +234,12 @@ class _AllRead(Exception):
     """Every site of a read has been recorded for this batch: the rest of the forward is not needed."""
 
 
-def _record_then_stop(kept: dict, k: int, count: int, rows: slice, value: Tensor, total: int) -> None:
-    _fill(kept, ("site", k), rows, value, total)
-    done = kept.setdefault(("batch", rows.start), set())
-    done.add(k)
-    if len(done) == count:
-        raise _AllRead
+def _cached_forward(lm: LoadedModel, ids: Tensor, label_fed: Tensor, rows: slice, first: int, kept: dict) -> Tensor:
+    """One batch of a base run with caches: rows `rows` of the prompts followed by the fed label, through a
+    cache that writes the keys and values of layers from `first` on into `kept` (none with first = n_layers).
+    `base_run` and `read_bases` both make exactly this call, so their site tensors are the same bits."""
+    fed = torch.cat([ids[rows], label_fed[rows]], dim=1)
+    return _base_batch(lm, fed, label_fed.shape[1] + 1, _RecordingCache(first, kept, rows, len(ids), ids.shape[1] - 1))
 
 
 def _prompt_columns(hidden: Tensor, site: Site, ids: Tensor) -> Tensor:

@@ -381,31 +381,20 @@ class Sweep:
         splits = [name for name in ("train", "test", "val") if name in self.pairs]
         engines = {name: [self.evaluation_engine(r, name) for r in ready] for name in splits}
         interventions = [r.intervention for r in ready]
-        together = len(ready) > 1 and all(bundleable(e) for per_cell in engines.values() for e in per_cell)
         out: list[dict[str, Evaluation]] = [{} for _ in ready]
         for name in splits:
-            arguments = self.evaluation_arguments(name)
-            if together:
-                scores = evaluate_bundle(engines[name], interventions, batch, **arguments)
-            else:
-                scores = [evaluate_kinds(e, v, batch, **arguments) for e, v in zip(engines[name], interventions)]
-            for cell_scores, evaluation in zip(out, scores):
+            for cell_scores, evaluation in zip(out, _evaluate(engines[name], interventions, batch, **self.evaluation_arguments(name))):
                 cell_scores[name] = evaluation
         patches = [(k, name, patch) for k, r in enumerate(ready) for name, patch in self.illusion_patches(r).items()]
-        if patches:
-            tests, parts = [ready[k].test for k, _, _ in patches], [patch for _, _, patch in patches]
-            if len(patches) > 1 and all(bundleable(e) for e in tests):
-                scores = evaluate_bundle(tests, parts, batch)
-            else:
-                scores = [evaluate_kinds(e, v, batch) for e, v in zip(tests, parts)]
-            for (k, name, _), evaluation in zip(patches, scores):
-                out[k][f"illusion_{name}"] = evaluation
+        scores = _evaluate([ready[k].test for k, _, _ in patches], [patch for _, _, patch in patches], batch)
+        for (k, name, _), evaluation in zip(patches, scores):
+            out[k][f"illusion_{name}"] = evaluation
         return out
 
     def illusion_patches(self, ready: ReadyCell) -> dict[str, Intervention]:
         """analysis.illusion: the fixed patches of the learned subspace's rowspace and nullspace parts (relative
         to the weight that reads the site), by name ("row", "null"); a part that is (numerically) empty has none.
-        None for oblique_das either: the split patches orthogonal swaps of parts of one subspace, and it reads
+        No patches for oblique_das either: the split patches orthogonal swaps of parts of one subspace, and it reads
         along one and writes along another."""
         cell = ready.cell
         if not (self.cfg.analysis.illusion and cell.stream in ILLUSION_STREAMS) or self.cfg.intervention.name == "oblique_das":
@@ -482,6 +471,14 @@ class Sweep:
         vocabulary = sorted({n for n in names if n is not None})
         classes = torch.tensor([-1 if n is None else vocabulary.index(n) for n in names])
         return SiteActivations(values=values, classes=classes, names=vocabulary)
+
+
+def _evaluate(engines: list, interventions: list, batch: int, **arguments) -> list[Evaluation]:
+    """`evaluate_kinds` of each (engine, intervention), as one bundled evaluation where there are several and
+    every engine can join one."""
+    if len(engines) > 1 and all(bundleable(e) for e in engines):
+        return evaluate_bundle(engines, interventions, batch, **arguments)
+    return [evaluate_kinds(e, v, batch, **arguments) for e, v in zip(engines, interventions)]
 
 
 def _head_shares(lm: LoadedModel, site: Site, cell: Cell, basis) -> dict[int, float] | None:

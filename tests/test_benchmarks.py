@@ -57,3 +57,16 @@ def test_gpu_scripts_parse():
     for script in ("gpu_check.sh", "gpu_prepare.sh"):
         result = subprocess.run(["bash", "-n", str(BENCH.parent / script)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
+
+
+def test_a_sweep_without_the_reference_shows_dashes(tmp_path):
+    out = tmp_path / "results.md"
+    args = ["--skip-cells", "--epochs", "1", "--layers", "0,2", "--engines", "bundled,fast", "--out", str(out), "--overrides", *TINY]
+    result = subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cells = [c.strip() for c in out.read_text().splitlines()[2].strip("|").split("|")]
+    assert cells[4] == cells[5] == cells[7] == "—" and cells[6].endswith("×**")  # no reference; bundled vs fast
+    assert float(cells[-1]) <= 0.01  # the IIA gap, to the fast engine
+    bad = subprocess.run([sys.executable, str(BENCH), "--skip-cells", "--engines", "turbo", "--out", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--engines: unknown engine 'turbo'; valid choices: bundled, fast, reference" in bad.stderr

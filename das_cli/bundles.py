@@ -226,7 +226,8 @@ def fit_bundle(
     """`train.fit` for every cell of the bundle at once: per cell its own batches (from its seed), its own Adam
     and schedule; one forward and one backward per step for all. A cell whose loss turns NaN leaves the
     bundle with a FloatingPointError in its place; the others go on. A stop of the job checkpoints every
-    cell still training at the last whole step."""
+    cell still training at the last whole step (a stop signal the job outlives: at the end of that step,
+    and training goes on)."""
     sizes = [len(group) for group in bundle.engines[0].groups]
     device = bundle.lm.device
     per_epoch = [batch_plan(sizes, batch_size, epochs, member.seed, device) for member in members]
@@ -273,20 +274,27 @@ def fit_bundle(
                     step += 1
                     for i in live:
                         states[i].rng = rng_state(device)
+                if whole.warned():
+                    save_checkpoints(members, states, live, step, len(plans[0]))
                 if left and live:  # the bundle without the cells that left it
                     engine = BundleEngine(bundle.lm, [bundle.engines[i] for i in live])
                 bar.update()
     except BaseException as stop:
         if stops_the_job(stop):
-            for i in live:
-                if members[i].checkpoint is not None:
-                    members[i].checkpoint.save(states[i].saved(), step, len(plans[0]))
+            save_checkpoints(members, states, live, step, len(plans[0]))
         raise
     for i in live:
         members[i].intervention.set_progress(1.0)
         members[i].intervention.eval()
         results[i] = states[i].fit(step)
     return results  # type: ignore[return-value]
+
+
+def save_checkpoints(members: list[Member], states: list[TrainingState], live: list[int], step: int, total: int) -> None:
+    """The training state at `step` of every cell still in the bundle that has a checkpoint."""
+    for i in live:
+        if members[i].checkpoint is not None:
+            members[i].checkpoint.save(states[i].saved(), step, total)
 
 
 @torch.no_grad()

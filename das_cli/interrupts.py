@@ -8,10 +8,13 @@ running until SLURM kills it; it must propagate, as must anything else a signal 
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 
 def is_interruption(error: BaseException) -> bool:
@@ -62,7 +65,11 @@ class WholeSteps:
     """While training, the job's stop signals (SIGINT, SIGTERM, SIGUSR2) wait for the optimiser update
     they arrive in: inside `update()` a signal is noted and its handler runs when the update ends, so
     whatever it raises leaves the parameters, the optimiser and the schedule at the end of a whole step.
-    Outside the main thread (where Python cannot set handlers) nothing is deferred."""
+    Outside the main thread (where Python cannot set handlers) nothing is deferred.
+
+    A stop signal whose handler returns (submitit ignores SIGTERM, which a plain `scancel` sends a few
+    seconds before SIGKILL) is a warning: `warned()` is true once, after the update, so the loop can
+    save its state while the job goes on."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
@@ -70,6 +77,7 @@ class WholeSteps:
         self.previous: dict = {}
         self.pending: list[int] = []
         self.updating = False
+        self._warned = False
 
     def __enter__(self) -> "WholeSteps":
         if threading.current_thread() is threading.main_thread():
@@ -91,6 +99,11 @@ class WholeSteps:
             while self.pending:
                 self._forward(self.pending.pop(0), None)
 
+    def warned(self) -> bool:
+        """Whether a stop signal came, and its handler let the job go on, since the last call."""
+        warned, self._warned = self._warned, False
+        return warned
+
     def _arrived(self, signum, frame) -> None:
         if self.updating:
             self.pending.append(signum)
@@ -104,3 +117,6 @@ class WholeSteps:
         elif handler == signal.SIG_DFL:  # what the signal would have done: end the process
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
+        log.warning("%s: the job goes on, and the cells in training are checkpointed in case a kill follows",
+                    signal.Signals(signum).name)
+        self._warned = True

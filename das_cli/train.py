@@ -41,7 +41,8 @@ def fit(
 
     The intervention is in train mode while fitting and left in eval mode (e.g. a hard mask).
     With a `checkpoint`: training resumes from the one on disk (if usable), and a stop of the job
-    (SIGTERM, Ctrl-C, SLURM's signal) saves the state at the last whole step before it propagates.
+    (SIGTERM, Ctrl-C, SLURM's signal) saves the state at the last whole step before it propagates; a stop
+    signal the job outlives (submitit's ignored SIGTERM) saves it at the end of that step, and training goes on.
     """
     intervention.eval()
     if not intervention.trainable or epochs == 0:
@@ -72,6 +73,8 @@ def fit(
                     state.penalties.append(penalty.detach())
                     step += 1
                     state.rng = rng_state(engine.lm.device)
+                if whole.warned() and checkpoint is not None:
+                    checkpoint.save(state.saved(), step, len(steps))
                 bar.update()
     except BaseException as stop:
         if checkpoint is not None and stops_the_job(stop):

@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ignored_sigterm():
+    """SIGTERM handled by a function that returns, as submitit's handler does (a plain `scancel` sends SIGTERM,
+    then SIGKILL after SLURM's KillWait); the handler in place before is restored after. Yields the signals seen."""
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    yield seen
+    signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ the gradient and the training run it gets alone, to rounding; a NaN cell leaves 
 job checkpoints every cell of the bundle; the CLI's tables agree with cells_per_step=1."""
 
 import math
+import signal
 
 import pandas as pd
 import pytest
@@ -179,6 +180,48 @@ def test_a_stop_checkpoints_every_cell_of_the_bundle(lm, pairs, base):
     for member in members:
         state, step, steps = member.checkpoint.saved
         assert (step, steps) == (2, total) and len(state["losses"]) == 2
+
+
+class SignalledAt(torch.nn.Module):
+    """Wraps an intervention; in the step after its first `after`, SIGTERM arrives (its handler returns)."""
+
+    def __init__(self, inner, after: int):
+        super().__init__()
+        self.inner, self.after, self.calls = inner, after, 0
+        self.trainable = True
+
+    def forward(self, base, source):
+        if self.calls == self.after + 1:
+            signal.raise_signal(signal.SIGTERM)
+        return self.inner(base, source)
+
+    def param_groups(self, lr):
+        return self.inner.param_groups(lr)
+
+    def extra_loss(self):
+        return self.inner.extra_loss()
+
+    def set_progress(self, fraction):
+        self.calls += 1  # once per step
+        self.inner.set_progress(fraction)
+
+
+def test_a_stop_signal_the_job_outlives_checkpoints_the_bundle_and_training_goes_on(lm, pairs, base, ignored_sigterm):
+    """As a plain scancel under submitit: SIGTERM, ignored; every cell is saved at the end of that step, and the
+    bundle trains on to what it gives unsignalled."""
+    plain = cells(lm, pairs, base, JOINABLE[:3])
+    fits = fit_bundle(bundle_of(lm, base, [e for e, _ in plain]), [Member(v, k) for k, (_, v) in enumerate(plain)],
+                      2, 0.05, 3, 0.5, progress=False)
+    together = cells(lm, pairs, base, JOINABLE[:3])
+    interventions = [v for _, v in together]
+    interventions[1] = SignalledAt(interventions[1], after=2)
+    members = [Member(v, k, Recorder()) for k, v in enumerate(interventions)]
+    results = fit_bundle(bundle_of(lm, base, [e for e, _ in together]), members, 2, 0.05, 3, 0.5, progress=False)
+    total = 2 * math.ceil(2 * G / 3)
+    for member, a, b in zip(members, fits, results):
+        state, step, steps = member.checkpoint.saved
+        assert (step, steps) == (3, total) and len(state["losses"]) == 3
+        assert (b.steps, b.loss) == (a.steps, a.loss)
 
 
 def test_fed_tokens_counts_from_the_earliest_intervened_position():

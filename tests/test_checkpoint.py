@@ -2,6 +2,7 @@
 cells/<id>/checkpoint.pt and the rerun resumes it to the numbers and tensors of an uninterrupted run,
 bit for bit; checkpoints that cannot be used are ignored with one warning; a finished cell has none."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -203,6 +204,106 @@ def test_a_signal_inside_an_update_is_handled_after_it():
         assert signal.getsignal(signal.SIGUSR2) is handler  # restored on leaving
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_stop_signal_whose_handler_returns_warns_once_after_its_update(ignored_sigterm):
+    with WholeSteps() as whole:
+        assert not whole.warned()
+        with whole.update():
+            signal.raise_signal(signal.SIGTERM)
+            assert ignored_sigterm == [] and not whole.warned()  # noted, not handled, in the middle of the update
+        assert ignored_sigterm == [signal.SIGTERM]
+        assert whole.warned() and not whole.warned()  # once
+        signal.raise_signal(signal.SIGTERM)  # outside an update: at once
+        assert whole.warned()
+
+
+def test_a_stop_signal_whose_handler_raises_is_no_warning(raising_sigterm):
+    with WholeSteps() as whole:
+        with pytest.raises(RuntimeError, match="stop"):
+            with whole.update():
+                signal.raise_signal(signal.SIGTERM)
+        assert not whole.warned()
+
+
+@pytest.fixture
+def raising_sigterm():
+    def handler(signum, frame):
+        raise RuntimeError("stop")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+class Killed(BaseException):
+    """What SIGKILL does to a job: it ends at once, and nothing of it runs after."""
+
+
+@contextmanager
+def sigterm_at_step_then_killed(n: int, monkeypatch):
+    """SIGTERM inside the optimiser update of step `n` (its handler returns, as submitit's does); the process is
+    killed as soon as that has written a checkpoint."""
+    update, save, calls = WholeSteps.update, layout.Checkpoint.save, []
+
+    @contextmanager
+    def signalled_update(self):
+        with update(self):
+            calls.append(1)
+            if len(calls) == n:
+                signal.raise_signal(signal.SIGTERM)
+            yield
+
+    def save_then_die(self, *args):
+        save(self, *args)
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(WholeSteps, "update", signalled_update)
+        m.setattr(layout.Checkpoint, "save", save_then_die)
+        yield
+
+
+def test_a_sigterm_the_job_outlives_checkpoints_the_cell_so_a_kill_after_it_loses_nothing(
+        tmp_path, monkeypatch, one_thread, ignored_sigterm, caplog):
+    """A plain scancel under submitit: SIGTERM (ignored), SIGKILL a few seconds later. The cell is saved at the end of
+    the step the SIGTERM arrives in; after the kill, the rerun resumes there to the uninterrupted run's numbers."""
+    cfg = das_cli.compose(SMALL)
+    das_cli.run(cfg, tmp_path / "whole")
+    with sigterm_at_step_then_killed(4, monkeypatch), pytest.raises(Killed):
+        das_cli.run(cfg, tmp_path / "killed")
+    assert ignored_sigterm == [signal.SIGTERM]
+    assert any("SIGTERM: the job goes on" in r.getMessage() for r in caplog.records)
+    assert not layout.metrics_file(tmp_path / "killed", CELL).exists()
+    record = torch.load(layout.checkpoint_file(tmp_path / "killed", CELL), weights_only=True)
+    assert (record["step"], record["total"]) == (4, 9)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="das_cli")
+    das_cli.run(cfg, tmp_path / "killed")
+    assert f"cell {CELL} resumes from its checkpoint at step 4/9" in caplog.text
+    assert_same_cell(tmp_path / "killed", tmp_path / "whole")
+    assert not layout.checkpoint_file(tmp_path / "killed", CELL).exists()
+
+
+def test_a_sigterm_the_job_outlives_leaves_training_as_it_was(tmp_path, monkeypatch, one_thread, ignored_sigterm):
+    """Not killed after all: the cell trains on to the numbers of a run that saw no signal, and keeps no checkpoint."""
+    cfg = das_cli.compose(SMALL)
+    das_cli.run(cfg, tmp_path / "whole")
+    update, calls = WholeSteps.update, []
+
+    @contextmanager
+    def signalled_update(self):
+        with update(self):
+            calls.append(1)
+            if len(calls) == 2:
+                signal.raise_signal(signal.SIGTERM)
+            yield
+
+    monkeypatch.setattr(WholeSteps, "update", signalled_update)
+    das_cli.run(cfg, tmp_path / "warned")
+    assert ignored_sigterm == [signal.SIGTERM]
+    assert_same_cell(tmp_path / "warned", tmp_path / "whole")
+    assert not layout.checkpoint_file(tmp_path / "warned", CELL).exists()
 
 
 def test_torch_random_state_is_saved_and_restored():

@@ -1,6 +1,7 @@
 """SLURM sweeps: interruptions are no cell failures, the launch-time signal check, and (marked `slurm`)
 array sweeps on a real cluster (`bash .ci/slurm_cluster.sh up`): the merged table, a requeue mid-sweep,
-a cell checkpointed by the time-limit signal and resumed by the requeued job, a job out of requeues."""
+a cell checkpointed by the time-limit signal and resumed by the requeued job, a cell checkpointed by a plain
+scancel and resumed by the rerun, a job out of requeues."""
 
 import json
 import os
@@ -260,6 +261,48 @@ def test_time_limit_signal_mid_cell_checkpoints_and_the_requeued_job_resumes_it(
                                   check_exact=True)
     ours, theirs = load_file(cell / "subspace.safetensors"), load_file(local / "cells" / saved[1] / "subspace.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# One cell of 1800 steps (600 epochs of 3 batches, about 30 s): it still trains when SIGKILL follows the SIGTERM
+# (KillWait, 5 s on the test cluster).
+ONE_LONGER_CELL = [a for a in ONE_LONG_CELL if not a.startswith("train.epochs=")] + ["train.epochs=600"]
+
+
+@pytest.mark.slurm
+def test_plain_scancel_mid_cell_checkpoints_and_the_rerun_resumes_it(tmp_path):
+    """A plain scancel once the cell trains: SIGTERM (which submitit ignores), SIGKILL after KillWait. The cell is
+    checkpointed at the end of the step the SIGTERM arrives in; rerunning the command resumes it from that step to
+    the numbers of a local run."""
+    local = tmp_path / "local"
+    assert run_cli(ONE_LONGER_CELL + [f"hydra.run.dir={local}"], env=ONE_CPU).returncode == 0
+    folder = tmp_path / "slurm"
+    launcher = ["hydra/launcher=slurm", f"hydra.launcher.partition={default_partition()}"] + NODE_FIT
+    args = ["-m", *launcher, f"hydra.sweep.dir={folder}"] + ONE_LONGER_CELL
+    proc = launch(args)
+    deadline = time.monotonic() + 300
+    while not any("steps:" in p.read_text() for p in folder.glob(".submitit/*/*_log.err")):
+        assert proc.poll() is None, f"das-cli ended before training: {proc.communicate()}"
+        assert time.monotonic() < deadline, "training did not begin in 300 s"
+        time.sleep(0.05)
+    job = array_job(folder)
+    subprocess.run(["scancel", job], check=True)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 1, stderr
+    assert "CANCELLED" in " ".join(job_states(job))
+    logs = "".join(p.read_text() for p in (folder / ".submitit").glob("*/*_log.out"))
+    assert "SIGTERM: the job goes on" in logs, logs
+    saved = re.search(r"cell (\S+) checkpointed at step (\d+)/(\d+)", logs)
+    assert saved and int(saved[2]) < int(saved[3]) == 1800, logs
+    cell = folder / "0" / "cells" / saved[1]
+    assert (cell / "checkpoint.pt").exists() and not (cell / "metrics.json").exists()
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    logs = "".join(p.read_text() for p in (folder / ".submitit").glob("*/*_log.out"))
+    assert f"cell {saved[1]} resumes from its checkpoint at step {saved[2]}/1800" in logs
+    assert (cell / "metrics.json").exists() and not (cell / "checkpoint.pt").exists()
+    numbers = ["iia", "train_iia", "loss", "test_loss", "steps"]
+    pd.testing.assert_frame_equal(pd.read_csv(folder / "0" / "iia.csv")[numbers], pd.read_csv(local / "iia.csv")[numbers],
+                                  check_exact=True)
 
 
 @pytest.mark.slurm

@@ -287,6 +287,8 @@ def fit_bundle(
         members[i].intervention.set_progress(1.0)
         members[i].intervention.eval()
         results[i] = states[i].fit(step)
+        if members[i].checkpoint is not None:
+            members[i].checkpoint.hold(states[i].saved, step, len(plans[0]))
     return results  # type: ignore[return-value]
 
 

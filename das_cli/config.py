@@ -417,7 +417,10 @@ def _run_errors(cfg: DictConfig) -> list[str]:
     if t.engine not in ENGINES:
         errors.append(f"train.engine={t.engine}: valid choices: {', '.join(ENGINES)}")
     if t.cells_per_step != "auto" and (isinstance(t.cells_per_step, bool) or not isinstance(t.cells_per_step, int) or t.cells_per_step < 1):
-        errors.append(f"train.cells_per_step={t.cells_per_step}: valid choices: auto, or a whole number >= 1")
+        errors.append(f"train.cells_per_step={_show(t.cells_per_step)}: valid choices: auto, or a whole number >= 1")
+    elif t.engine == "reference" and t.cells_per_step not in ("auto", 1):
+        warnings.warn(f"train.cells_per_step={t.cells_per_step} has no effect with train.engine=reference, which trains "
+                      "one cell at a time (bundles are the fast engine's)", ConfigWarning)
     return errors
 
 

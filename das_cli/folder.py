@@ -25,7 +25,7 @@ import math
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -362,6 +362,16 @@ class CellStore:
 
     def save(self, cell, row: dict, tensors: dict, artefact: dict | None = None) -> None:
         save_cell(self.folder, cell.id, row, self.fingerprint(cell), tensors, self.save_subspaces, artefact)
+        for checkpoint in self.in_flight:
+            if checkpoint.cell_id == cell.id:
+                checkpoint.release()
+
+    def keep_trained(self) -> None:
+        """On a stop of the job: every cell trained in this process but not yet written is checkpointed at its
+        last step."""
+        for checkpoint in self.in_flight:
+            if checkpoint.held is not None and not metrics_file(self.folder, checkpoint.cell_id).exists():
+                checkpoint.save_held()
 
     def lock(self, cell) -> "CellLock":
         return CellLock(cell_dir(self.folder, cell.id) / LOCK)
@@ -377,11 +387,28 @@ class CellStore:
 class Checkpoint:
     """A cell's training state saved when the job is stopped mid-cell (torch.save, atomically), and read
     back by the rerun when it was written with the same cell fingerprint. `saved` is (step, total steps)
-    once this process has saved one."""
+    once this process has saved one.
+
+    A finished training is `hold`-ed until its cell is written: a stop in between (the cell's evaluation,
+    its bundle's) saves it at its last step (`save_held`), so the rerun evaluates it without training again."""
 
     def __init__(self, path: Path, cell_id: str, fingerprint: dict) -> None:
         self.path, self.cell_id, self.fingerprint = Path(path), cell_id, fingerprint
         self.saved: tuple[int, int] | None = None
+        self.held: tuple[Callable[[], dict], int, int] | None = None
+
+    def hold(self, state: Callable[[], dict], step: int, total: int) -> None:
+        """Keep `state()` (the finished training's state) for `save_held`."""
+        self.held = (state, step, total)
+
+    def release(self) -> None:
+        self.held = None
+
+    def save_held(self) -> None:
+        if self.held is not None:
+            state, step, total = self.held
+            self.save(state(), step, total)
+            self.held = None
 
     def save(self, state: dict, step: int, total: int) -> None:
         import torch

@@ -31,7 +31,7 @@ from .data import PairSet, resolve_positions, tokenize_pairs
 from .errors import DasError, choices_error
 from .examples import KINDS
 from .filters import filter_pairs
-from .interrupts import is_interruption
+from .interrupts import is_interruption, stops_the_job
 from . import folder as layout
 from .folder import CellStore, Checkpoint
 from .interventions import Intervention, SiteActivations, build_intervention
@@ -523,10 +523,15 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
     fingerprint = run_fingerprint(cfg, lm, pairs)
     layout.check_resume(folder, fingerprint)
     store = CellStore(folder, fingerprint, int(cfg.seed), bool(cfg.output.save_subspaces))
-    try:  # Ctrl-C or SIGTERM from here on: finished cells are kept, the one in flight checkpointed
+    try:  # Ctrl-C or SIGTERM from here on: finished cells are kept, those in flight checkpointed
         return _run_cells(cfg, lm, folder, store, pairs, cells, sites, loaded)
-    except KeyboardInterrupt as stop:
-        raise _interrupted(stop, folder, store.in_flight) from None
+    except BaseException as stop:
+        if not stops_the_job(stop):
+            raise
+        store.keep_trained()  # trained, but stopped before they were written
+        if isinstance(stop, KeyboardInterrupt):
+            raise _interrupted(stop, folder, store.in_flight) from None
+        raise
 
 
 def _run_cells(cfg: DictConfig, lm: LoadedModel, folder: Path, store: CellStore, pairs: dict[str, PairSet],

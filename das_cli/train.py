@@ -43,6 +43,7 @@ def fit(
     With a `checkpoint`: training resumes from the one on disk (if usable), and a stop of the job
     (SIGTERM, Ctrl-C, SLURM's signal) saves the state at the last whole step before it propagates; a stop
     signal the job outlives (submitit's ignored SIGTERM) saves it at the end of that step, and training goes on.
+    The finished state is held by the checkpoint until the cell is written (`Checkpoint.hold`).
     """
     intervention.eval()
     if not intervention.trainable or epochs == 0:
@@ -82,6 +83,8 @@ def fit(
         raise
     intervention.set_progress(1.0)
     intervention.eval()
+    if checkpoint is not None:
+        checkpoint.hold(state.saved, step, len(steps))
     return state.fit(step)
 
 

@@ -155,6 +155,9 @@ class Recorder:
     def save(self, state, step, total):
         self.saved = (state, step, total)
 
+    def hold(self, state, step, total):
+        self.held = (state(), step, total)
+
 
 class Stopping(Diverging):
     """Raises KeyboardInterrupt (Ctrl-C, or SIGTERM as das-cli turns it) in the step after its first `after`."""
@@ -222,6 +225,8 @@ def test_a_stop_signal_the_job_outlives_checkpoints_the_bundle_and_training_goes
         state, step, steps = member.checkpoint.saved
         assert (step, steps) == (3, total) and len(state["losses"]) == 3
         assert (b.steps, b.loss) == (a.steps, a.loss)
+        state, step, steps = member.checkpoint.held  # the finished state, kept until the cell is written
+        assert step == steps == total and len(state["losses"]) == total // 2
 
 
 def test_fed_tokens_counts_from_the_earliest_intervened_position():
@@ -271,7 +276,7 @@ def test_bad_cells_per_step_is_one_line(value, tmp_path):
     result = run_cli(["model=tiny_gpt2", "layers=[0]", f"train.cells_per_step={value}", f"hydra.run.dir={tmp_path}"] + TINY)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train.cells_per_step" in lines[0] and "auto" in lines[0], result.stderr
+    assert len(lines) == 1 and f"train.cells_per_step={value}:" in lines[0] and "auto" in lines[0], result.stderr
 
 
 def test_a_block_computes_only_the_rows_that_have_entered(lm, pairs, base):

@@ -167,6 +167,50 @@ def test_resuming_in_process_is_bitwise_the_uninterrupted_run(intervention, step
     assert not layout.checkpoint_file(tmp_path / "stopped", CELL).exists()
 
 
+def stopped_in_evaluation(monkeypatch):
+    """Ctrl-C during the first evaluation of trained cells (a lone cell's, or its bundle's)."""
+    from das_cli.sweep import Sweep
+
+    def interrupted(self, ready):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Sweep, "evaluations", interrupted)
+
+
+def test_a_stop_after_training_checkpoints_the_cell_at_its_last_step(tmp_path, monkeypatch, one_thread, caplog):
+    """A trained cell stopped in its evaluation is not trained again: the rerun resumes it at its last step."""
+    cfg = das_cli.compose(SMALL)
+    das_cli.run(cfg, tmp_path / "whole")
+    with monkeypatch.context() as m:
+        stopped_in_evaluation(m)
+        with pytest.raises(KeyboardInterrupt, match=f"cell {CELL} checkpointed at step 9/9"):
+            das_cli.run(cfg, tmp_path / "stopped")
+    assert not layout.metrics_file(tmp_path / "stopped", CELL).exists()
+    caplog.set_level(logging.INFO, logger="das_cli")
+    das_cli.run(cfg, tmp_path / "stopped")
+    assert f"cell {CELL} resumes from its checkpoint at step 9/9" in caplog.text
+    assert_same_cell(tmp_path / "stopped", tmp_path / "whole")
+    assert not layout.checkpoint_file(tmp_path / "stopped", CELL).exists()
+
+
+def test_a_stop_in_a_bundles_evaluation_checkpoints_every_cell_at_its_last_step(tmp_path, monkeypatch, one_thread, caplog):
+    """Both cells of a bundle are checkpointed at their last step; each rerun cell resumes there, alone, to the
+    bundle's hits and training loss (its evaluation alone may differ from the bundled one in the last bits)."""
+    cfg = das_cli.compose([a for a in SMALL if not a.startswith("layers=")] + ["layers=[1,2]"])
+    das_cli.run(cfg, tmp_path / "whole")
+    with monkeypatch.context() as m:
+        stopped_in_evaluation(m)
+        with pytest.raises(KeyboardInterrupt, match="cells block_output__L01__Plast, block_output__L02__Plast checkpointed at step 9/9"):
+            das_cli.run(cfg, tmp_path / "stopped")
+    caplog.set_level(logging.INFO, logger="das_cli")
+    das_cli.run(cfg, tmp_path / "stopped")
+    assert caplog.text.count("resumes from its checkpoint at step 9/9") == 2
+    whole, rerun = pd.read_csv(tmp_path / "whole" / "iia.csv"), pd.read_csv(tmp_path / "stopped" / "iia.csv")
+    exact = ["cell", "iia", "train_iia", "loss", "steps"]
+    pd.testing.assert_frame_equal(rerun[exact], whole[exact], check_exact=True)
+    pd.testing.assert_frame_equal(rerun[["test_loss", "p_label"]], whole[["test_loss", "p_label"]], atol=1e-5, rtol=0)
+
+
 def test_a_checkpoint_of_another_configuration_or_length_is_ignored(tmp_path, caplog):
     path = tmp_path / "cells" / CELL / "checkpoint.pt"
     state = {"intervention": {"w": torch.ones(2)}, "losses": [torch.tensor(0.5)]}

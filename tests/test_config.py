@@ -186,6 +186,14 @@ def test_model_path_works_with_every_model_preset():
     assert C.check_override_keys(["dataset=file", "dataset.path=x.csv"])[1] == "dataset.path=x.csv"  # set, not added
 
 
+def test_cells_per_step_with_the_reference_engine_warns_that_it_does_nothing(recwarn):
+    with pytest.warns(C.ConfigWarning, match=r"^train.cells_per_step=4 has no effect with train.engine=reference"):
+        checked("train.engine=reference", "train.cells_per_step=4")
+    for quiet in (["train.engine=reference"], ["train.engine=reference", "train.cells_per_step=1"], ["train.cells_per_step=4"]):
+        checked(*quiet)
+    assert not [w for w in recwarn if issubclass(w.category, C.ConfigWarning)]
+
+
 def test_repeated_grid_entries_run_once_with_a_warning():
     with pytest.warns(C.ConfigWarning, match=r"^layers: 0 given more than once"):
         assert C.layers(grid(layers=[0, 0, -4, 1]), 4) == [0, 1]

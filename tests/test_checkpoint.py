@@ -133,9 +133,8 @@ def test_a_damaged_checkpoint_is_ignored_and_the_cell_trains_from_the_start(unin
 
 # --- in one process: a signal at a chosen step ---------------------------------------------------
 
-@contextmanager
-def ctrl_c_at_step(n: int, monkeypatch):
-    """SIGINT raised inside the optimiser update of step `n`: WholeSteps lets the update end first."""
+def signal_at_step(n: int, sig: int, monkeypatch) -> None:
+    """`sig` raised inside the optimiser update of step `n`: WholeSteps lets the update end first."""
     update, calls = WholeSteps.update, []
 
     @contextmanager
@@ -143,11 +142,16 @@ def ctrl_c_at_step(n: int, monkeypatch):
         with update(self):
             calls.append(1)
             if len(calls) == n:
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(sig)
             yield
 
+    monkeypatch.setattr(WholeSteps, "update", signalled_update)
+
+
+@contextmanager
+def ctrl_c_at_step(n: int, monkeypatch):
     with monkeypatch.context() as m:
-        m.setattr(WholeSteps, "update", signalled_update)
+        signal_at_step(n, signal.SIGINT, m)
         yield
 
 
@@ -288,22 +292,14 @@ class Killed(BaseException):
 def sigterm_at_step_then_killed(n: int, monkeypatch):
     """SIGTERM inside the optimiser update of step `n` (its handler returns, as submitit's does); the process is
     killed as soon as that has written a checkpoint."""
-    update, save, calls = WholeSteps.update, layout.Checkpoint.save, []
-
-    @contextmanager
-    def signalled_update(self):
-        with update(self):
-            calls.append(1)
-            if len(calls) == n:
-                signal.raise_signal(signal.SIGTERM)
-            yield
+    save = layout.Checkpoint.save
 
     def save_then_die(self, *args):
         save(self, *args)
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(WholeSteps, "update", signalled_update)
+        signal_at_step(n, signal.SIGTERM, m)
         m.setattr(layout.Checkpoint, "save", save_then_die)
         yield
 
@@ -333,17 +329,7 @@ def test_a_sigterm_the_job_outlives_leaves_training_as_it_was(tmp_path, monkeypa
     """Not killed after all: the cell trains on to the numbers of a run that saw no signal, and keeps no checkpoint."""
     cfg = das_cli.compose(SMALL)
     das_cli.run(cfg, tmp_path / "whole")
-    update, calls = WholeSteps.update, []
-
-    @contextmanager
-    def signalled_update(self):
-        with update(self):
-            calls.append(1)
-            if len(calls) == 2:
-                signal.raise_signal(signal.SIGTERM)
-            yield
-
-    monkeypatch.setattr(WholeSteps, "update", signalled_update)
+    signal_at_step(2, signal.SIGTERM, monkeypatch)
     das_cli.run(cfg, tmp_path / "warned")
     assert ignored_sigterm == [signal.SIGTERM]
     assert_same_cell(tmp_path / "warned", tmp_path / "whole")

@@ -146,6 +146,15 @@ def first_cell_then(proc: subprocess.Popen, folder, action, jobs: int = 2) -> tu
     return job, {p: p.stat().st_mtime_ns for p in folder.glob("*/cells/*/metrics.json")}
 
 
+def training_began(proc: subprocess.Popen, folder) -> None:
+    """Returns once a job's log shows its progress bar over training steps."""
+    deadline = time.monotonic() + 300
+    while not any("steps:" in p.read_text() for p in folder.glob(".submitit/*/*_log.err")):
+        assert proc.poll() is None, f"das-cli ended before training: {proc.communicate()}"
+        assert time.monotonic() < deadline, "training did not begin in 300 s"
+        time.sleep(0.05)
+
+
 def array_job(folder) -> str:
     """The SLURM id of the sweep's array job (submitit's folders are named <array id>_<task>)."""
     return next(p.name.split("_")[0] for p in (folder / ".submitit").iterdir() if p.name[0].isdigit())
@@ -239,11 +248,7 @@ def test_time_limit_signal_mid_cell_checkpoints_and_the_requeued_job_resumes_it(
     folder = tmp_path / "slurm"
     launcher = ["hydra/launcher=slurm", f"hydra.launcher.partition={default_partition()}"] + NODE_FIT
     proc = launch(["-m", *launcher, f"hydra.sweep.dir={folder}"] + ONE_LONG_CELL)
-    deadline = time.monotonic() + 300
-    while not any("steps:" in p.read_text() for p in folder.glob(".submitit/*/*_log.err")):
-        assert proc.poll() is None, f"das-cli ended before training: {proc.communicate()}"
-        assert time.monotonic() < deadline, "training did not begin in 300 s"
-        time.sleep(0.05)
+    training_began(proc, folder)
     job = array_job(folder)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     start_again(job)
@@ -279,11 +284,7 @@ def test_plain_scancel_mid_cell_checkpoints_and_the_rerun_resumes_it(tmp_path):
     launcher = ["hydra/launcher=slurm", f"hydra.launcher.partition={default_partition()}"] + NODE_FIT
     args = ["-m", *launcher, f"hydra.sweep.dir={folder}"] + ONE_LONGER_CELL
     proc = launch(args)
-    deadline = time.monotonic() + 300
-    while not any("steps:" in p.read_text() for p in folder.glob(".submitit/*/*_log.err")):
-        assert proc.poll() is None, f"das-cli ended before training: {proc.communicate()}"
-        assert time.monotonic() < deadline, "training did not begin in 300 s"
-        time.sleep(0.05)
+    training_began(proc, folder)
     job = array_job(folder)
     subprocess.run(["scancel", job], check=True)
     stdout, stderr = proc.communicate(timeout=600)

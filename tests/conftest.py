@@ -3,6 +3,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,14 +37,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@contextmanager
+def handled_by(sig: int, handler) -> Iterator[None]:
+    """`sig` handled by `handler` inside the block; the handler in place before is restored after."""
+    previous = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+
+
+def raising(message: str):
+    """A signal handler that raises RuntimeError(message), as submitit's pre-emption handler raises."""
+    def handler(signum, frame):
+        raise RuntimeError(message)
+
+    return handler
+
+
 @pytest.fixture
 def ignored_sigterm():
     """SIGTERM handled by a function that returns, as submitit's handler does (a plain `scancel` sends SIGTERM,
-    then SIGKILL after SLURM's KillWait); the handler in place before is restored after. Yields the signals seen."""
+    then SIGKILL after SLURM's KillWait). Yields the signals seen."""
     seen = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
-    yield seen
-    signal.signal(signal.SIGTERM, previous)
+    with handled_by(signal.SIGTERM, lambda signum, frame: seen.append(signum)):
+        yield seen
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, handled_by, raising, run_cli
 from safetensors.torch import load_file
 
 import das_cli
@@ -171,6 +171,17 @@ def test_resuming_in_process_is_bitwise_the_uninterrupted_run(intervention, step
     assert not layout.checkpoint_file(tmp_path / "stopped", CELL).exists()
 
 
+def assert_rerun_resumes(cfg, folder, reference, step: str, caplog) -> None:
+    """The rerun into `folder` resumes the cell from its checkpoint at `step` ("s/S") to the numbers and tensors
+    of `reference`, and leaves no checkpoint."""
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="das_cli")
+    das_cli.run(cfg, folder)
+    assert f"cell {CELL} resumes from its checkpoint at step {step}" in caplog.text
+    assert_same_cell(folder, reference)
+    assert not layout.checkpoint_file(folder, CELL).exists()
+
+
 def stopped_in_evaluation(monkeypatch):
     """Ctrl-C during the first evaluation of trained cells (a lone cell's, or its bundle's)."""
     from das_cli.sweep import Sweep
@@ -190,11 +201,7 @@ def test_a_stop_after_training_checkpoints_the_cell_at_its_last_step(tmp_path, m
         with pytest.raises(KeyboardInterrupt, match=f"cell {CELL} checkpointed at step 9/9"):
             das_cli.run(cfg, tmp_path / "stopped")
     assert not layout.metrics_file(tmp_path / "stopped", CELL).exists()
-    caplog.set_level(logging.INFO, logger="das_cli")
-    das_cli.run(cfg, tmp_path / "stopped")
-    assert f"cell {CELL} resumes from its checkpoint at step 9/9" in caplog.text
-    assert_same_cell(tmp_path / "stopped", tmp_path / "whole")
-    assert not layout.checkpoint_file(tmp_path / "stopped", CELL).exists()
+    assert_rerun_resumes(cfg, tmp_path / "stopped", tmp_path / "whole", "9/9", caplog)
 
 
 def test_a_stop_in_a_bundles_evaluation_checkpoints_every_cell_at_its_last_step(tmp_path, monkeypatch, one_thread, caplog):
@@ -276,12 +283,8 @@ def test_a_stop_signal_whose_handler_raises_is_no_warning(raising_sigterm):
 
 @pytest.fixture
 def raising_sigterm():
-    def handler(signum, frame):
-        raise RuntimeError("stop")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    yield
-    signal.signal(signal.SIGTERM, previous)
+    with handled_by(signal.SIGTERM, raising("stop")):
+        yield
 
 
 class Killed(BaseException):
@@ -317,12 +320,7 @@ def test_a_sigterm_the_job_outlives_checkpoints_the_cell_so_a_kill_after_it_lose
     assert not layout.metrics_file(tmp_path / "killed", CELL).exists()
     record = torch.load(layout.checkpoint_file(tmp_path / "killed", CELL), weights_only=True)
     assert (record["step"], record["total"]) == (4, 9)
-    caplog.clear()
-    caplog.set_level(logging.INFO, logger="das_cli")
-    das_cli.run(cfg, tmp_path / "killed")
-    assert f"cell {CELL} resumes from its checkpoint at step 4/9" in caplog.text
-    assert_same_cell(tmp_path / "killed", tmp_path / "whole")
-    assert not layout.checkpoint_file(tmp_path / "killed", CELL).exists()
+    assert_rerun_resumes(cfg, tmp_path / "killed", tmp_path / "whole", "4/9", caplog)
 
 
 def test_a_sigterm_the_job_outlives_leaves_training_as_it_was(tmp_path, monkeypatch, one_thread, ignored_sigterm):

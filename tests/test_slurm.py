@@ -13,7 +13,7 @@ import time
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, das_cli_command, run_cli
+from conftest import TINY, das_cli_command, handled_by, raising, run_cli
 from safetensors.torch import load_file
 from test_cluster import CELLS, GRID, RESULT, SETTINGS, results
 
@@ -31,12 +31,8 @@ NODE_FIT = ["hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", 
 @pytest.fixture
 def raising_handler():
     """SIGUSR2 (submitit's pre-emption/time-limit signal) handled by a function that raises, as submitit's does."""
-    def handler(signum, frame):
-        raise RuntimeError("pre-empted")
-
-    previous = signal.signal(signal.SIGUSR2, handler)
-    yield
-    signal.signal(signal.SIGUSR2, previous)
+    with handled_by(signal.SIGUSR2, raising("pre-empted")):
+        yield
 
 
 def requeues_used_up(*args):

@@ -185,28 +185,17 @@ def test_a_stop_checkpoints_every_cell_of_the_bundle(lm, pairs, base):
         assert (step, steps) == (2, total) and len(state["losses"]) == 2
 
 
-class SignalledAt(torch.nn.Module):
-    """Wraps an intervention; in the step after its first `after`, SIGTERM arrives (its handler returns)."""
+class SignalledAt(Diverging):
+    """In the step after its first `after`, SIGTERM arrives (its handler returns); its edits stay as they are."""
 
-    def __init__(self, inner, after: int):
-        super().__init__()
-        self.inner, self.after, self.calls = inner, after, 0
-        self.trainable = True
+    def set_progress(self, fraction):
+        self.calls += 1  # once per step
+        self.inner.set_progress(fraction)
 
     def forward(self, base, source):
         if self.calls == self.after + 1:
             signal.raise_signal(signal.SIGTERM)
         return self.inner(base, source)
-
-    def param_groups(self, lr):
-        return self.inner.param_groups(lr)
-
-    def extra_loss(self):
-        return self.inner.extra_loss()
-
-    def set_progress(self, fraction):
-        self.calls += 1  # once per step
-        self.inner.set_progress(fraction)
 
 
 def test_a_stop_signal_the_job_outlives_checkpoints_the_bundle_and_training_goes_on(lm, pairs, base, ignored_sigterm):

@@ -67,7 +67,7 @@ def worker(args: argparse.Namespace) -> None:
     import das_cli
     from das_cli.activations import base_run
     from das_cli.models import load_model
-    from das_cli.sweep import build_pairs
+    from das_cli.datasets import build_pairs
 
     cfg = das_cli.compose(args.overrides + ["progress=false", "output.plots=false"])
     if torch.cuda.is_available():
@@ -125,7 +125,7 @@ def export_cells(overrides: list[str], folder: Path) -> list[tuple[str, Path]]:
     from das_cli.data import batches, resolve_positions
     from das_cli.grid import expand_grid
     from das_cli.models import load_model
-    from das_cli.sweep import build_pairs
+    from das_cli.datasets import build_pairs
 
     cfg = C.typed(das_cli.compose(overrides))
     lm = load_model(cfg.model, "cpu", "float32")

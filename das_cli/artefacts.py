@@ -8,7 +8,6 @@ it to a model's forward or `generate`, reading the source prompt's vector at the
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import Tensor
 
 from . import folder as layout
 from .errors import DasError
-from .interventions import Intervention, build_intervention
+from .interventions import Intervention, load_intervention
 
 ARTEFACT_VERSION = 1
 
@@ -80,7 +79,8 @@ def load_cell(path: str | Path) -> LoadedCell:
         raise DasError(f"{cell_path}: {layout.METRICS} has no artefact record (saved by an older das-cli); run the cell again")
     art = stored.artefact
     tensors = _read_tensors(cell_path, stored)
-    intervention = rebuild(art["intervention"]["name"], int(art["width"]), art["intervention"]["options"], tensors, cell_path)
+    intervention = load_intervention(art["intervention"]["name"], int(art["width"]), art["intervention"]["options"], tensors,
+                                     cell_path / layout.SUBSPACE)
     heads = None if art["heads"] is None else tuple(art["heads"])
     return LoadedCell(stored.id, art["stream"], int(art["layer"]), tuple(art["positions"]), heads, int(art["width"]),
                       intervention, art, stored.row)
@@ -95,131 +95,6 @@ def _read_tensors(cell_path: Path, stored) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(cell_path / layout.SUBSPACE))
-
-
-def rebuild(name: str, width: int, options: dict, tensors: dict[str, Tensor], where: object = "") -> Intervention:
-    """The intervention `name` of a site of `width`, set to the saved `tensors` (state_for_saving's), in eval mode."""
-    module = build_intervention(name, width, **options)
-    try:
-        _LOADERS.get(name, _load_basis)(module, tensors)
-    except KeyError as e:
-        raise DasError(f"{where}: {layout.SUBSPACE} lacks the tensor {e} that intervention={name} saves") from None
-    return module.eval()
-
-
-def _load_basis(module, tensors: dict[str, Tensor]) -> None:
-    if hasattr(module, "set_basis") and "basis" in tensors:
-        module.set_basis(tensors["basis"])
-
-
-def _load_boundless(module, tensors: dict[str, Tensor]) -> None:
-    module.set_rotation(tensors["rotation"])
-    with torch.no_grad():
-        module.boundary.copy_(tensors["boundary"].reshape(1))
-
-
-def _load_dbm(module, tensors: dict[str, Tensor]) -> None:
-    with torch.no_grad():
-        module.logits.copy_(tensors["logits"])
-
-
-def _load_oblique(module, tensors: dict[str, Tensor]) -> None:
-    """read_basis is the saved Q; QR may flip its columns' signs (Q D), so the write offset is N D: P = (Q + N) Qᵀ."""
-    Q, A = tensors["read_basis"], tensors["write_basis"]
-    with torch.no_grad():
-        module.read_basis.copy_(Q)
-        signs = torch.sign((module._read() * Q).sum(0))
-        module.write_offset.copy_((A - Q) * signs)
-
-
-_LOADERS = {"boundless_das": _load_boundless, "dbm": _load_dbm, "oblique_das": _load_oblique, "vanilla": lambda m, t: None}
-
-
-# --- a given subspace (intervention=fixed) ---------------------------------------------------------
-
-DIRECTION_FILES = (".safetensors", ".pt", ".npy")
-ORTHONORMAL_TOLERANCE = 1e-4
-
-
-def load_directions(path: str | Path) -> Tensor:
-    """An n × k float32 basis with orthonormal columns from `path`: a file holding an n × k basis or a 0/1 mask
-    of length n (its neurons as unit columns), or a das-cli cell folder (its saved basis or mask)."""
-    key = f"intervention.path={path}"
-    path = Path(path).expanduser()
-    if path.is_dir():
-        tensor = _cell_directions(path, key)
-    elif not path.is_file():
-        raise DasError(f"{key}: no such file or folder")
-    elif path.suffix not in DIRECTION_FILES:
-        raise DasError(f"{key}: unknown file type '{path.suffix}'; valid: {', '.join(DIRECTION_FILES)} or a das-cli cell folder")
-    else:
-        tensor = _read_tensor(path, key)
-    tensor = tensor.detach().to("cpu", torch.float32)
-    if tensor.dim() == 1:
-        return _mask_columns(tensor, key)
-    if tensor.dim() != 2 or 0 in tensor.shape:
-        raise DasError(f"{key}: holds a tensor of shape {tuple(tensor.shape)}; give an n x k basis or a 0/1 mask of length n")
-    return _orthonormal(tensor, key)
-
-
-def _read_tensor(path: Path, key: str) -> Tensor:
-    try:
-        if path.suffix == ".npy":
-            import numpy as np
-
-            return torch.from_numpy(np.load(path, allow_pickle=False).astype("float32"))
-        if path.suffix == ".pt":
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            from safetensors.torch import load_file
-
-            loaded = load_file(str(path))
-    except Exception as e:  # numpy, pickle and safetensors each raise their own kinds
-        raise DasError(f"{key}: cannot read the file ({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
-    if torch.is_tensor(loaded):
-        return loaded
-    if isinstance(loaded, dict) and all(torch.is_tensor(v) for v in loaded.values()):
-        for name in ("basis", "mask"):  # a das-cli subspace file holds several tensors
-            if name in loaded:
-                return loaded[name]
-        if len(loaded) == 1:
-            return next(iter(loaded.values()))
-        raise DasError(f"{key}: holds several tensors ({', '.join(sorted(loaded))}); keep one, or name it 'basis' or 'mask'")
-    raise DasError(f"{key}: holds no tensor")
-
-
-def _cell_directions(path: Path, key: str) -> Tensor:
-    cell = load_cell(path)
-    name = cell.artefact["intervention"]["name"]
-    if name == "oblique_das":
-        raise DasError(f"{key}: an oblique_das cell reads and writes two subspaces; evaluate it with from_run= instead")
-    directions = cell.intervention.edit_directions().detach().cpu()
-    if directions.dim() == 1:  # coordinates (vanilla, dbm)
-        mask = torch.zeros(cell.width)
-        mask[directions] = 1.0
-        return mask
-    return directions
-
-
-def _mask_columns(mask: Tensor, key: str) -> Tensor:
-    if not bool(((mask == 0) | (mask == 1)).all()) or not bool(mask.any()):
-        raise DasError(f"{key}: a 1-D tensor must be a 0/1 mask with at least one 1 (got values other than 0 and 1, or none set)")
-    return torch.eye(len(mask))[:, mask.bool()]
-
-
-def _orthonormal(basis: Tensor, key: str) -> Tensor:
-    n, k = basis.shape
-    if k > n:
-        raise DasError(f"{key}: a basis of shape {n} x {k} has more columns than rows; give it as n x k (n = site width)")
-    if torch.allclose(basis.T @ basis, torch.eye(k), atol=ORTHONORMAL_TOLERANCE):
-        return basis
-    Q, R = torch.linalg.qr(basis)
-    if bool((R.diagonal().abs() < ORTHONORMAL_TOLERANCE * R.diagonal().abs().max()).any()):
-        raise DasError(f"{key}: the {k} columns are linearly dependent; give a basis of full rank")
-    from .config import ConfigWarning
-
-    warnings.warn(f"{key}: the {k} columns are not orthonormal; using the orthonormal basis of their span (QR)", ConfigWarning)
-    return Q
 
 
 # --- patching a model ------------------------------------------------------------------------------

@@ -15,24 +15,19 @@ in the last bits.
 
 from __future__ import annotations
 
-import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .data import Batch, answer_matrix, resolve_positions
 from .engines import FastEngine, cache_arguments, padding_inputs, prefix_cache, skip_blocks_before
-from .folder import Checkpoint
-from .interrupts import WholeSteps, stops_the_job
 from .interventions import Intervention
 from .models import LoadedModel
 from .readout import Readout
 from .sites import Site, gather, hooked, resolve_site, scatter
-from .train import Evaluation, EvaluationTally, Fit, TrainingState, batch_plan, evaluation_batches, optimiser, rng_state
+from .metrics import Evaluation, EvaluationTally, evaluation_batches
 
 
 def bundleable(engine) -> bool:
@@ -44,7 +39,7 @@ class BundleEngine:
     """One forward for the batches of several cells (their FastEngines over the same train pairs)."""
 
     def __init__(self, lm: LoadedModel, engines: list[FastEngine]):
-        self.lm, self.engines = lm, engines
+        self.lm, self.engines, self.groups = lm, engines, engines[0].groups
         self.first = min(e.site.layer for e in engines)
         self.width = engines[0].width
         if any(e.width != self.width for e in engines):
@@ -55,6 +50,10 @@ class BundleEngine:
         # through unchanged until its cell's layer: it enters as it is. From layer 0 on, rows are replaced as they enter.
         layers = {e.site.layer for e in engines if e.site.layer > self.first} if self.first == 0 else set()
         self.entries = {layer: resolve_site(lm, "block_input", layer) for layer in layers}
+
+    def keeping(self, cells: list[int]) -> "BundleEngine":
+        """The bundle of these cells (indices into its engines): what trains on when others leave."""
+        return BundleEngine(self.lm, [self.engines[i] for i in cells])
 
     def losses(self, batches_: list[Batch], interventions: list[Intervention]) -> Tensor:
         """[cells]: each cell's training loss (mean cross-entropy over its batch), from one forward where it can."""
@@ -205,104 +204,10 @@ def _replace_rows(hidden: Tensor, parts: dict[tuple[int, int], Tensor]) -> Tenso
     return torch.cat(pieces)
 
 
-@dataclass
-class Member:
-    """One cell of a bundle's training: its intervention, seed and checkpoint."""
-
-    intervention: Intervention
-    seed: int
-    checkpoint: Checkpoint | None = None
-
-
-def fit_bundle(
-    bundle: BundleEngine,
-    members: list[Member],
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    lr_end_factor: float,
-    progress: bool = True,
-) -> list[Fit | Exception]:
-    """`train.fit` for every cell of the bundle at once: per cell its own batches (from its seed), its own Adam
-    and schedule; one forward and one backward per step for all. A cell whose loss turns NaN leaves the
-    bundle with a FloatingPointError in its place; the others go on. A stop of the job checkpoints every
-    cell still training at the last whole step (a stop signal the job outlives: at the end of that step,
-    and training goes on)."""
-    sizes = [len(group) for group in bundle.engines[0].groups]
-    device = bundle.lm.device
-    per_epoch = [batch_plan(sizes, batch_size, epochs, member.seed, device) for member in members]
-    plans = [[batch for epoch in plan for batch in epoch] for plan in per_epoch]
-    epoch_starts = {sum(len(epoch) for epoch in per_epoch[0][:e]) for e in range(epochs)}
-    total = max(1, len(plans[0]))
-    states = []
-    for member in members:
-        member.intervention.train()
-        states.append(TrainingState(member.intervention, *optimiser(member.intervention, lr, lr_end_factor, total), device))
-    results: list[Fit | Exception | None] = [None] * len(members)
-    live = list(range(len(members)))
-    engine = bundle
-    step = 0
-    bar = tqdm(total=total, desc=f"steps ({len(members)} cells)", leave=False, disable=not progress, mininterval=1.0)
-    try:
-        with WholeSteps() as whole, bar:
-            while step < len(plans[0]) and live:
-                if step in epoch_starts:
-                    for i in live:
-                        states[i].losses, states[i].penalties = [], []
-                for i in live:
-                    members[i].intervention.set_progress(step / total)
-                cross = engine.losses([plans[i][step] for i in live], [members[i].intervention for i in live])
-                penalties = [members[i].intervention.extra_loss() for i in live]
-                finite = [k for k, value in enumerate(cross.detach().tolist()) if math.isfinite(value)]
-                for k, i in enumerate(live):
-                    if k not in finite:
-                        results[i] = FloatingPointError("training loss became NaN")
-                        members[i].intervention.eval()
-                for i in live:
-                    states[i].optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    sum(cross[k] + penalties[k] for k in finite).backward()
-                with whole.update():
-                    for k in finite:
-                        i = live[k]
-                        states[i].optimizer.step()
-                        states[i].schedule.step()
-                        states[i].losses.append(cross[k].detach())
-                        states[i].penalties.append(penalties[k].detach())
-                    left = len(finite) < len(live)
-                    live = [live[k] for k in finite]
-                    step += 1
-                    for i in live:
-                        states[i].rng = rng_state(device)
-                if whole.warned():
-                    save_checkpoints(members, states, live, step, len(plans[0]))
-                if left and live:  # the bundle without the cells that left it
-                    engine = BundleEngine(bundle.lm, [bundle.engines[i] for i in live])
-                bar.update()
-    except BaseException as stop:
-        if stops_the_job(stop):
-            save_checkpoints(members, states, live, step, len(plans[0]))
-        raise
-    for i in live:
-        members[i].intervention.set_progress(1.0)
-        members[i].intervention.eval()
-        results[i] = states[i].fit(step)
-        if members[i].checkpoint is not None:
-            members[i].checkpoint.hold(states[i].saved, step, len(plans[0]))
-    return results  # type: ignore[return-value]
-
-
-def save_checkpoints(members: list[Member], states: list[TrainingState], live: list[int], step: int, total: int) -> None:
-    """The training state at `step` of every cell still in the bundle that has a checkpoint."""
-    for i in live:
-        if members[i].checkpoint is not None:
-            members[i].checkpoint.save(states[i].saved(), step, total)
-
-
 @torch.no_grad()
 def evaluate_bundle(engines: list[FastEngine], interventions: list[Intervention], batch_size: int,
                     base_labels: list[Tensor] | None = None, base_correct: list[Tensor] | None = None) -> list[Evaluation]:
-    """`train.evaluate_kinds` for several cells over the same pairs: every batch of the evaluation is one
+    """`metrics.evaluate_kinds` for several cells over the same pairs: every batch of the evaluation is one
     forward for as many cells as keep it within EVAL_ROWS rows (each cell's own batch, as alone)."""
     lm = engines[0].lm
     device = "cuda" if lm.device.type == "cuda" else "cpu"
@@ -322,7 +227,7 @@ def evaluate_bundle(engines: list[FastEngine], interventions: list[Intervention]
 EVAL_ROWS = {"cpu": 1024, "cuda": 16384}
 
 # `train.cells_per_step=auto`: enough cells that a step feeds about this many token rows, where a bigger
-# step stops paying on the device (measured with benchmarks/bench_engines.py; README: Speed) ...
+# step stops paying on the device (measured with benchmarks/bench_engines.py; docs/internals.md; figures in benchmarks/README.md) ...
 AUTO_ROWS = {"cpu": 256, "cuda": 4096}
 # ... and no more than keeps the step's activations (kept for the backward pass) within this budget.
 AUTO_ACTIVATION_BYTES = {"cpu": 2 << 30, "cuda": 16 << 30}

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_t
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import DasError
+from .errors import ConfigWarning, DasError
 from .examples import FILTERS, KINDS
 from .ioi import VARIABLES
 from .names import ENGINES, HEAD_STREAMS, STREAMS
@@ -26,10 +26,6 @@ from .names import ENGINES, HEAD_STREAMS, STREAMS
 ILLUSION_STREAMS = ("mlp_activation", "attention_value_output", "head_attention_value_output")
 CONFIG_GROUPS = ("model", "dataset", "intervention")
 HEAD_MODES = ("each", "leave_one_out", "cumulative")
-
-
-class ConfigWarning(UserWarning):
-    """A config that runs, but not quite as written (e.g. a repeated grid entry); the CLI prints it on one line."""
 
 
 # ---- the schema: one dataclass per group option set ----
@@ -69,85 +65,15 @@ class FileDataset:
 DATASETS: dict[str, type] = {"ioi": IoiDataset, "file": FileDataset}
 
 
-@dataclass
-class DimOptions:
-    """Interventions whose only option is the subspace's dimension."""
+def group_schemas(group: str) -> dict[str | None, type]:
+    """The schema of each choice of a config group (None: one schema for every choice). An intervention's is its
+    method's `Options` (interventions/<name>.py), so that package (and torch) is imported only when one is asked for."""
+    if group == "intervention":
+        from .interventions import REGISTRY
 
-    name: str = MISSING
-    dim: int = MISSING
+        return {name: cls.Options for name, cls in REGISTRY.items()}
+    return {"model": {None: ModelSchema}, "dataset": DATASETS}.get(group, {})
 
-
-@dataclass
-class DasOptions(DimOptions):
-    orthogonal_map: Optional[str] = None
-    full_rotation: bool = MISSING
-
-
-@dataclass
-class ProbeOptions(DimOptions):
-    probe_l2: float = MISSING
-
-
-@dataclass
-class ObliqueDasOptions(DimOptions):
-    max_gain: float = MISSING
-
-
-@dataclass
-class BoundlessDasOptions:
-    name: str = MISSING
-    init_boundary: float = MISSING
-    temperature_start: float = MISSING
-    temperature_end: float = MISSING
-    boundary_lr: float = MISSING
-    boundary_loss_weight: float = MISSING
-
-
-@dataclass
-class DbmOptions:
-    name: str = MISSING
-    temperature_start: float = MISSING
-    temperature_end: float = MISSING
-    l1_weight: float = MISSING
-
-
-@dataclass
-class SparseBasisOptions(DbmOptions):
-    side: str = MISSING
-    n_prompts: int = MISSING
-    steps: int = MISSING
-    lr: float = MISSING
-    restarts: int = MISSING
-
-
-@dataclass
-class VanillaOptions:
-    name: str = MISSING
-    neurons: Optional[List[int]] = None
-
-
-@dataclass
-class FixedOptions:
-    name: str = MISSING
-    path: Optional[str] = None  # a basis / mask file or a das-cli cell folder; required
-
-
-# The fields besides `name` are the keyword arguments of interventions.build_intervention (a test keeps them in step).
-INTERVENTIONS: dict[str, type] = {
-    "vanilla": VanillaOptions,
-    "das": DasOptions,
-    "boundless_das": BoundlessDasOptions,
-    "mean_diff": DimOptions,
-    "pca": DimOptions,
-    "probe": ProbeOptions,
-    "random": DimOptions,
-    "dbm": DbmOptions,
-    "oblique_das": ObliqueDasOptions,
-    "fixed": FixedOptions,
-    "sparse_basis": SparseBasisOptions,
-}
-GROUP_SCHEMAS: dict[str, dict[str | None, type]] = {"model": {None: ModelSchema}, "dataset": DATASETS,
-                                                     "intervention": INTERVENTIONS}
 
 
 @dataclass
@@ -186,7 +112,7 @@ class SweepConfig:
 
 @dataclass
 class RunSchema:
-    """Every top-level key. Groups (Any here) are typed by GROUP_SCHEMAS; grid keys (Any) are checked by `validate`."""
+    """Every top-level key. Groups (Any here) are typed by group_schemas; grid keys (Any) are checked by `validate`."""
 
     model: Any = MISSING
     dataset: Any = MISSING
@@ -282,8 +208,10 @@ def _checked_key(override: str, composed: DictConfig) -> str:
 
 def _schema_at(cfg: DictConfig, where: str) -> type | None:
     """The schema of a group node (model, dataset, intervention), chosen by its name."""
-    schemas = GROUP_SCHEMAS.get(where)
-    return None if schemas is None else schemas.get(None) or schemas.get(cfg[where].get("name"))
+    if where not in CONFIG_GROUPS:
+        return None
+    schemas = group_schemas(where)
+    return schemas.get(None) or schemas.get(cfg[where].get("name"))
 
 
 def _group_label(cfg: DictConfig, where: str) -> str:
@@ -318,7 +246,7 @@ def typed(cfg: DictConfig) -> DictConfig:
 def _typed_group(group: str, value: Any) -> DictConfig:
     if not isinstance(value, dict):
         raise DasError(f"{group}={_show(value)}: choose a {group}; valid choices: {', '.join(group_choices(group))}")
-    schemas = GROUP_SCHEMAS[group]
+    schemas = group_schemas(group)
     schema = schemas.get(None) or schemas.get(value.get("name"))
     if schema is None:
         raise DasError(f"{group}={value.get('name')}: valid choices: {', '.join(schemas)}")
@@ -476,18 +404,12 @@ def _intervention_errors(options: DictConfig) -> list[str]:
 
 def _constructor_errors(options: DictConfig) -> list[str]:
     """Build the intervention once on a site just wide enough, so its own checks run before the model loads."""
-    from .interventions import build_intervention  # torch: only when a run is checked, never for --help
+    from .interventions import build_intervention, method  # torch: only when a run is checked, never for --help
 
     values = {k: v for k, v in OmegaConf.to_container(options).items() if k != "name"}
     width = max([1, values.get("dim") or 1, *[n + 1 for n in values.get("neurons") or []]])
-    if options.name == "fixed" and values.get("path"):  # the file decides the width
-        from .artefacts import load_directions
-
-        try:
-            width = load_directions(values["path"]).shape[0]
-        except DasError as e:
-            return [str(e)]
     try:
+        width = method(options.name).fixed_width(values) or width  # a given subspace decides the width
         build_intervention(options.name, width, **values)
     except DasError as e:
         return [str(e)]
@@ -658,5 +580,5 @@ def fingerprint(cfg: DictConfig) -> dict:
     """The config parts that change a cell's numbers; a resumed folder must match them."""
     keep = ("model", "dataset", "intervention", "train", "seed", "dtype", "analysis")
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keep}
-    parts["train"].pop("cells_per_step", None)  # a bundle changes a cell's numbers in the last bits only (README: Speed)
+    parts["train"].pop("cells_per_step", None)  # a bundle changes a cell's numbers in the last bits only (docs/internals.md: Bundles)
     return parts

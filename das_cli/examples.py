@@ -23,7 +23,7 @@ class Example:
     them. When not given they default to the base label and the label of a cause pair.
 
     `counterfactual` names the pair's counterfactual type (free text, "" when not given): IIA is
-    then the mean over types (train.Evaluation). `source_label` is the source prompt's own answer
+    then the mean over types (metrics.Evaluation). `source_label` is the source prompt's own answer
     (None: unknown); `dataset.filter=both` keeps pairs whose source the model answers right.
     """
 

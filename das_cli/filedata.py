@@ -1,7 +1,7 @@
 """File-backed datasets (`dataset=file dataset.path=...`): one (base, source) pair per row.
 
 A JSONL (or `.json`: JSON lines or one array of objects), CSV or Parquet file holds the prompts, the counterfactual label and named positions
-(README "File datasets" has the column table). Files are written by hand or by other tools, so
+(docs/data.md, "File datasets", has the column table). Files are written by hand or by other tools, so
 every problem is reported on one line naming the file and the line (or Parquet row) it is on:
 "label merges with its prompt" alone is useless in a file of a thousand rows.
 

@@ -26,7 +26,7 @@ import os
 import re
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -310,6 +310,17 @@ def is_error(value: object) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and str(value) != ""
 
 
+def cells_on_disk(folder: Path) -> set[tuple[str, int]]:
+    """Every cell's metrics.json in the folder, with its modification time."""
+    out = set()
+    for path in Path(folder).glob(f"{CELLS}/*/{METRICS}"):
+        try:
+            out.add((path.parent.name, path.stat().st_mtime_ns))
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def count_finished(folder: Path) -> int:
     """Cells under folder/cells/ finished without error (not checked against a configuration)."""
     stored = (read_cell(folder, cell_id, verify=False) for cell_id in cell_ids(folder))
@@ -375,6 +386,23 @@ class CellStore:
 
     def lock(self, cell) -> "CellLock":
         return CellLock(cell_dir(self.folder, cell.id) / LOCK)
+
+    def claim(self, cell, locks: ExitStack) -> tuple[bool, dict | None]:
+        """Take the cell's lock for as long as `locks` is open. (True, None): this process runs the cell;
+        (False, its row): it is finished (another process may have finished it since we looked);
+        (False, None): another live process holds it (that one trains it)."""
+        lock = self.lock(cell)
+        if not locks.enter_context(lock.held()):
+            log.warning("cell %s is being trained by %s; skipped here", cell.id, lock.holder())
+            return False, None
+        done = self.finished(cell)
+        return done is None, done
+
+    def locked(self, cell, work: Callable) -> dict | None:
+        """`work(cell)` under the cell's lock; its finished row when it is done, None when another process holds it."""
+        with ExitStack() as locks:
+            mine, done = self.claim(cell, locks)
+            return work(cell) if mine else done
 
     def checkpoint(self, cell) -> "Checkpoint":
         checkpoint = Checkpoint(checkpoint_file(self.folder, cell.id), cell.id, self.fingerprint(cell))

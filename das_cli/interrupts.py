@@ -13,6 +13,9 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from .folder import Checkpoint, count_finished
 
 log = logging.getLogger(__name__)
 
@@ -120,3 +123,28 @@ class WholeSteps:
         log.warning("%s: the job goes on, and the cells in training are checkpointed in case a kill follows",
                     signal.Signals(signum).name)
         self._warned = True
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the cells: finished cells are kept, the cell in flight is checkpointed;
+    the message says how to resume; `status` is the exit status (130, or 143 for SIGTERM)."""
+
+    def __init__(self, message: str, status: int = 130) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def interrupted(stop: KeyboardInterrupt, folder: Path, in_flight: list[Checkpoint]) -> Interrupted:
+    """The one line Ctrl-C or SIGTERM ends with: what is kept, which cells are checkpointed, how to resume."""
+    saved = [c for c in in_flight if c.saved]
+    steps = {c.saved for c in saved}
+    if len(saved) == 1:
+        checkpointed = f"cell {saved[0].cell_id} checkpointed at step {saved[0].saved[0]}/{saved[0].saved[1]}; "
+    elif len(steps) == 1:  # a bundle stops all its cells at one step
+        (step, total), = steps
+        checkpointed = f"cells {', '.join(c.cell_id for c in saved)} checkpointed at step {step}/{total}; "
+    else:
+        checkpointed = "cells " + ", ".join(f"{c.cell_id} at step {c.saved[0]}/{c.saved[1]}" for c in saved) + " checkpointed; "
+    return Interrupted(f"{str(stop) or 'interrupted'}; {count_finished(folder)} finished cells are kept in {folder}; "
+                       f"{checkpointed if saved else ''}to resume, run the same command with hydra.run.dir={folder}",
+                       getattr(stop, "status", 130))

@@ -78,6 +78,19 @@ class Report:
         return "\n".join(lines)
 
 
+def aggregate_settled(folder: Path, plots: bool) -> Report:
+    """`aggregate` of one run folder's own cells, built again while another process on the folder writes cells
+    (at most three times more), so that the tables hold every cell on disk when the run ends."""
+    seen = layout.cells_on_disk(folder)
+    report = aggregate(folder, plots=plots, nested=False)
+    for _ in range(3):
+        now = layout.cells_on_disk(folder)
+        if now == seen:
+            break
+        seen, report = now, aggregate(folder, plots=plots, nested=False)
+    return report
+
+
 def aggregate(folder: str | Path, plots: bool = True, nested: bool = True) -> Report:
     """Merge every cell under `folder` (only folder/cells/ without `nested`) into folder/iia.csv
     (+ pivots, heatmaps); see the module doc."""

@@ -65,7 +65,7 @@ def cells(cfg: DictConfig, lm, narrowed: list[str]) -> dict[Cell, LoadedCell]:
         seed = int(loaded.row.get("seed", cfg.seed))
         cell = Cell(loaded.stream, loaded.layer, loaded.positions, loaded.heads, None if seed == int(cfg.seed) else seed)
         if all(wanted[k](cell) for k in narrowed):
-            found[cell] = _frozen(loaded)
+            found[cell] = loaded  # load_cell froze its intervention: neither trained nor re-estimated
     found = dict(sorted(found.items(), key=lambda item: _order(item[0])))
     if not found:
         given = " ".join(f"{k}={OmegaConf.to_container(cfg)[k]}" for k in narrowed)
@@ -89,13 +89,6 @@ def check_widths(found: dict[Cell, LoadedCell], sites: dict) -> None:
 def _order(cell: Cell) -> tuple:
     """Cells of one site next to each other (the sweep reads a site's sources once for all its cells)."""
     return (cell.stream, cell.layer, cell.heads or (), cell.position_label, cell.replicate or 0)
-
-
-def _frozen(loaded: LoadedCell) -> LoadedCell:
-    """Neither trained nor re-estimated from this run's activations."""
-    loaded.intervention.trainable = False
-    loaded.intervention.needs_activations = False
-    return loaded
 
 
 def provenance(cfg: DictConfig) -> dict:

@@ -1,3 +1,4 @@
+import functools
 import os
 import shutil
 import signal
@@ -62,6 +63,34 @@ def ignored_sigterm():
     seen = []
     with handled_by(signal.SIGTERM, lambda signum, frame: seen.append(signum)):
         yield seen
+
+
+def fitted_intervention(name: str, n: int, options: dict):
+    """The method `name` on a site of width n, estimated where it is (random activations of two classes, or
+    random Jacobians), its trained parameters moved off their start; in eval mode."""
+    from das_cli.interventions import SiteActivations, build_intervention
+
+    module = build_intervention(name, n, **options)
+    if module.needs_activations:
+        module.fit_activations(SiteActivations(torch.randn(40, n), torch.arange(40) % 2, ["a", "b"]))
+    if module.needs_model:  # sparse_basis: its rotation from random Jacobians
+        module.fit_jacobians({"output": torch.randn(4, n, 5)})
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p))
+    return module.eval()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _embedded_tokenizer_read_once():
+    """Every tiny random model uses the embedded tokenizer; the in-process runs of a session read its files
+    once (0.3 s a read) instead of once per run."""
+    from das_cli import models
+
+    real = models.embedded_tokenizer
+    models.embedded_tokenizer = functools.cache(real)
+    yield
+    models.embedded_tokenizer = real
 
 
 @pytest.fixture(autouse=True)

@@ -77,6 +77,7 @@ def test_downstream_weight_is_out_by_in(model, hidden, intermediate, one_thread)
     assert torch.allclose(mlp_out, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_illusion_columns_end_to_end(tmp_path):
     out = tmp_path / "run"
     args = ["model=tiny_llama", "stream=[mlp_activation,block_output]", "layers=[1]", "analysis.illusion=true"]
@@ -88,12 +89,14 @@ def test_illusion_columns_end_to_end(tmp_path):
     assert (out / "pivot_mlp_activation_iia_null.csv").exists() and ", iia_row 0." in result.stdout
 
 
+@pytest.mark.slow
 def test_illusion_without_a_fitting_stream_is_a_one_line_error(tmp_path):
     result = run_cli(["model=tiny_llama", "analysis.illusion=true", f"hydra.run.dir={tmp_path}"] + TINY)
     assert result.returncode == 2
     assert "analysis.illusion=true: applies to the streams mlp_activation" in result.stderr
 
 
+@pytest.mark.slow
 def test_illusion_is_nan_for_oblique_das(tmp_path):
     """The split patches orthogonal swaps of parts of one subspace; oblique_das reads along B and writes
     along A, so no such part is the map that was scored: both parts are NaN, IIA is still measured."""
@@ -110,7 +113,7 @@ def test_a_bundles_illusion_parts_are_evaluated_together_as_each_alone(tmp_path,
     """With cells trained in one bundle, every cell's rowspace and nullspace patches are evaluated in one
     bundled evaluation, and give the IIA each cell gets trained and evaluated alone."""
     import das_cli
-    import das_cli.sweep as sweep_module
+    import das_cli.cell as sweep_module
 
     sizes = []
     real = sweep_module.evaluate_bundle

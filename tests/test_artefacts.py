@@ -57,6 +57,7 @@ def test_metrics_and_safetensors_record_the_artefact(tmp_path):
     assert "artefact" not in das_cli.run(cfg, tmp_path).columns  # a record, not a table column
 
 
+@pytest.mark.slow  # every method's round trip is in the quick loop's test_registry.py; these are the variants
 @pytest.mark.parametrize("overrides", SAVED_TYPES, ids=lambda o: "-".join(x.split("=")[-1] for x in o))
 def test_load_cell_rebuilds_the_saved_intervention(tmp_path, overrides):
     _, path = train_cell(tmp_path, overrides)
@@ -68,7 +69,7 @@ def test_load_cell_rebuilds_the_saved_intervention(tmp_path, overrides):
         saved = load_file(path / layout.SUBSPACE)
     assert not cell.intervention.training
     assert cell.intervention.learned_dim() == cell.row["dim"]
-    for name, tensor in cell.intervention.state_for_saving().items():
+    for name, tensor in cell.intervention.saved().items():
         if name == "read_basis":  # QR may flip column signs; the map P = A Qᵀ is what must be the same
             continue
         torch.testing.assert_close(tensor, saved[name], atol=1e-5, rtol=1e-5)

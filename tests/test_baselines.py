@@ -170,7 +170,7 @@ def test_mean_diff_intervention_ignores_unknown_rows_and_absent_names():
     outliers = 50.0 * torch.randn(20, N)  # would dominate the means if the unknown rows were used
     module = MeanDiffIntervention(N)
     module.fit_activations(acts(torch.cat([values, outliers]), torch.cat([classes, torch.full((20,), -1)])))
-    basis = module.state_for_saving()["basis"]
+    basis = module.saved()["basis"]
     assert basis.shape == (N, 1) and cos(basis, u) > 0.99
 
 
@@ -180,7 +180,7 @@ def test_estimated_interventions_patch_their_subspace():
     module = build_intervention("mean_diff", N)
     module.fit_activations(acts(values, labels))
     b, s = torch.randn(4, N), torch.randn(4, N)
-    W = module.state_for_saving()["basis"]
+    W = module.saved()["basis"]
     with torch.no_grad():
         torch.testing.assert_close(module(b, s), project_swap(b, s, W), rtol=0, atol=1e-6)
     assert module.learned_dim() == 1 and not module.trainable and module.param_groups(0.1) == []
@@ -212,7 +212,7 @@ def test_dim_above_classes_minus_one_is_an_error(name):
         module.fit_activations(acts(torch.randn(10, N), torch.arange(10) % 2))
     module.fit_activations(acts(torch.randn(12, N), torch.arange(12) % 3))  # three values: two directions
     assert module.learned_dim() == 2
-    assert_orthonormal(module.state_for_saving()["basis"])
+    assert_orthonormal(module.saved()["basis"])
 
 
 def test_pca_dim_above_rows_minus_one_is_an_error():
@@ -220,7 +220,7 @@ def test_pca_dim_above_rows_minus_one_is_an_error():
         PCAIntervention(N, dim=3).fit_activations(acts(torch.randn(3, N), torch.full((3,), -1)))
     module = PCAIntervention(N, dim=2)
     module.fit_activations(acts(torch.randn(3, N), torch.full((3,), -1)))  # unknown classes are fine for PCA
-    assert_orthonormal(module.state_for_saving()["basis"])
+    assert_orthonormal(module.saved()["basis"])
 
 
 def test_probe_fits_under_no_grad():
@@ -229,7 +229,7 @@ def test_probe_fits_under_no_grad():
     module = ProbeIntervention(N, probe_l2=1e-2)
     with torch.no_grad():  # as a caller that evaluates may do
         module.fit_activations(acts(values, labels))
-    assert cos(module.state_for_saving()["basis"], u) > 0.95
+    assert cos(module.saved()["basis"], u) > 0.95
 
 
 def test_random_intervention_needs_no_activations_and_follows_the_seed():
@@ -238,8 +238,8 @@ def test_random_intervention_needs_no_activations_and_follows_the_seed():
     torch.manual_seed(3)
     b = RandomIntervention(N, dim=2)
     assert not a.needs_activations and not a.trainable
-    assert torch.equal(a.state_for_saving()["basis"], b.state_for_saving()["basis"])
-    assert_orthonormal(a.state_for_saving()["basis"])
+    assert torch.equal(a.saved()["basis"], b.saved()["basis"])
+    assert_orthonormal(a.saved()["basis"])
     with torch.no_grad():
         a(torch.randn(2, N), torch.randn(2, N))
 
@@ -253,7 +253,7 @@ def test_cpu_activations_fit_a_module_on_the_gpu(name):
     b, s = torch.randn(2, N, device="cuda"), torch.randn(2, N, device="cuda")
     with torch.no_grad():
         assert module(b, s).device.type == "cuda"
-    assert module.state_for_saving()["basis"].device.type == "cpu"
+    assert module.saved()["basis"].device.type == "cpu"
 
 
 # --- identities every new intervention satisfies ------------------------------------------
@@ -289,8 +289,8 @@ def test_dtype_and_leading_dimensions(name):
 
 
 @pytest.mark.parametrize("name", NEW)
-def test_state_for_saving_is_float32_cpu_and_bases_are_orthonormal(name):
-    state = scrambled(fitted(name)).state_for_saving()
+def test_saved_is_float32_cpu_and_bases_are_orthonormal(name):
+    state = scrambled(fitted(name)).saved()
     assert all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in state.values())
     assert all(not t.requires_grad for t in state.values())
     if "basis" in state:
@@ -317,7 +317,7 @@ def test_full_rotation_keeps_w_orthonormal_and_trains(orthogonal_map):
     W = das.W.detach()
     assert W.shape == (N, 2) and not torch.allclose(W, before)
     assert_orthonormal(W)
-    assert das.state_for_saving()["basis"].shape == (N, 2)
+    assert das.saved()["basis"].shape == (N, 2)
 
 
 @pytest.mark.parametrize("orthogonal_map", ["householder", "matrix_exp", "cayley"])
@@ -395,9 +395,9 @@ def test_oblique_hand_example_4d_span_e2_e3():
         torch.testing.assert_close(module(b, s), torch.tensor([[1.0, 6.0, 7.0, 4.0]]), rtol=0, atol=1e-5)
 
 
-def test_oblique_state_for_saving_and_gradients():
+def test_oblique_saved_and_gradients():
     module = oblique(N, 2)
-    state = module.state_for_saving()
+    state = module.saved()
     assert set(state) == {"read_basis", "write_basis", "basis"}
     torch.testing.assert_close(state["write_basis"], module.write_basis.detach())
     Q = state["basis"]
@@ -516,7 +516,7 @@ def test_dbm_soft_mask_in_train_mode_hard_mask_in_eval_mode():
         dbm.train()
         torch.testing.assert_close(dbm(b, s)[0], soft, rtol=0, atol=1e-6)
     assert dbm.learned_dim() == 2
-    state = dbm.state_for_saving()
+    state = dbm.saved()
     assert set(state) == {"mask", "logits"}
     assert torch.equal(state["mask"], torch.tensor([0.0, 0.0, 1.0, 1.0]))
     torch.testing.assert_close(state["logits"], torch.tensor([-1.0, 0.0, 0.5, 3.0]))
@@ -565,7 +565,7 @@ def test_dbm_learns_the_neurons_a_readout_uses():
         optimizer.step()
     dbm.set_progress(1.0)
     dbm.eval()
-    assert torch.nonzero(dbm.state_for_saving()["mask"]).flatten().tolist() == [2, 5]
+    assert torch.nonzero(dbm.saved()["mask"]).flatten().tolist() == [2, 5]
     assert dbm.learned_dim() == 2
     with torch.no_grad():
         assert ((dbm(b, s) @ readout).argmax(-1) == labels).all()
@@ -617,6 +617,7 @@ def test_every_shipped_intervention_config_builds(path, tmp_path):
     assert isinstance(build_intervention(name, N, **options), INTERVENTIONS[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["probe", "dbm", "oblique_das"])
 def test_cli_runs_each_new_intervention(name, tmp_path):
     from conftest import TINY, run_cli

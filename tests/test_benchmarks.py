@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses, a wheel, the embedded model
 
 BENCH = ROOT / "benchmarks" / "bench_engines.py"
 TINY = ["model=tiny_gpt2", "dataset.n_train=24", "dataset.n_test=12", "train.batch_size=8"]
@@ -29,7 +32,7 @@ def das_cli_pairs(overrides):
     import das_cli
     from das_cli import config as C
     from das_cli.models import load_model
-    from das_cli.sweep import build_pairs
+    from das_cli.datasets import build_pairs
 
     cfg = C.typed(das_cli.compose(overrides))
     return build_pairs(cfg, load_model(cfg.model, "cpu", "float32"))

@@ -13,13 +13,15 @@ from test_engines import G, base_prefixes, hand_groups, random_pairs  # noqa: F4
 from test_engines import lm  # noqa: F401  (the tiny models, module-scoped)
 
 from das_cli import bundles
-from das_cli.bundles import BundleEngine, Member, evaluate_bundle, fed_tokens, fit_bundle
+from das_cli.bundles import BundleEngine, evaluate_bundle, fed_tokens
+from das_cli.train import Member, fit_cells as fit_bundle
 from das_cli.data import batches
 from das_cli.activations import base_run
 from das_cli.engines import FastEngine
 from das_cli.interventions import build_intervention
 from das_cli.sites import resolve_site
-from das_cli.train import evaluate_kinds, fit
+from das_cli.metrics import evaluate_kinds
+from das_cli.train import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,6 +154,9 @@ class Recorder:
     def __init__(self):
         self.saved = None
 
+    def load(self, total):  # nothing to resume from
+        return None
+
     def save(self, state, step, total):
         self.saved = (state, step, total)
 
@@ -244,6 +249,7 @@ def one_at_a_time(tmp_path_factory):
     return table(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["4", "auto"])
 def test_bundled_sweep_matches_one_cell_at_a_time(one_at_a_time, tmp_path, size):
     result = run_cli(GRID + TINY + ["train.epochs=3", f"train.cells_per_step={size}", f"hydra.run.dir={tmp_path}"])
@@ -260,6 +266,7 @@ def test_bundled_sweep_matches_one_cell_at_a_time(one_at_a_time, tmp_path, size)
     pd.testing.assert_frame_equal(table(again)[NUMBERS], bundled[NUMBERS], check_exact=True)  # the same command: the same table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["0", "-2", "many", "1.5", "true"])
 def test_bad_cells_per_step_is_one_line(value, tmp_path):
     result = run_cli(["model=tiny_gpt2", "layers=[0]", f"train.cells_per_step={value}", f"hydra.run.dir={tmp_path}"] + TINY)

@@ -93,6 +93,7 @@ def stop_during_training(args: list[str], sig: int, after_steps: int = 3) -> tup
     return proc.returncode, "".join(stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,status,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")],
                          ids=["sigterm", "ctrl-c"])
 def test_a_cell_stopped_mid_training_resumes_to_the_same_numbers(sig, status, word, uninterrupted, tmp_path):
@@ -115,6 +116,7 @@ def test_a_cell_stopped_mid_training_resumes_to_the_same_numbers(sig, status, wo
     assert_same_cell(out, uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_ignored_and_the_cell_trains_from_the_start(uninterrupted, tmp_path):
     out = tmp_path / "run"
     args = LONG + [f"hydra.run.dir={out}"]
@@ -184,12 +186,12 @@ def assert_rerun_resumes(cfg, folder, reference, step: str, caplog) -> None:
 
 def stopped_in_evaluation(monkeypatch):
     """Ctrl-C during the first evaluation of trained cells (a lone cell's, or its bundle's)."""
-    from das_cli.sweep import Sweep
+    from das_cli import cell
 
-    def interrupted(self, ready):
+    def interrupted(run, ready):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Sweep, "evaluations", interrupted)
+    monkeypatch.setattr(cell, "evaluations", interrupted)
 
 
 def test_a_stop_after_training_checkpoints_the_cell_at_its_last_step(tmp_path, monkeypatch, one_thread, caplog):
@@ -351,7 +353,7 @@ def test_torch_random_state_is_saved_and_restored():
 
 def test_the_stop_line_names_every_checkpointed_cell_of_a_bundle(tmp_path):
     from das_cli.folder import Checkpoint
-    from das_cli.sweep import _interrupted
+    from das_cli.interrupts import interrupted as _interrupted
 
     def checkpoint(cell_id, saved):
         made = Checkpoint(tmp_path / cell_id, cell_id, {})

@@ -17,6 +17,7 @@ def sweep(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_table_has_one_row_per_cell(sweep):
     out, result = sweep
     table = pd.read_csv(out / "iia.csv")
@@ -35,6 +36,7 @@ def test_table_has_one_row_per_cell(sweep):
     assert "(chosen on validation IIA" in result.stdout
 
 
+@pytest.mark.slow
 def test_output_contract_files(sweep):
     out, _ = sweep
     for stream in ("block_output", "mlp_output"):
@@ -49,6 +51,7 @@ def test_output_contract_files(sweep):
     assert (out / ".hydra" / "config.yaml").exists() and (out / "run.json").exists()
 
 
+@pytest.mark.slow
 def test_rerun_resumes_without_retraining(sweep):
     out, _ = sweep
     before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/metrics.json")}
@@ -59,6 +62,7 @@ def test_rerun_resumes_without_retraining(sweep):
     pd.testing.assert_frame_equal(pd.read_csv(out / "iia.csv"), table)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_config(sweep):
     out, _ = sweep
     result = run_cli(GRID + TINY + [f"hydra.run.dir={out}", "train.lr=0.5"])
@@ -66,6 +70,7 @@ def test_resume_refuses_a_changed_config(sweep):
     assert "changed: train" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_fixed_seed_gives_identical_tables(sweep, tmp_path):
     out, _ = sweep
     result = run_cli(GRID + TINY + [f"hydra.run.dir={tmp_path}"])
@@ -74,6 +79,7 @@ def test_fixed_seed_gives_identical_tables(sweep, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "iia.csv")[columns], pd.read_csv(out / "iia.csv")[columns])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("intervention", ["vanilla", "boundless_das", "das intervention.orthogonal_map=cayley"])
 def test_other_interventions_run_on_tiny_llama(intervention, tmp_path):
     name, *options = intervention.split()
@@ -110,6 +116,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,key,choice", BAD, ids=[b[1] for b in BAD])
 def test_bad_input_is_one_line(args, key, choice, tmp_path):
     result = run_cli(["model=tiny_gpt2", "layers=[0]"] + args + TINY + [f"hydra.run.dir={tmp_path}"])
@@ -120,6 +127,7 @@ def test_bad_input_is_one_line(args, key, choice, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cuda_request_without_cuda(tmp_path):
     import torch
 
@@ -130,6 +138,7 @@ def test_cuda_request_without_cuda(tmp_path):
     assert "device=cuda" in result.stderr and "cpu" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_multirun_key_typo_is_one_line(tmp_path):
     result = run_cli(["-m", "model=tiny_gpt2", "train.epoch=1,2", f"hydra.sweep.dir={tmp_path}"])
     assert result.returncode == 2
@@ -138,6 +147,7 @@ def test_multirun_key_typo_is_one_line(tmp_path):
         "did you mean train.epochs?"]
 
 
+@pytest.mark.slow
 def test_repeated_grid_entries_run_each_cell_once(tmp_path):
     args = ["model=tiny_gpt2", "layers=[0,0,-4]", "positions=[last,last]", "stream=[block_output,block_output]",
             "output.plots=false", "output.save_subspaces=false"]
@@ -150,6 +160,7 @@ def test_repeated_grid_entries_run_each_cell_once(tmp_path):
     assert len(table) == 1 and table["seed"].tolist() == [0]
 
 
+@pytest.mark.slow
 def test_model_path_with_the_default_model_is_loaded(tmp_path):
     """README's `das-cli model.name_or_path=...` reaches the loader (no Hydra '+' hint) even with the embedded preset."""
     missing = tmp_path / "no_checkpoint_here"

@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 from conftest import TINY, das_cli_command, run_cli
 
+pytestmark = pytest.mark.slow  # end to end: subprocesses, a wheel, the embedded model
+
 GRID = ["model=tiny_gpt2", "layers=[0,1,2]", "positions=[s2,last]"]  # 3 sites x 2 positions
 SETTINGS = [a for a in TINY if not a.startswith("train.epochs=")] + ["train.epochs=4"]
 CELLS = {f"block_output__L{layer:02d}__P{p}" for layer in range(3) for p in ("s2", "last")}

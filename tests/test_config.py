@@ -25,6 +25,7 @@ def test_every_shipped_config_composes(group, tmp_path):
         assert cfg[group].name == choice or (group == "dataset" and cfg.dataset.name == "file")  # file-backed presets
 
 
+@pytest.mark.slow
 def test_default_is_the_embedded_model():
     cfg = C.compose()
     assert cfg.model.name == "smollm2_135m" and cfg.model.embedded
@@ -176,6 +177,7 @@ def test_added_unknown_keys_are_caught_by_the_schema():
         checked("+train.epoch=1")
 
 
+@pytest.mark.slow
 def test_model_path_works_with_every_model_preset():
     """README: `das-cli model.name_or_path=...` with the default (embedded) model loads that path instead."""
     assert C.check_override_keys(["model.name_or_path=/ckpt"]) == ["+model.name_or_path=/ckpt"]
@@ -213,17 +215,31 @@ def test_booleans_are_not_indices():
 
 
 def test_intervention_schema_matches_the_constructors():
-    from das_cli.interventions import INTERVENTIONS
+    from das_cli.interventions import REGISTRY
 
-    assert set(C.INTERVENTIONS) == set(INTERVENTIONS)
-    for name, schema in C.INTERVENTIONS.items():
+    schemas = C.group_schemas("intervention")
+    assert set(schemas) == set(REGISTRY) == set(C.group_choices("intervention"))
+    for name, schema in schemas.items():
         options = {f.name for f in dataclasses.fields(schema)} - {"name"}
-        assert options == set(inspect.signature(INTERVENTIONS[name]).parameters) - {"n"}, name
+        assert options == set(inspect.signature(REGISTRY[name]).parameters) - {"n"}, name
+
+
+def test_register_refuses_options_out_of_step_with_the_constructor():
+    from das_cli.interventions import DASIntervention, register
+
+    class Renamed(DASIntervention):
+        name = "renamed"
+
+        def __init__(self, n: int, dim: int, other: int = 0):
+            super().__init__(n, dim)
+
+    with pytest.raises(TypeError, match="Options fields"):
+        register(Renamed)
 
 
 def test_defaults_live_only_in_the_yaml():
     """A schema field holds a type, never a value: MISSING (the YAML gives it) or None (optional, unset)."""
-    schemas = [C.RunSchema, C.ModelSchema, *C.DATASETS.values(), *C.INTERVENTIONS.values()]
+    schemas = [C.RunSchema, C.ModelSchema, *C.DATASETS.values(), *C.group_schemas("intervention").values()]
     schemas += [f.type for f in dataclasses.fields(C.RunSchema) if f.default_factory is not dataclasses.MISSING]
     for schema in schemas:
         schema = getattr(C, schema) if isinstance(schema, str) else schema
@@ -233,8 +249,11 @@ def test_defaults_live_only_in_the_yaml():
 
 
 def test_help_and_the_schema_do_not_import_torch():
+    """--help, composing and the model's and dataset's schemas stay torch-free; an intervention's schema is its
+    method's `Options`, which lives with the method (a torch module), so only that group imports torch."""
     code = ("import sys; sys.argv = ['das-cli', '--help']\nfrom das_cli import cli, config as C\n"
-            "C.typed(C.compose(['model=tiny_gpt2']))\n"
+            "cfg = C.compose(['model=tiny_gpt2'])\nfrom omegaconf import OmegaConf as O\nC._typed_group('model', O.to_container(cfg.model))\n"
+            "C._typed_group('dataset', O.to_container(cfg.dataset))\n"
             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -21,7 +21,7 @@ from das_cli.ioi import make_ioi
 from das_cli.models import load_model
 from das_cli.results import format_summary, results_frame
 from das_cli.scores import mean_proportion_interval
-from das_cli.train import Evaluation, evaluate_kinds
+from das_cli.metrics import Evaluation, evaluate_kinds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,6 +208,7 @@ def test_ioi_pairs_know_the_source_answer(lm):
         assert lm.tokenizer.decode([source_io]) == e.source_label
 
 
+@pytest.mark.slow
 def test_cli_scores_per_type(typed_file, tmp_path):
     result = run_cli(["dataset=file", f"dataset.path={typed_file}", *PATCH_LAST_LAYER, f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr
@@ -221,6 +222,7 @@ def test_cli_scores_per_type(typed_file, tmp_path):
     assert row["base_accuracy"] == 0.5 and "n_test_before_filter" not in row
 
 
+@pytest.mark.slow
 def test_cli_filter_base(typed_file, tmp_path):
     args = ["dataset=file", f"dataset.path={typed_file}", *PATCH_LAST_LAYER, f"hydra.run.dir={tmp_path}"]
     result = run_cli(args + ["dataset.filter=base"])
@@ -235,6 +237,7 @@ def test_cli_filter_base(typed_file, tmp_path):
     assert again.returncode == 2 and "changed: dataset.filter" in again.stderr and "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_cli_ioi_has_no_types_and_a_bad_filter_is_named(tmp_path):
     result = run_cli(["model=tiny_gpt2", *TINY, "layers=[1]", "output.plots=false", f"hydra.run.dir={tmp_path / 'ioi'}"])
     assert result.returncode == 0, result.stderr

@@ -1,7 +1,10 @@
 """Two cells on the embedded SmolLM2-135M: the real loading path (GGUF -> cached checkpoint) end to end."""
 
 import pandas as pd
+import pytest
 from conftest import run_cli
+
+pytestmark = pytest.mark.slow  # end to end: subprocesses, a wheel, the embedded model
 
 
 def test_two_cells_on_the_embedded_model(tmp_path):

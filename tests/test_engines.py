@@ -20,7 +20,8 @@ from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, mak
 from das_cli.interventions import build_intervention
 from das_cli.models import load_model
 from das_cli.sites import HEAD_STREAMS, STREAMS, head_counts, read_site, resolve_site
-from das_cli.train import evaluate, fit
+from das_cli.metrics import evaluate
+from das_cli.train import fit
 
 CONF = Path(__file__).parents[1] / "conf" / "model"
 MODELS = ("tiny_gpt2", "tiny_llama")

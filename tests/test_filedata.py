@@ -311,6 +311,7 @@ def test_shipped_ioi_pairs(tokenizer):
         assert e.base_value in ("first", "second") and e.base_label.strip() in e.base
 
 
+@pytest.mark.slow
 def test_cli_runs_the_shipped_ravel_dataset(tmp_path):
     args = ["dataset=ravel_cities", "positions=[city]", "model=tiny_llama", "layers=[1]", "train.epochs=1", "progress=false"]
     result = run_cli(args + [f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
@@ -319,6 +320,7 @@ def test_cli_runs_the_shipped_ravel_dataset(tmp_path):
     assert row["position"] == "city" and (row["n_train"], row["n_test"]) == (21, 24)  # train_kinds=[cause]: isolate rows only test; 11 rows validate
 
 
+@pytest.mark.slow
 def test_cli_names_the_bad_line(tmp_path):
     path = write_jsonl(tmp_path / "pairs.jsonl", [good(), good(1, label="ten")])
     args = ["dataset=file", f"dataset.path={path}", "model=tiny_llama", "layers=[1]", "progress=false"]
@@ -331,6 +333,7 @@ def test_cli_names_the_bad_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_isolation_scores_with_an_estimated_baseline(tmp_path):
     args = ["dataset=ravel_cities", "dataset.train_kinds=[cause,isolate]", "intervention=mean_diff", "positions=[city]",
             "model=tiny_llama", "layers=[1]", "progress=false"]

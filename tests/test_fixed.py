@@ -73,6 +73,7 @@ def test_bad_files_are_refused_on_one_line(tmp_path, tensor, message):
         das_cli.run(das_cli.compose(GRID + ["intervention=fixed", f"intervention.path={tmp_path / 'bad.pt'}"]), tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_a_basis_that_does_not_fit_a_cell_names_it(tmp_path):
     np.save(tmp_path / "basis.npy", np.eye(64)[:, :2])
     result = run_cli(GRID + ["intervention=fixed", f"intervention.path={tmp_path / 'basis.npy'}",
@@ -82,6 +83,7 @@ def test_a_basis_that_does_not_fit_a_cell_names_it(tmp_path):
     assert lines and "does not fit cell mlp_activation__L01__Plast (width 256)" in lines[0]
 
 
+@pytest.mark.slow
 def test_path_is_required_and_checked(tmp_path):
     for path, message in [(None, "intervention.path: required"), (tmp_path / "none.npy", "no such file"),
                           (tmp_path, "not a das-cli cell folder")]:

@@ -55,6 +55,7 @@ def copy_of(finished, tmp_path):
     return out
 
 
+@pytest.mark.slow
 def test_damaged_cells_are_reported_then_retrained(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     metrics = {cell: out / "cells" / cell / "metrics.json" for cell in CELLS}
@@ -81,6 +82,7 @@ def test_damaged_cells_are_reported_then_retrained(finished, tmp_path):
     assert aggregate(out, plots=False).ok
 
 
+@pytest.mark.slow
 def test_missing_subspace_is_retrained_and_report_never_tracebacks(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     (out / "cells" / CELLS[2] / "subspace.safetensors").unlink()
@@ -91,6 +93,7 @@ def test_missing_subspace_is_retrained_and_report_never_tracebacks(finished, tmp
     assert rerun.returncode == 0 and (out / "cells" / CELLS[2] / "subspace.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_even_without_run_json(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     (out / "run.json").unlink()
@@ -102,6 +105,7 @@ def test_changed_config_is_refused_even_without_run_json(finished, tmp_path):
     assert mtimes(out) == before
 
 
+@pytest.mark.slow
 def test_edited_data_file_is_refused(tmp_path):
     data = tmp_path / "pairs.jsonl"
     lines = (Path(__file__).parents[1] / "conf" / "examples" / "ioi_pairs.jsonl").read_text().splitlines()
@@ -117,12 +121,14 @@ def test_edited_data_file_is_refused(tmp_path):
     assert pd.read_csv(tmp_path / "run" / "iia.csv")["n_train"].tolist() == [34]  # 8 of the 42 training pairs validate
 
 
+@pytest.mark.slow
 def test_changed_eval_batch_size_is_refused(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     result = run_cli(GRID + TINY + [f"hydra.run.dir={out}", "eval.batch_size=7"])
     assert result.returncode == 2 and "changed: eval.batch_size" in result.stderr
 
 
+@pytest.mark.slow
 def test_seed_and_seeds_name_one_cell_once(tmp_path):
     out = tmp_path / "run"
     grid = ["model=tiny_gpt2", "layers=[1]", "positions=[last]"] + TINY + [f"hydra.run.dir={out}"]
@@ -139,6 +145,7 @@ def test_seed_and_seeds_name_one_cell_once(tmp_path):
     pd.testing.assert_frame_equal(table(alone)[RESULT], table(out)[RESULT].iloc[[1]].reset_index(drop=True))
 
 
+@pytest.mark.slow
 def test_shards_run_one_after_another_into_one_folder_give_one_table(finished, tmp_path):
     out = tmp_path / "run"
     for shard in (0, 1):
@@ -148,6 +155,7 @@ def test_shards_run_one_after_another_into_one_folder_give_one_table(finished, t
     pd.testing.assert_frame_equal(table(out)[RESULT], table(finished)[RESULT])
 
 
+@pytest.mark.slow
 def test_multirun_over_a_hyperparameter_merges_with_a_column(tmp_path):
     args = ["-m", "intervention.dim=1,2", "model=tiny_gpt2", "layers=[0,1]", "positions=[last]", f"hydra.sweep.dir={tmp_path}"]
     result = run_cli(args + TINY)
@@ -169,6 +177,7 @@ def test_multirun_over_a_hyperparameter_merges_with_a_column(tmp_path):
     assert report.returncode == 2 and "block_output__L00__Plast" in report.stderr and "same configuration" in report.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["proc", "file", "under_file"])
 def test_unusable_output_folder_is_one_line(where, tmp_path):
     (tmp_path / "blocker").write_text("a file")
@@ -197,6 +206,7 @@ def wait_for_cells(out, proc, n: int, seconds: float = 300) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = GRID + TINY + [f"hydra.run.dir={out}", "train.cells_per_step=1"]  # cells end one by one, not as one bundle
@@ -240,6 +250,7 @@ def test_a_lock_held_by_a_live_process_blocks_and_a_dead_ones_does_not(tmp_path)
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_folder_never_train_one_cell_twice(tmp_path):
     out = tmp_path / "run"
     args = ["model=tiny_gpt2", "layers=[0,1,2,3]", "positions=[s2,last]"] + TINY + [f"hydra.run.dir={out}"]
@@ -271,6 +282,7 @@ def test_ranked_cumulative_resumes_in_its_second_phase(tmp_path):
     pd.testing.assert_frame_equal(again[RESULT + ["heads"]], first[RESULT + ["heads"]])
 
 
+@pytest.mark.slow
 def test_report_ctrl_c_is_one_line(finished, monkeypatch, capsys):
     from das_cli import report
 
@@ -287,7 +299,7 @@ def test_report_ctrl_c_is_one_line(finished, monkeypatch, capsys):
 def test_ctrl_c_while_the_tables_are_written_keeps_the_cells_and_says_how_to_resume(tmp_path, monkeypatch):
     import das_cli
     import das_cli.report as report
-    from das_cli.sweep import Interrupted
+    from das_cli.interrupts import Interrupted
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

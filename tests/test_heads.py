@@ -94,7 +94,7 @@ def test_attention_value_output_cells_get_head_importance(tmp_path):
 def test_a_figure_that_cannot_be_drawn_never_fails_its_cell(tmp_path, monkeypatch, caplog):
     """The head-share chart and the intervention's own plot are drawn after the cell is written: an error in
     either costs a warning, the cell keeps its numbers and its subspace."""
-    import das_cli.sweep as sweep_module
+    import das_cli.cell as sweep_module
     from das_cli.interventions import Intervention
 
     def broken(*args, **kwargs):

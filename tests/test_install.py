@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
+pytestmark = pytest.mark.slow  # end to end: subprocesses, a wheel, the embedded model
+
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:

@@ -183,9 +183,9 @@ def test_das_orthogonal_maps(orthogonal_map):
     torch.testing.assert_close(das.W.detach().T @ das.W.detach(), torch.eye(3), rtol=0, atol=1e-5)
 
 
-def test_das_state_for_saving():
+def test_das_saved():
     das = DASIntervention(N, dim=3)
-    state = das.state_for_saving()
+    state = das.saved()
     assert list(state) == ["basis"]
     basis = state["basis"]
     assert basis.shape == (N, 3) and basis.dtype == torch.float32 and basis.is_contiguous()
@@ -243,7 +243,7 @@ def test_boundless_hard_mask_swaps_first_rotated_coordinates():
     b, s = torch.randn(3, n), torch.randn(3, n)
     with torch.no_grad():
         torch.testing.assert_close(bd(b, s), project_swap(b, s, R[:, :2]), rtol=0, atol=1e-5)
-    torch.testing.assert_close(bd.state_for_saving()["basis"], R[:, :2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(bd.saved()["basis"], R[:, :2], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -255,7 +255,7 @@ def test_boundless_learned_dim(beta, expected):
     with torch.no_grad():
         bd.boundary.fill_(beta)  # out-of-range values are clamped to [1e-3, 1]
     assert bd.learned_dim() == expected
-    assert bd.state_for_saving()["basis"].shape == (4, expected)
+    assert bd.saved()["basis"].shape == (4, expected)
 
 
 def test_boundless_evaluates_the_hard_mask_dim_reports():
@@ -296,10 +296,10 @@ def test_boundless_extra_loss_param_groups_and_temperature():
     assert bd.temperature.item() == pytest.approx(0.1)
 
 
-def test_boundless_state_for_saving_and_gradients():
+def test_boundless_saved_and_gradients():
     torch.manual_seed(0)
     bd = BoundlessDASIntervention(N)
-    state = bd.state_for_saving()
+    state = bd.saved()
     assert state["rotation"].shape == (N, N) and state["boundary"].shape == (1,)
     assert all(t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in state.values())
     torch.testing.assert_close(state["basis"], state["rotation"][:, : bd.learned_dim()])
@@ -330,7 +330,7 @@ def test_vanilla_neuron_subset():
     s = torch.tensor([[10.0, 20.0, 30.0, 40.0, 50.0]])
     assert torch.equal(v(b, s), torch.tensor([[1.0, 20.0, 3.0, 40.0, 5.0]]))
     assert v.learned_dim() == 2 and VanillaIntervention(5).learned_dim() == 5
-    assert not v.trainable and v.param_groups(0.1) == [] and v.state_for_saving() == {}
+    assert not v.trainable and v.param_groups(0.1) == [] and v.saved() == {}
     assert v.extra_loss().item() == 0.0
 
 

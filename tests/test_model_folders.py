@@ -112,6 +112,7 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_broken_folder_is_one_line(good, tmp_path):
     folder = copy_of(good, tmp_path)
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
@@ -119,6 +120,7 @@ def test_cli_broken_folder_is_one_line(good, tmp_path):
     assert "model.safetensors" in one_line_error(result)
 
 
+@pytest.mark.slow
 def test_cli_unreachable_hub_id_is_one_line(tmp_path):
     """Without internet the hub retries for about 25 s, quietly; with it the id does not exist. Either way: one line."""
     result = args = ["model=gpt2", "model.name_or_path=nonexistent-org/nonexistent-model", "layers=[0]", *TINY]

@@ -25,7 +25,7 @@ from das_cli.engines import ENGINES, make_engine, prepare
 from das_cli.models import FAMILIES, LoadedModel, load_model
 from das_cli.sites import gather, hooked, read_site, resolve_site, scatter
 from das_cli.activations import read_prompts
-from das_cli.train import evaluate_kinds
+from das_cli.metrics import evaluate_kinds
 
 CONF = Path(__file__).parents[1] / "conf" / "model"
 V = 16  # vocabulary of the planted model
@@ -187,6 +187,7 @@ def test_loss_is_the_teacher_forced_cross_entropy(engine):
 # --- end to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_runs_the_shipped_multi_token_dataset(tmp_path):
     """The shipped countries file (labels of 1 to 3 tokens) on a tiny model: both engines give one row
     with the same numbers."""

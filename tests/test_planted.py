@@ -17,7 +17,8 @@ from das_cli.interventions import build_intervention
 from das_cli.models import FAMILIES, LoadedModel
 from das_cli.sites import resolve_site
 from das_cli.activations import base_prefixes, read_bases, read_prompts
-from das_cli.train import evaluate, fit
+from das_cli.metrics import evaluate
+from das_cli.train import fit
 
 D, N_INPUT, A, B = 16, 32, 32, 33
 
@@ -115,7 +116,7 @@ def estimated(name: str, **options):
 @pytest.mark.parametrize("name", ["mean_diff", "pca", "probe"])
 def test_estimated_baselines_find_the_planted_direction(name):
     intervention, u, iia = estimated(name)
-    basis = intervention.state_for_saving()["basis"]
+    basis = intervention.saved()["basis"]
     assert abs(float(basis[:, 0] @ u)) > 0.95  # 16 distinct tokens per class: the class means keep some noise
     assert iia >= 0.95
 

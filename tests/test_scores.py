@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, fitted_intervention, run_cli
 
-from das_cli.interventions import INTERVENTIONS, DASIntervention, ObliqueDASIntervention, SiteActivations, build_intervention
+from das_cli.interventions import INTERVENTIONS, DASIntervention, ObliqueDASIntervention, build_intervention
 from das_cli.scores import edit_scores, largest_z, wilson_interval
-from das_cli.train import Evaluation, evaluate_kinds, fit
+from das_cli.metrics import Evaluation, evaluate_kinds
+from das_cli.train import fit
 
 N = 6
 
@@ -148,15 +149,7 @@ def ready(name: str, folder) -> object:
                "pca": {"dim": 2}, "random": {"dim": 2}, "fixed": {"path": str(folder / "basis.pt")}}.get(name, {})
     if name == "fixed":
         torch.save(torch.linalg.qr(torch.randn(N, 2))[0], options["path"])
-    module = build_intervention(name, N, **options)
-    if module.needs_activations:
-        module.fit_activations(SiteActivations(torch.randn(40, N), torch.arange(40) % 2, ["a", "b"]))
-    if module.needs_model:  # sparse_basis: its rotation from random Jacobians
-        module.fit_jacobians({"output": torch.randn(4, N, 5)})
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p))
-    return module.eval()
+    return fitted_intervention(name, N, options)
 
 
 @pytest.mark.parametrize("name", sorted(INTERVENTIONS))
@@ -188,6 +181,7 @@ def test_oblique_edit_scores_see_the_stretch():
 # --- end to end ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_new_columns_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = run_cli(["model=tiny_llama", "layers=[1]", "intervention=boundless_das", f"hydra.run.dir={out}"] + TINY)

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from das_cli import config as C
 from das_cli.errors import DasError
 from das_cli.results import pivot, results_frame, seed_spread, write_results
-from das_cli.train import Evaluation
+from das_cli.metrics import Evaluation
 
 
 def cfg(**values):
@@ -64,6 +64,7 @@ def test_isolation_scores_by_hand():
     assert both.iia() == 0.5
 
 
+@pytest.mark.slow
 def test_seeds_end_to_end_and_resume_when_seeds_are_added(tmp_path):
     out = tmp_path / "run"
     grid = ["model=tiny_llama", "layers=[1]", "positions=[last]"] + TINY + [f"hydra.run.dir={out}"]

@@ -54,9 +54,9 @@ def fails(*args):
 def test_an_interruption_is_no_cell_failure(run_cell, interrupts, raising_handler, tmp_path, monkeypatch, one_thread):
     pytest.importorskip("submitit", reason="submitit is not installed")
     import das_cli
-    from das_cli.sweep import Sweep
+    from das_cli import cell
 
-    monkeypatch.setattr(Sweep, "run_cell", run_cell)
+    monkeypatch.setattr(cell, "set_up", run_cell)
     cfg = das_cli.compose(["model=tiny_gpt2", "layers=[0]", "positions=[last]"] + TINY)
     metrics = tmp_path / "cells" / "block_output__L00__Plast" / "metrics.json"
     if interrupts:
@@ -202,6 +202,7 @@ def local_table(tmp_path_factory):
     return local_run(tmp_path_factory.mktemp("local"), SETTINGS)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_array_sweep_merges_to_the_local_table(local_table, tmp_path):
     result = run_cli(slurm_args(tmp_path))
@@ -235,6 +236,7 @@ ONE_LONG_CELL = ["model=tiny_gpt2", "layers=[1]", "positions=[last]", "progress=
     a for a in TINY if not a.startswith(("train.epochs=", "progress="))]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_time_limit_signal_mid_cell_checkpoints_and_the_requeued_job_resumes_it(tmp_path):
     """SLURM's time-limit signal (USR2, sent by hand) once the cell trains: submitit requeues the job, the cell is
@@ -269,6 +271,7 @@ def test_time_limit_signal_mid_cell_checkpoints_and_the_requeued_job_resumes_it(
 ONE_LONGER_CELL = [a for a in ONE_LONG_CELL if not a.startswith("train.epochs=")] + ["train.epochs=600"]
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_plain_scancel_mid_cell_checkpoints_and_the_rerun_resumes_it(tmp_path):
     """A plain scancel once the cell trains: SIGTERM (which submitit ignores), SIGKILL after KillWait. The cell is
@@ -302,6 +305,7 @@ def test_plain_scancel_mid_cell_checkpoints_and_the_rerun_resumes_it(tmp_path):
                                   check_exact=True)
 
 
+@pytest.mark.slow
 @pytest.mark.slurm
 def test_out_of_requeues_stops_the_job_and_fails_no_cell(long_local_table, tmp_path):
     """max_num_timeout=0 and SLURM's time-limit signal (USR2, sent by hand): submitit does not requeue, the

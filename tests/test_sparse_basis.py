@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from das_cli.sparse_basis import Rotation, fit_rotation, normalised, producer_jacobian, reader_jacobian, rotate, sparsity, zeros_fraction
+from das_cli.sparse_rotation import Rotation, fit_rotation, normalised, producer_jacobian, reader_jacobian, rotate, sparsity, zeros_fraction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +94,7 @@ def test_reader_of_the_mlp_activation_is_the_down_projection(tiny_models, name):
 
 
 def test_producer_jacobian_matches_autograd_on_one_copy(tiny_models, monkeypatch):
-    from das_cli import sparse_basis
+    from das_cli import sparse_rotation as sparse_basis
     from das_cli.sites import hooked, resolve_site
 
     lm, ids, position = tiny_models["tiny_llama"], prompt(tiny_models["tiny_llama"]), 6
@@ -174,7 +174,7 @@ def test_directions_are_the_kept_rotated_coordinates():
     edit = intervention.eval()(b, s)[0]
     torch.testing.assert_close(edit, directions @ (directions.T @ s[0]), atol=1e-5, rtol=0)  # M = W Wᵀ: gain 1
     assert intervention.gain() == 1.0
-    saved = intervention.state_for_saving()
+    saved = intervention.saved()
     assert set(saved) == {"rotation", "mask", "logits", "basis"} and saved["rotation"].shape == (width, width)
     with torch.no_grad():
         intervention.logits.fill_(-1.0)
@@ -239,7 +239,8 @@ def test_mask_finds_a_variable_planted_on_one_rotated_coordinate():
     from das_cli.interventions import build_intervention
     from das_cli.sites import resolve_site
     from das_cli.activations import read_prompts
-    from das_cli.train import evaluate, fit
+    from das_cli.metrics import evaluate
+    from das_cli.train import fit
 
     lm, u = planted_model()
     q0 = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(7)))[0]
@@ -272,6 +273,7 @@ def table(folder):
     return pd.read_csv(folder / "iia.csv").sort_values(["stream", "seed"]).reset_index(drop=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_gpt2"])
 def test_cli_cells_report_sparsity_save_the_rotation_and_resume(tmp_path, model):
     from conftest import TINY, run_cli
@@ -298,6 +300,7 @@ def test_cli_cells_report_sparsity_save_the_rotation_and_resume(tmp_path, model)
     assert table(tmp_path).equals(rows)
 
 
+@pytest.mark.slow
 def test_cli_seeds_and_shards_give_the_cells_of_one_run(tmp_path):
     from conftest import TINY, run_cli
 
@@ -314,6 +317,7 @@ def test_cli_seeds_and_shards_give_the_cells_of_one_run(tmp_path):
     assert by_seed[("block_output", 0)] != by_seed[("block_output", 1)]  # each seed draws its own prompts
 
 
+@pytest.mark.slow
 def test_cli_bad_side_is_one_line(tmp_path):
     from conftest import TINY, run_cli
 

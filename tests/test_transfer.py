@@ -65,6 +65,7 @@ def test_another_dataset_is_evaluated(tmp_path, source):
     assert len(table) == 2 and (table["steps"] == 0).all() and table["n_test"].iloc[0] > 0
 
 
+@pytest.mark.slow
 def test_a_cell_that_does_not_fit_the_model_is_named(tmp_path):
     das_cli.run(das_cli.compose(GRID + ["stream=mlp_activation", "layers=[0]"]), tmp_path / "src")
     result = run_cli(["model=tiny_llama", *GRID[1:], f"from_run={tmp_path / 'src'}", f"hydra.run.dir={tmp_path / 'o'}"])
@@ -189,6 +190,7 @@ def test_a_file_name_shared_by_two_files_is_told_apart():
     assert list(names.values()) == ["pairs.jsonl (data=aaaaaaaa)", "pairs.jsonl (data=bbbbbbbb)", "ioi"]
 
 
+@pytest.mark.slow
 def test_one_command_evaluates_a_list_of_datasets(source, tmp_path):
     folder, trained = source
     sweep = tmp_path / "sweep"

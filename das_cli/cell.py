@@ -23,6 +23,7 @@ from .activations import BaseRun, SiteTensors
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .bundles import bundleable, evaluate_bundle
 from .data import PairSet, resolve_positions
+from .errors import non_finite
 from .engines import make_engine, prepare
 from .grid import Cell
 from .interventions import Intervention, SiteActivations, build_intervention
@@ -38,6 +39,9 @@ from .train import fit
 CELL_FAILURES = (torch.cuda.OutOfMemoryError, RuntimeError, FloatingPointError, ValueError)
 
 Figure = tuple[str, Callable[[Path], None]]  # (name, draw into the run folder)
+# Scores every finished cell has as numbers (others are NaN by design where they do not apply: loss with nothing
+# trained, logit_diff without the base's answer, ood without a direction that varies).
+FINITE_SCORES = ("iia", "test_loss", "p_label", "gain")
 
 
 @dataclass
@@ -196,6 +200,9 @@ def finish(run: RunData, ready: ReadyCell, result, evaluation: dict[str, Evaluat
     cfg, cell, intervention = run.cfg, ready.cell, ready.intervention
     if math.isnan(result.loss) and result.steps:
         raise FloatingPointError("training loss became NaN")
+    bad = non_finite(intervention.saved())
+    if bad:
+        raise FloatingPointError(f"the {'learned' if intervention.trainable else 'estimated'} tensor '{bad[0]}' holds NaN or Inf values")
     evaluation = evaluation or evaluations(run, [ready])[0]
     train_scores, scores = evaluation["train"], evaluation["test"]
     validation = {"iia_val": evaluation["val"].scores()["iia"], "n_val": len(run.pairs["val"])} if "val" in evaluation else {}
@@ -215,6 +222,9 @@ def finish(run: RunData, ready: ReadyCell, result, evaluation: dict[str, Evaluat
         columns, drawn = analysis(run, ready, evaluation, tensors)
         row.update(columns)
         figures += drawn
+    for key in FINITE_SCORES:
+        if not math.isfinite(row[key]):
+            raise FloatingPointError(f"{key} is {row[key]}: the cell's scores are not numbers")
     row["seconds"] = time.perf_counter() - ready.start + ready.shared_seconds
     return CellResult(cell, row, tensors, figures if cfg.output.plots else [])
 

@@ -407,7 +407,12 @@ def _constructor_errors(options: DictConfig) -> list[str]:
     from .interventions import build_intervention, method  # torch: only when a run is checked, never for --help
 
     values = {k: v for k, v in OmegaConf.to_container(options).items() if k != "name"}
-    width = max([1, values.get("dim") or 1, *[n + 1 for n in values.get("neurons") or []]])
+    # The site's width is not known yet: build on the narrowest site the options allow, dim and neurons shrunk to
+    # fit one coordinate (checked against every cell's width once the model is known: checks.check_intervention),
+    # so that no option makes this check allocate (a dim of 100000 would ask for a 100000 x 100000 rotation).
+    values.update({k: 1 for k in ("dim",) if values.get(k) is not None})
+    values.update({k: [0] for k in ("neurons",) if values.get(k) is not None})
+    width = 1
     try:
         width = method(options.name).fixed_width(values) or width  # a given subspace decides the width
         build_intervention(options.name, width, **values)
@@ -455,12 +460,16 @@ def _items(value: Any) -> list:
     return list(value) if isinstance(value, (list, ListConfig)) else [value]
 
 
-def _unique(key: str, items: list, detail: str = "") -> list:
-    """`items` without repeats; a repeat would train the same cell again and pass for another seed."""
-    unique = list(dict.fromkeys(items))
+def _unique(key: str, items: list, detail: str = "", same=lambda item: item) -> list:
+    """`items` without repeats (items alike under `same` are one; the first is kept); a repeat would train the same
+    cell again and pass for another seed."""
+    firsts: dict = {}
+    for item in items:
+        firsts.setdefault(same(item), item)
+    unique = list(firsts.values())
     if len(unique) < len(items):
         repeated = [_show(list(i) if isinstance(i, tuple) and len(i) > 1 else i[0] if isinstance(i, tuple) else i)
-                    for i in unique if items.count(i) > 1]
+                    for i in unique if sum(same(j) == same(i) for j in items) > 1]
         warnings.warn(f"{key}: {', '.join(repeated)} given more than once{detail}; each cell runs once", ConfigWarning)
     return unique
 
@@ -527,7 +536,8 @@ def head_sets(cfg: DictConfig, n_heads: int | None, ranking: list[int] | None = 
     if not _is_list_of(items, lambda v: _is_int(v) or _is_list_of(v, _is_int)):
         raise DasError(f"heads={_show(value)}: give a non-empty list of heads (integers) or of non-empty lists of heads, "
                        f"or one of null, {', '.join(HEAD_MODES)}")
-    return _unique("heads", [tuple(v) if isinstance(v, (list, ListConfig)) else (v,) for v in items])
+    sets = [tuple(v) if isinstance(v, (list, ListConfig)) else (v,) for v in items]
+    return _unique("heads", sets, " (a head set is a set: its order does not make another cell)", same=frozenset)
 
 
 def _head_mode(cfg: DictConfig, mode: str, n_heads: int, ranking: list[int] | None) -> list[tuple[int, ...]]:

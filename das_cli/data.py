@@ -62,7 +62,7 @@ def tokenize_pairs(tokenizer, examples: list[Example], split: str) -> PairSet:
     """Encode every pair, grouped by base length; answers are checked (see `answer_tokens`), with the offending example."""
     labels = [_answer_ids(tokenizer, ex.base, ex.label, "label", split) for ex in examples]
     base_labels = [[] if ex.base_label is None else _answer_ids(tokenizer, ex.base, ex.base_label, "base_label", split) for ex in examples]
-    width, base_width = max(map(len, labels), default=1), max(map(len, base_labels), default=1)
+    width, base_width = max(map(len, labels), default=1), max([1, *map(len, base_labels)])  # no base label: a column of -1
     buckets: dict[int, list[tuple]] = {}
     for ex, label, base_label in zip(examples, labels, base_labels):
         base, source = encode(tokenizer, ex.base), encode(tokenizer, ex.source)

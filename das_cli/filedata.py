@@ -270,6 +270,8 @@ def _text(row: Row, column: str) -> str:
 
 def _check_answer(row: Row, tokenizer, column: str, prompt: str, text: str) -> None:
     """An answer may be several tokens, but they must be the ones the model sees after its prompt."""
+    if text and not text.strip():
+        raise row.error(f"{column} {text!r} is only whitespace; give the answer's text, e.g. ' Paris'")
     _, problem = answer_tokens(tokenizer, prompt, text)
     if problem:
         raise row.error(f"{column} {text!r} {problem}")

@@ -30,7 +30,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import DasError
+from .errors import DasError, non_finite
 from .files import atomic_write, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -458,6 +458,8 @@ class Checkpoint:
             fingerprint, step, state = json.loads(record["fingerprint"]), int(record["step"]), record["state"]
         except Exception as e:  # truncated, not a checkpoint, unreadable: any of torch's errors
             return self._unusable(f"it is damaged ({(str(e).splitlines() or [type(e).__name__])[0]})")
+        if non_finite({"state": state}):
+            return self._unusable(f"it holds NaN or Inf values ({non_finite({'state': state})[0]})")
         if fingerprint != json.loads(json.dumps(self.fingerprint)):
             changed = changed_keys(fingerprint, self.fingerprint)
             return self._unusable(f"it comes from another configuration (changed: {', '.join(changed)})")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigWarning, DasError
+from .errors import ConfigWarning, DasError, non_finite
 
 DIRECTION_FILES = (".safetensors", ".pt", ".npy")
 ORTHONORMAL_TOLERANCE = 1e-4
@@ -27,6 +27,11 @@ def load_directions(path: str | Path) -> Tensor:
         raise DasError(f"{key}: unknown file type '{path.suffix}'; valid: {', '.join(DIRECTION_FILES)} or a das-cli cell folder")
     else:
         tensor = _read_tensor(path, key)
+    if tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in (torch.bool, torch.uint8, torch.int8, torch.int16,
+                                                                                torch.int32, torch.int64)):
+        raise DasError(f"{key}: holds a {str(tensor.dtype).removeprefix('torch.')} tensor; give real numbers (a float basis or a 0/1 mask)")
+    if non_finite({"tensor": tensor}):
+        raise DasError(f"{key}: holds NaN or Inf values; give a basis of finite numbers")
     tensor = tensor.detach().to("cpu", torch.float32)
     if tensor.dim() == 1:
         return _mask_columns(tensor, key)

@@ -366,3 +366,15 @@ def test_the_stop_line_names_every_checkpointed_cell_of_a_bundle(tmp_path):
     apart = str(_interrupted(KeyboardInterrupt(), tmp_path, [checkpoint("a", (2, 6)), checkpoint("d", (5, 9))]))
     assert "; cells a at step 2/6, d at step 5/9 checkpointed; to resume" in apart
     assert "checkpointed" not in str(_interrupted(KeyboardInterrupt(), tmp_path, [checkpoint("b", None)]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_checkpoint_holding_nan_or_inf_is_not_resumed(tmp_path, caplog, bad):
+    path = tmp_path / "cells" / CELL / "checkpoint.pt"
+    fingerprint = {"train": {"lr": 0.1}, "seed": 0}
+    state = {"intervention": {"w": torch.tensor([1.0, bad])}, "losses": [torch.tensor(0.5)], "rng": {"cpu": torch.get_rng_state()}}
+    layout.Checkpoint(path, CELL, fingerprint).save(state, 4, 9)
+    caplog.clear()
+    assert layout.Checkpoint(path, CELL, fingerprint).load(9) is None
+    (message,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "holds NaN or Inf values (state.intervention.w)" in message and "training it from the start" in message

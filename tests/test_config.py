@@ -265,3 +265,27 @@ def test_help_and_the_schema_do_not_import_torch():
 def test_integers_are_numbers():
     checked("intervention=boundless_das", "intervention.temperature_start=50", "train.lr=1")
     assert C.typed(C.compose(["train.lr=1"])).train.lr == 1.0
+
+
+def test_a_head_set_in_another_order_is_the_same_cell():
+    with pytest.warns(C.ConfigWarning, match=r"heads: \[0,1\] given more than once \(a head set is a set"):
+        assert C.head_sets(grid(heads=[[0, 1], [1, 0], [2]]), 4) == [(0, 1), (2,)]
+
+
+def test_checking_the_options_allocates_for_no_width(monkeypatch):
+    """Before the model is known the options are checked on a one-coordinate site: intervention.dim=100000 asks for
+    no 100000 x 100000 rotation; the width check names the cell's width once the model is loaded."""
+    import das_cli.interventions as interventions
+
+    built = []
+    real = interventions.build_intervention
+    monkeypatch.setattr(interventions, "build_intervention", lambda name, n, **options: built.append((n, options)) or real(name, n, **options))
+    C.validate(C.typed(C.compose(["model=tiny_gpt2", "intervention.dim=100000", "intervention.full_rotation=true"])))
+    assert built == [(1, {"dim": 1, "orthogonal_map": None, "full_rotation": True})]
+
+
+def test_a_dim_wider_than_the_site_names_the_width(tmp_path):
+    import das_cli
+
+    with pytest.raises(DasError, match=r"^intervention.dim=100000: must be between 1 and 64 \(the width of cell block_output__L01__Plast\)$"):
+        das_cli.run(das_cli.compose(["model=tiny_gpt2", "layers=[1]", "positions=[last]", "intervention.dim=100000"]), tmp_path)

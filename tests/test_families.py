@@ -345,6 +345,7 @@ def check_two_lengths_like_reference(lm, stream: str, position: str, seed: int, 
     assert (out[0][0][:, 0] - unedited).abs().amax() > 1e-6  # the swap does something
 
 
+@pytest.mark.slow  # every family and stream; GPT-2 and Llama are in the quick tier (test_engines.py, mixed lengths)
 @pytest.mark.parametrize("position", ["middle", "last"])
 @pytest.mark.parametrize("stream", WHOLE_STREAMS)
 def test_fast_joins_prompt_lengths_like_reference(lm, stream, position):

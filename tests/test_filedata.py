@@ -4,6 +4,7 @@ token positions; every malformed row named by its line; the shipped example file
 import copy
 import csv
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -159,6 +160,8 @@ ROW_ERRORS = {
     "unknown column": ([good(), good(1, lable=" Europe")], r"line 2: unknown column 'lable'; valid columns: base, source, label, "),
     "reserved name": ([good(**{"positions.last": 0})], r"line 1: positions.last: the position name 'last' is reserved"),
     "split on some rows": ([good(), good(1, split=None)], r"line 2: has no split, unlike line 1; give split on every row or on none"),
+    "whitespace label": ([good(), good(1, label=" ")], r"line 2: label ' ' is only whitespace; give the answer's text"),
+    "whitespace source_label": ([good(), good(1, source_label="\t ")], r"line 2: source_label '\\t ' is only whitespace"),
     "blank lines count": ([good(), "", good(1, label="ten")], r"line 3: label 'ten'"),
 }
 
@@ -344,3 +347,42 @@ def test_cli_isolation_scores_with_an_estimated_baseline(tmp_path):
     assert row["iia"] == row["iia_cause"] and row["iia_mean"] == pytest.approx((row["iia_cause"] + row["iia_isolate"]) / 2)
     assert (tmp_path / "pivot_block_output_iia_mean.csv").exists() and "at this cell: iia_isolate" in result.stdout
     assert row["n_val"] == 11 and 0 <= row["iia_val"] <= 1 and "(chosen on validation IIA" in result.stdout
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "conf" / "examples"
+OPTIONAL_COLUMNS = ["base_label", "source_label", "kind", "split", "group", "base_value", "source_value", "counterfactual",
+                    "positions"]
+
+
+def every_column_file(path, drop: list[str]) -> None:
+    """24 IOI pairs with every optional column filled, less those in `drop` ("positions": both position groups)."""
+    rows = [json.loads(line) for line in open(SHIPPED / "ioi_pairs.jsonl")][:24]
+    for k, row in enumerate(rows):
+        row.update(source_label=" " + row["source_positions"]["io"], kind="cause", group=f"g{k // 2}",
+                   counterfactual="swap" if k % 2 else "rename")
+        row["split"] = "test" if k % 3 == 0 else "train"
+        for column in drop:
+            for key in (("base_positions", "source_positions") if column == "positions" else (column,)):
+                row.pop(key, None)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("drop", [[c] for c in OPTIONAL_COLUMNS] + [OPTIONAL_COLUMNS], ids=lambda d: "-".join(d) if len(d) == 1 else "all")
+def test_a_run_needs_no_optional_column(drop, tmp_path):
+    """A file of base, source and label alone (and any optional column left out) runs to a finished cell;
+    the scores that need the base prompt's own answer are empty (NaN), never a crash or a made-up number."""
+    import math
+
+    import das_cli
+
+    path = tmp_path / "pairs.jsonl"
+    every_column_file(path, drop)
+    cfg = das_cli.compose(["model=tiny_llama", "dataset=file", f"dataset.path={path}", "layers=[1]", "positions=[last]",
+                           "train.epochs=1", "train.batch_size=8", "progress=false", "output.plots=false"])
+    row = das_cli.run(cfg, tmp_path / "run").iloc[0]
+    assert "error" not in row or not isinstance(row["error"], str), row.get("error")
+    assert 0 <= row["iia"] <= 1 and math.isfinite(row["loss"])
+    if "base_label" in drop:
+        assert math.isnan(row["base_accuracy"]) and math.isnan(row["logit_diff"])
+    else:
+        assert 0 <= row["base_accuracy"] <= 1

@@ -65,6 +65,11 @@ def test_a_mask_swaps_its_neurons_like_vanilla(tmp_path):
     (torch.tensor([0.0, 2.0, 1.0]), "0/1 mask"),
     (torch.ones(64, 2), "linearly dependent"),
     (torch.ones(2, 3, 4), "shape"),
+    (torch.empty(64, 0), "shape"),
+    (torch.full((64, 2), float("nan")), "NaN or Inf"),
+    (torch.eye(64)[:, :2].index_put((torch.tensor([5]), torch.tensor([1])), torch.tensor(float("inf"))), "NaN or Inf"),
+    (torch.eye(64)[:, :2].to(torch.complex64), "complex64 tensor; give real numbers"),
+    (torch.tensor([0.0, float("nan"), 1.0]), "NaN or Inf"),
 ])
 def test_bad_files_are_refused_on_one_line(tmp_path, tensor, message):
     torch.save(tensor, tmp_path / "bad.pt")

@@ -130,3 +130,23 @@ def test_a_finished_cell_loads_back_patches_and_transfers(name, tmp_path):
         if name in ("das", "mean_diff", "pca", "probe", "random", "fixed"):  # the same projection, computed the same way
             assert fixed["iia"].item() == trained["iia"].item()
 
+
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n != "vanilla"))
+def test_a_saved_tensor_with_nan_or_inf_is_refused_naming_it(name, tmp_path):
+    module, options = fitted(name, tmp_path)
+    for bad in (float("nan"), float("inf")):
+        tensors = module.saved()
+        key = next(iter(tensors))
+        tensors[key] = tensors[key].clone().flatten().index_fill(0, torch.tensor([0]), bad).reshape(tensors[key].shape)
+        with pytest.raises(DasError, match=f"the saved tensor '{key}' holds NaN or Inf"):
+            load_intervention(name, N, options, tensors, "cell")
+
+
+def test_an_estimate_that_is_not_finite_fails_its_cell_with_the_reason(tmp_path, monkeypatch):
+    """A method whose estimate holds NaN (here mean_diff's directions) leaves a failed cell naming the tensor, never a
+    row of made-up scores."""
+    from das_cli import directions
+
+    monkeypatch.setattr(directions, "mean_diff_basis", lambda values, labels, k: torch.full((values.shape[1], k), float("nan")))
+    row = run_cell(tmp_path / "run", ["intervention=mean_diff"]).iloc[0]
+    assert row["error"] == "the estimated tensor 'basis' holds NaN or Inf values" and math.isnan(row["iia"])

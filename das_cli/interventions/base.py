@@ -22,7 +22,7 @@ from omegaconf import MISSING
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from das_cli.errors import DasError, choices_error
+from das_cli.errors import DasError, choices_error, non_finite
 
 
 def project_swap(base: Tensor, source: Tensor, basis: Tensor) -> Tensor:
@@ -190,6 +190,9 @@ def build_intervention(name: str, n: int, **options) -> Intervention:
 def load_intervention(name: str, n: int, options: dict, tensors: dict[str, Tensor], where: object = "") -> Intervention:
     """The intervention `name` of a site of width n, set to saved `tensors`, frozen and in eval mode; a tensor
     the method needs and `tensors` lacks is an error naming it (never a re-fit)."""
+    bad = non_finite(tensors)
+    if bad:
+        raise DasError(f"{where}: the saved tensor '{bad[0]}' holds NaN or Inf values; train the cell again")
     module = build_intervention(name, n, **options)
     try:
         module.load(tensors)

@@ -150,3 +150,24 @@ def test_an_estimate_that_is_not_finite_fails_its_cell_with_the_reason(tmp_path,
     monkeypatch.setattr(directions, "mean_diff_basis", lambda values, labels, k: torch.full((values.shape[1], k), float("nan")))
     row = run_cell(tmp_path / "run", ["intervention=mean_diff"]).iloc[0]
     assert row["error"] == "the estimated tensor 'basis' holds NaN or Inf values" and math.isnan(row["iia"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n != "vanilla"))
+def test_a_saved_tensor_of_another_shape_is_refused_or_changes_nothing(name, tmp_path):
+    """A saved tensor of the wrong shape (one more column, or flattened) is a one-line error naming the shapes, or
+    (a copy that load does not read) gives the same edit; never a silently different edit."""
+    module, options = fitted(name, tmp_path)
+    base, source = torch.randn(5, N), torch.randn(5, N)
+    refused = 0
+    for key, tensor in module.saved().items():
+        for wrong in (torch.cat([tensor, tensor[..., :1]], dim=-1), tensor.flatten()[:-1]):
+            tensors = {**module.saved(), key: wrong}
+            try:
+                loaded = load_intervention(name, N, options, tensors, "cell")
+            except DasError as e:
+                assert "do not fit intervention=" in str(e) and f"{key} {tuple(wrong.shape)}" in str(e) and "\n" not in str(e)
+                refused += 1
+                continue
+            with torch.no_grad():
+                torch.testing.assert_close(loaded(base, source), module(base, source), atol=1e-5, rtol=1e-5)
+    assert refused

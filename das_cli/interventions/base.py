@@ -198,6 +198,10 @@ def load_intervention(name: str, n: int, options: dict, tensors: dict[str, Tenso
         module.load(tensors)
     except KeyError as e:
         raise DasError(f"{where}: the saved tensors lack {e}, which intervention={name} needs") from None
+    except (ValueError, RuntimeError) as e:  # a tensor of another shape than the method's on this site
+        shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in tensors.items())
+        raise DasError(f"{where}: the saved tensors ({shapes}) do not fit intervention={name} on a site of width {n} "
+                       f"({(str(e).strip().splitlines() or [type(e).__name__])[0]})") from None
     return module.freeze().eval()
 
 

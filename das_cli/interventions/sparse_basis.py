@@ -97,7 +97,10 @@ class SparseBasisIntervention(DBMIntervention):
 
     def load(self, tensors: dict[str, Tensor]) -> None:
         super().load(tensors)
-        self.rotation = tensors["rotation"].to(self.logits.device, torch.float32)
+        rotation = tensors["rotation"]
+        if rotation.dim() != 2 or rotation.shape[0] != rotation.shape[1] or self.n % rotation.shape[0]:
+            raise ValueError(f"rotation of shape {tuple(rotation.shape)}, not w x w with w dividing {self.n}")
+        self.rotation = rotation.to(self.logits.device, torch.float32)
 
     def forward(self, base: Tensor, source: Tensor) -> Tensor:
         check_shapes(base, source, self.n)

@@ -53,7 +53,10 @@ class FixedSubspaceIntervention(Intervention):
         return {"basis": as_saved(self.basis)}
 
     def load(self, tensors: dict[str, Tensor]) -> None:
-        self.set_basis(tensors["basis"])
+        basis = tensors["basis"]
+        if tuple(basis.shape) != (self.n, self.dim):
+            raise ValueError(f"basis of shape {tuple(basis.shape)}, not {self.n} x {self.dim}")
+        self.set_basis(basis)
 
     def _values(self, acts: SiteActivations) -> Tensor:
         """The activations as float32 on the module's device (the sweep may hand them over on the CPU)."""

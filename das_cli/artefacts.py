@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
+from . import config as C
 from . import folder as layout
 from .errors import DasError
 from .interventions import Intervention, load_intervention
@@ -28,7 +29,7 @@ def describe(cfg: DictConfig, lm, cell, width: int) -> dict:
     """What using `cell` alone needs: the model, the site, the intervention and its options, the das-cli version."""
     from . import __version__
 
-    options = {k: v for k, v in OmegaConf.to_container(cfg.intervention, resolve=True).items() if k != "name"}
+    options = C.intervention_options(cfg)
     return {
         "format": ARTEFACT_VERSION,
         "das_cli_version": __version__,

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from . import config as C
 from . import folder as layout
 from .activations import BaseRun, SiteTensors
 from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
@@ -111,8 +112,7 @@ def new_intervention(run: RunData, cell: Cell, width: int) -> Intervention:
     """The cell's intervention: built afresh, or (from_run) the source cell's, frozen."""
     if cell in run.loaded:
         return run.loaded[cell].intervention
-    options = {k: v for k, v in OmegaConf.to_container(run.cfg.intervention).items() if k != "name"}
-    return build_intervention(run.cfg.intervention.name, width, **options)
+    return build_intervention(run.cfg.intervention.name, width, **C.intervention_options(run.cfg))
 
 
 def fit_alone(run: RunData, ready: ReadyCell, checkpoint):
@@ -200,7 +200,8 @@ def finish(run: RunData, ready: ReadyCell, result, evaluation: dict[str, Evaluat
     cfg, cell, intervention = run.cfg, ready.cell, ready.intervention
     if math.isnan(result.loss) and result.steps:
         raise FloatingPointError("training loss became NaN")
-    bad = non_finite(intervention.saved())
+    tensors = intervention.saved()
+    bad = non_finite(tensors)
     if bad:
         raise FloatingPointError(f"the {'learned' if intervention.trainable else 'estimated'} tensor '{bad[0]}' holds NaN or Inf values")
     evaluation = evaluation or evaluations(run, [ready])[0]
@@ -216,7 +217,6 @@ def finish(run: RunData, ready: ReadyCell, result, evaluation: dict[str, Evaluat
         **scores.graded_scores(), "penalty": result.penalty, **ready.learned,
         **{f"n_{name}_before_filter": pairs.before_filter for name, pairs in run.pairs.items() if pairs.before_filter is not None},
     }
-    tensors = intervention.saved()
     figures: list[Figure] = [("intervention plot", partial(_plot_intervention, intervention, cell.id))]
     for analysis in ANALYSES:
         columns, drawn = analysis(run, ready, evaluation, tensors)

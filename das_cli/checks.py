@@ -4,7 +4,7 @@ fingerprint, which decides whether the folder's finished cells can be reused."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from . import config as C
 from . import folder as layout
@@ -36,15 +36,14 @@ def check_positions(cells: list[Cell], *pair_sets: PairSet) -> None:
 def check_intervention(cfg: DictConfig, cells: list[Cell], sites: dict) -> None:
     """`intervention.dim` / `neurons` must fit every cell's width (site width x number of positions), and a given
     subspace's width must be every cell's."""
-    options = OmegaConf.to_container(cfg.intervention)
-    given = {k: v for k, v in options.items() if k != "name"}
+    given = C.intervention_options(cfg)
     fixed = method(cfg.intervention.name).fixed_width(given)
     for cell in cells:
         width = sites[site_key(cell)].width * len(cell.position)
-        dim = options.get("dim")
+        dim = given.get("dim")
         if dim is not None and not 1 <= int(dim) <= width:
             raise DasError(f"intervention.dim={dim}: must be between 1 and {width} (the width of cell {cell.id})")
-        neurons = options.get("neurons") or []
+        neurons = given.get("neurons") or []
         if any(not 0 <= int(n) < width for n in neurons):
             raise DasError(f"intervention.neurons: indices must be in 0..{width - 1} (the width of cell {cell.id})")
         if fixed is not None and width != fixed:
@@ -60,6 +59,5 @@ def run_fingerprint(cfg: DictConfig, lm: LoadedModel, pairs: dict[str, PairSet])
     parts = C.fingerprint(cfg)
     if cfg.get("from_run"):
         parts.update(transfer.provenance(cfg))
-    options = {k: v for k, v in OmegaConf.to_container(cfg.intervention).items() if k != "name"}
-    parts.update(method(cfg.intervention.name).fingerprint(options))
+    parts.update(method(cfg.intervention.name).fingerprint(C.intervention_options(cfg)))
     return layout.run_fingerprint(parts, data, lm.device.type, int(cfg.eval.batch_size))

@@ -421,6 +421,11 @@ def _constructor_errors(options: DictConfig) -> list[str]:
     return []
 
 
+def intervention_options(cfg: DictConfig) -> dict:
+    """The intervention's options as its constructor takes them (every key of the group but `name`)."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.intervention, resolve=True).items() if k != "name"}
+
+
 def shard_errors(shard: int, num_shards: int) -> list[str]:
     """`sweep.shard` must name one of the `sweep.num_shards` shards."""
     if num_shards < 1:

@@ -93,10 +93,11 @@ def worker(args: argparse.Namespace) -> None:
 def _cache_mb(cfg, load_model, build_pairs, base_run) -> float:
     """Bytes the fast engine keeps: base keys/values and residuals of the swept layers."""
     from das_cli import config as C
+    from das_cli import grid
 
     cfg = C.typed(cfg)
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
-    layers = tuple(C.layers(cfg, lm.n_layers))
+    layers = tuple(grid.layers(cfg, lm.n_layers))
     total = 0
     for pairs in build_pairs(cfg, lm).values():
         run = base_run(lm, pairs, int(cfg.eval.batch_size), True, layers)

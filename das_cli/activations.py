@@ -22,9 +22,10 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from .data import PairSet, answer_matrix, teacher_forced
-from .engines import cache_arguments
+from .forward import cache_arguments
+from .grid import SiteKey, site_key
 from .models import LoadedModel
-from .sites import Site, SiteKey, hooked, read_sites, resolve_site, site_key
+from .sites import Site, hooked, read_sites, resolve_site
 
 BUDGET_BYTES = 1 << 30  # the site tensors of one chunk, read together and held until their cells run, at most
 BASE_SPLITS = ("train", "test")  # splits whose base prompts' site tensors the cells read

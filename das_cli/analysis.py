@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 from transformers.pytorch_utils import Conv1D
 
-from .config import ILLUSION_STREAMS
 from .interventions import FixedSubspaceIntervention
 from .models import LoadedModel
+from .names import ILLUSION_STREAMS, STREAM_TABLE
 
 
 def head_importance(basis: Tensor, n_positions: int, heads: tuple[int, ...], head_dim: int) -> dict[int, float]:
@@ -27,7 +27,7 @@ def downstream_weight(lm: LoadedModel, stream: str, layer: int) -> Tensor:
     """[out, in] matrix of the projection that reads `stream` (MLP out-projection, attention out-projection)."""
     if stream not in ILLUSION_STREAMS:
         raise ValueError(f"no single downstream projection for stream {stream}; streams: {', '.join(ILLUSION_STREAMS)}")
-    path = lm.family.mlp_out_proj if stream == "mlp_activation" else lm.family.attention_out_proj
+    path = getattr(lm.family, STREAM_TABLE[stream].read_by)
     module = lm.block(layer).get_submodule(path)
     return module.weight.T if isinstance(module, Conv1D) else module.weight  # GPT-2's Conv1D stores [in, out]
 

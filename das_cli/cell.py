@@ -21,18 +21,19 @@ from omegaconf import DictConfig
 from . import config as C
 from . import folder as layout
 from .activations import BaseRun, SiteTensors
-from .analysis import ILLUSION_STREAMS, downstream_weight, fixed_subspace, head_importance, illusion_parts
+from .analysis import downstream_weight, fixed_subspace, head_importance, illusion_parts
 from .bundles import bundleable, evaluate_bundle
 from .data import PairSet, resolve_positions
-from .errors import non_finite
 from .engines import make_engine, prepare
+from .errors import non_finite
 from .grid import Cell
-from .interventions import Intervention, SiteActivations, build_intervention
+from .interventions import Intervention, SiteActivations, build_intervention, method
 from .models import LoadedModel
-from .results import bar_chart
+from .results import bar_chart, curve_plot
 from .scores import base_vectors, edit_scores
 from .sites import Site, gather, head_counts
 from .metrics import Evaluation, evaluate_kinds
+from .names import ILLUSION_STREAMS
 from .train import fit
 
 # A cell failing with one of these is recorded with its `error` and the sweep goes on
@@ -41,7 +42,7 @@ CELL_FAILURES = (torch.cuda.OutOfMemoryError, RuntimeError, FloatingPointError, 
 
 Figure = tuple[str, Callable[[Path], None]]  # (name, draw into the run folder)
 # Scores every finished cell has as numbers (others are NaN by design where they do not apply: loss with nothing
-# trained, logit_diff without the base's answer, ood without a direction that varies).
+# trained, logit_diff without the base's answer, max_z without a direction that varies).
 FINITE_SCORES = ("iia", "test_loss", "p_label", "gain")
 
 
@@ -83,6 +84,7 @@ class CellResult:
     row: dict
     tensors: dict
     figures: list[Figure] = field(default_factory=list)
+    curve: list[tuple] = field(default_factory=list)  # train.Fit.curve
 
 
 def engine(run: RunData, split: str, cell: Cell, site: Site, sources: SiteTensors):
@@ -218,6 +220,8 @@ def finish(run: RunData, ready: ReadyCell, result, evaluation: dict[str, Evaluat
         **{f"n_{name}_before_filter": pairs.before_filter for name, pairs in run.pairs.items() if pairs.before_filter is not None},
     }
     figures: list[Figure] = [("intervention plot", partial(_plot_intervention, intervention, cell.id))]
+    if result.curve:
+        figures.append(("training curve", partial(_plot_curve, result.curve, cell.id)))
     for analysis in ANALYSES:
         columns, drawn = analysis(run, ready, evaluation, tensors)
         row.update(columns)
@@ -226,7 +230,7 @@ def finish(run: RunData, ready: ReadyCell, result, evaluation: dict[str, Evaluat
         if not math.isfinite(row[key]):
             raise FloatingPointError(f"{key} is {row[key]}: the cell's scores are not numbers")
     row["seconds"] = time.perf_counter() - ready.start + ready.shared_seconds
-    return CellResult(cell, row, tensors, figures if cfg.output.plots else [])
+    return CellResult(cell, row, tensors, figures if cfg.output.plots else [], result.curve)
 
 
 def failed_row(run: RunData, cell: Cell, error: str) -> dict:
@@ -240,11 +244,12 @@ def failed_row(run: RunData, cell: Cell, error: str) -> dict:
 # ---- the analyses beside IIA: (run, ready cell, its evaluation, its tensors) -> (columns, figures) ----
 
 def edit_score_columns(run: RunData, ready: ReadyCell, evaluation: dict, tensors: dict) -> tuple[dict, list[Figure]]:
-    """`gain` and `ood` of the applied edit on the test pairs (scores.py)."""
+    """`gain`, `offmanifold` and `max_z` of the applied edit on the test cause pairs (scores.py)."""
     test_base = base_vectors(ready.site, ready.cell.position, run.pairs["test"], ready.sources.base["test"])
     test_source = torch.cat([g.source_values for g in ready.test.groups])
+    causes = torch.tensor([kind == "cause" for g in ready.test.groups for kind in (g.kinds or ["cause"] * len(g))])
     natural = site_activations(run, ready.cell, ready.site, ready.sources, ready.train).values
-    return edit_scores(ready.intervention, natural, test_base, test_source), []
+    return edit_scores(ready.intervention, natural, test_base[causes], test_source[causes.to(test_source.device)]), []
 
 
 def illusion_columns(run: RunData, ready: ReadyCell, evaluation: dict, tensors: dict) -> tuple[dict, list[Figure]]:
@@ -268,8 +273,11 @@ def head_share_columns(run: RunData, ready: ReadyCell, evaluation: dict, tensors
 
 
 def provenance_columns(run: RunData, ready: ReadyCell, evaluation: dict, tensors: dict) -> tuple[dict, list[Figure]]:
-    """`trained_in`: the run a from_run cell's intervention was trained in."""
-    return ({"trained_in": str(run.cfg.from_run)} if ready.cell in run.loaded else {}), []
+    """`trained_in`: the run a from_run cell's intervention was trained in; a given subspace's file and sha256
+    (`subspace_file`, `subspace_sha256`: intervention=fixed)."""
+    if ready.cell in run.loaded:
+        return {"trained_in": str(run.cfg.from_run)}, []
+    return method(run.cfg.intervention.name).provenance(C.intervention_options(run.cfg)), []
 
 
 ANALYSES = [edit_score_columns, illusion_columns, head_share_columns, provenance_columns]
@@ -280,6 +288,10 @@ def _plot_intervention(intervention: Intervention, cell_id: str, folder: Path) -
     directory = layout.cell_dir(folder, cell_id)
     directory.mkdir(parents=True, exist_ok=True)
     intervention.plot(directory)
+
+
+def _plot_curve(curve: list[tuple], cell_id: str, folder: Path) -> None:
+    curve_plot(curve, layout.curve_plot_file(folder, cell_id), cell_id)
 
 
 def _bar_chart(shares: dict, cell_id: str, title: str, folder: Path) -> None:

@@ -15,7 +15,8 @@ from .errors import DasError
 from .grid import Cell
 from .interventions import build_intervention, method
 from .models import LoadedModel
-from .sites import Site, site_key
+from .grid import site_key
+from .sites import Site
 
 def check_cells(cfg: DictConfig, cells: list[Cell], sites: dict[tuple, Site], pairs: dict[str, PairSet],
                 loaded: dict | None) -> None:

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as C
+from . import grid
 from .errors import DasError
 from .interrupts import raise_terminated
 
@@ -71,7 +72,7 @@ def check_shards(overrides: list[str]) -> None:
     shards = [s for s in values["sweep.shard"] if isinstance(s, int)]
     for n in (n for n in values["sweep.num_shards"] if isinstance(n, int)):
         for s in shards:
-            for error in C.shard_errors(s, n):
+            for error in grid.shard_errors(s, n):
                 fail(error)
         left_out = sorted(set(range(n)) - set(shards))
         if left_out and n > 1:
@@ -99,31 +100,38 @@ def check_signal_delay(overrides: list[str]) -> None:
 
 
 def preflight(argv: list[str]) -> list[str]:
-    """Compose and validate the config once before Hydra runs it, so every mistake fits on one line and
-    none waits for the model to load. Returns argv for Hydra (a schema key a preset leaves out gets `+`)."""
+    """Compose and validate the config before Hydra runs it, so every mistake fits on one line and
+    none waits for the model to load. Returns argv for Hydra (a schema key a preset leaves out gets `+`).
+    A single run's checked config is kept in CHECKED for the job, which then does not check it again."""
     overrides = overrides_of(argv)
     if overrides is None:
         return argv
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     check_groups(overrides, multirun)
-    try:
-        checked = C.check_override_keys(overrides)
-    except DasError as e:
-        fail(str(e))
-    renamed = dict(zip(overrides, checked))
     check_output_folder(overrides, multirun)
     if multirun:
+        try:
+            renamed = dict(zip(overrides, C.check_override_keys(overrides)))
+        except DasError as e:
+            fail(str(e))
         check_shards(overrides)
         check_signal_delay(overrides)
         return [renamed.get(a, a) for a in argv]
+    hydra_keys = [o for o in overrides if o.startswith(("hydra.", "hydra/"))]
+    plain = [o for o in overrides if o not in hydra_keys]
     try:
-        cfg = C.compose_checked([o for o in checked if not o.startswith(("hydra.", "hydra/"))])
-        C.validate(C.typed(cfg))
+        cfg, composed = C.compose_keys(plain)
+        if not cfg.get("from_run"):  # a from_run config is checked once the source run's intervention is in it
+            CHECKED[OmegaConf.to_yaml(cfg)] = C.checked(cfg)
     except DasError as e:
         fail(str(e))
     except Exception as e:  # Hydra's composition and override-grammar errors
         fail(" ".join(str(e).split()).split(" Config search path")[0])
+    renamed = dict(zip(plain, composed))
     return [renamed.get(a, a) for a in argv]
+
+
+CHECKED: dict[str, DictConfig] = {}  # a single run's composed config (as YAML) -> the same, typed and validated
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -181,7 +189,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
     try:
-        frame = run(cfg, hc.runtime.output_dir)
+        known = CHECKED.get(OmegaConf.to_yaml(cfg))  # the config preflight checked, unless Hydra composed another
+        frame = run(cfg if known is None else known, hc.runtime.output_dir, checked=known is not None)
     except DasError as e:
         if not multirun:
             fail(str(e))
@@ -205,6 +214,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     warnings.showwarning = show_warning
+    logging.raiseExceptions = False  # a log file on a full disk: the run's own one-line error says so, not a traceback per record
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # SIGTERM stops like Ctrl-C (checkpoint, one line)
         signal.signal(signal.SIGTERM, raise_terminated)
     try:

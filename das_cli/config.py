@@ -15,17 +15,16 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigWarning, DasError
+from . import grid
+from .errors import ConfigWarning, DasError, shown
 from .examples import FILTERS, KINDS
 from .ioi import VARIABLES
-from .names import ENGINES, HEAD_STREAMS, STREAMS
+from .names import ENGINES
 
-ILLUSION_STREAMS = ("mlp_activation", "attention_value_output", "head_attention_value_output")
 CONFIG_GROUPS = ("model", "dataset", "intervention")
-HEAD_MODES = ("each", "leave_one_out", "cumulative")
 
 
 # ---- the schema: one dataclass per group option set ----
@@ -152,7 +151,20 @@ def group_choices(group: str) -> list[str]:
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
     """The config `das-cli <overrides>` would run, for notebooks and tests."""
-    return compose_checked(check_override_keys(list(overrides or [])))
+    return compose_keys(list(overrides or []))[0]
+
+
+def compose_keys(overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    """Hydra's composition of `overrides` (no hydra keys), and the overrides as composed: one composition
+    unless a plain key is one the chosen preset leaves out (it is retried as `+key=`) or no key at all
+    (the one-line unknown-key error of `check_override_keys`)."""
+    try:
+        return compose_checked(overrides), overrides
+    except Exception:  # Hydra's error for an unknown key names neither the valid keys nor the group
+        checked = check_override_keys(overrides)
+        if checked == overrides:
+            raise
+        return compose_checked(checked), checked
 
 
 def compose_checked(overrides: list[str]) -> DictConfig:
@@ -162,6 +174,14 @@ def compose_checked(overrides: list[str]) -> DictConfig:
 
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
+
+
+def checked(cfg: DictConfig) -> DictConfig:
+    """The composed config typed against the schema and validated: every problem found before a model loads,
+    all on one line. Done once per run (by the CLI before Hydra starts the job, else by `sweep.run`)."""
+    cfg = typed(cfg)
+    validate(cfg)
+    return cfg
 
 
 def check_override_keys(overrides: list[str]) -> list[str]:
@@ -245,7 +265,7 @@ def typed(cfg: DictConfig) -> DictConfig:
 
 def _typed_group(group: str, value: Any) -> DictConfig:
     if not isinstance(value, dict):
-        raise DasError(f"{group}={_show(value)}: choose a {group}; valid choices: {', '.join(group_choices(group))}")
+        raise DasError(f"{group}={shown(value)}: choose a {group}; valid choices: {', '.join(group_choices(group))}")
     schemas = group_schemas(group)
     schema = schemas.get(None) or schemas.get(value.get("name"))
     if schema is None:
@@ -269,7 +289,7 @@ def _check_booleans(schema: type, plain: dict, prefix: str) -> None:
         if is_dataclass(tp):
             _check_booleans(tp, value, key)
         elif tp in (bool, Optional[bool]) and value is not None and not isinstance(value, bool):
-            raise DasError(f"{key}={_show(value)}: must be {_kind(tp)}")
+            raise DasError(f"{key}={shown(value)}: must be {_kind(tp)}")
 
 
 def _schema_error(schema: type, plain: dict, prefix: str, full_key: str) -> DasError:
@@ -284,7 +304,7 @@ def _schema_error(schema: type, plain: dict, prefix: str, full_key: str) -> DasE
             return unknown_key(".".join(path), sorted(hints), where)
         value = value.get(part) if isinstance(value, dict) else None
         if not is_dataclass(hints[part]):
-            return DasError(f"{'.'.join(path)}={_show(value)}: must be {_kind(hints[part])}")
+            return DasError(f"{'.'.join(path)}={shown(value)}: must be {_kind(hints[part])}")
         node_type = hints[part]
     return DasError(f"{'.'.join(path) or 'config'}: does not fit the schema")
 
@@ -303,26 +323,12 @@ def _kind(tp: Any, plural: bool = False) -> str:
     return _KINDS.get(origin or tp, ("a value", "values"))[plural]
 
 
-def _show(value: Any) -> str:
-    """A value as the user wrote it on the command line."""
-    if OmegaConf.is_config(value):
-        value = OmegaConf.to_container(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_show(v) for v in value) + "]"
-    if value is None or isinstance(value, bool):
-        return {True: "true", False: "false", None: "null"}[value]
-    return str(value)
-
-
 # ---- values ----
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no model; all problems are reported together on one line."""
-    errors = _grid_errors(cfg) + _model_errors(cfg.model) + _dataset_errors(cfg.dataset) + _intervention_errors(cfg.intervention)
-    errors += _run_errors(cfg) + _seeds_errors(cfg.seeds)
-    if cfg.analysis.illusion and not any(s in ILLUSION_STREAMS for s in _items(cfg.stream)):
-        errors.append(f"analysis.illusion=true: applies to the streams {', '.join(ILLUSION_STREAMS)}; stream={_show(cfg.stream)} has none")
-    errors += shard_errors(cfg.sweep.shard, cfg.sweep.num_shards)
+    errors = grid.errors(cfg) + _model_errors(cfg.model) + _dataset_errors(cfg.dataset) + _intervention_errors(cfg.intervention)
+    errors += _run_errors(cfg)
     if errors:
         raise DasError("; ".join(errors))
 
@@ -345,7 +351,7 @@ def _run_errors(cfg: DictConfig) -> list[str]:
     if t.engine not in ENGINES:
         errors.append(f"train.engine={t.engine}: valid choices: {', '.join(ENGINES)}")
     if t.cells_per_step != "auto" and (isinstance(t.cells_per_step, bool) or not isinstance(t.cells_per_step, int) or t.cells_per_step < 1):
-        errors.append(f"train.cells_per_step={_show(t.cells_per_step)}: valid choices: auto, or a whole number >= 1")
+        errors.append(f"train.cells_per_step={shown(t.cells_per_step)}: valid choices: auto, or a whole number >= 1")
     elif t.engine == "reference" and t.cells_per_step not in ("auto", 1):
         warnings.warn(f"train.cells_per_step={t.cells_per_step} has no effect with train.engine=reference, which trains "
                       "one cell at a time (bundles are the fast engine's)", ConfigWarning)
@@ -384,7 +390,7 @@ def _dataset_errors(ds: DictConfig) -> list[str]:
         errors.append(f"dataset.val_fraction={ds.val_fraction}: must be at least 0 and below 1")
     bad = [k for k in ds.train_kinds if k not in KINDS]
     if bad or not ds.train_kinds:
-        errors.append(f"dataset.train_kinds={_show(ds.train_kinds)}: give a non-empty list of kinds; valid kinds: {', '.join(KINDS)}")
+        errors.append(f"dataset.train_kinds={shown(ds.train_kinds)}: give a non-empty list of kinds; valid kinds: {', '.join(KINDS)}")
     return errors
 
 
@@ -396,7 +402,7 @@ def _intervention_errors(options: DictConfig) -> list[str]:
         errors.append(f"intervention.dim={options.dim}: must be >= 1")
     neurons = options.get("neurons")
     if neurons is not None and (not neurons or min(neurons) < 0):
-        errors.append(f"intervention.neurons={_show(neurons)}: must be null or a non-empty list of indices >= 0")
+        errors.append(f"intervention.neurons={shown(neurons)}: must be null or a non-empty list of indices >= 0")
     if errors:
         return errors
     return _constructor_errors(options)
@@ -424,162 +430,6 @@ def _constructor_errors(options: DictConfig) -> list[str]:
 def intervention_options(cfg: DictConfig) -> dict:
     """The intervention's options as its constructor takes them (every key of the group but `name`)."""
     return {k: v for k, v in OmegaConf.to_container(cfg.intervention, resolve=True).items() if k != "name"}
-
-
-def shard_errors(shard: int, num_shards: int) -> list[str]:
-    """`sweep.shard` must name one of the `sweep.num_shards` shards."""
-    if num_shards < 1:
-        return [f"sweep.num_shards={num_shards}: must be >= 1"]
-    if not 0 <= shard < num_shards:
-        return [f"sweep.shard={shard}: must be in 0..{num_shards - 1} (sweep.num_shards={num_shards})"]
-    return []
-
-
-# ---- the grid: streams x layers x positions x head sets x seeds ----
-
-def _grid_errors(cfg: DictConfig) -> list[str]:
-    errors = []
-    for check in (streams, positions, lambda c: head_sets(c, n_heads=None)):
-        try:
-            check(cfg)
-        except DasError as e:
-            errors.append(str(e))
-    if cfg.heads is not None and not any(s in HEAD_STREAMS for s in _items(cfg.stream)):
-        errors.append(f"heads: set, but no stream is head-level; head-level streams: {', '.join(HEAD_STREAMS)}")
-    errors += _head_order_errors(cfg)
-    value = cfg.layers
-    if not (value == "all" or _is_int(value) or _is_list_of(value, _is_int)):
-        errors.append(f"layers={_show(value)}: must be a non-empty list of layer indices (integers), or all")
-    return errors
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # true is not layer 1
-
-
-def _is_list_of(value: Any, check) -> bool:
-    return isinstance(value, (list, ListConfig)) and len(value) > 0 and all(check(v) for v in value)
-
-
-def _items(value: Any) -> list:
-    return list(value) if isinstance(value, (list, ListConfig)) else [value]
-
-
-def _unique(key: str, items: list, detail: str = "", same=lambda item: item) -> list:
-    """`items` without repeats (items alike under `same` are one; the first is kept); a repeat would train the same
-    cell again and pass for another seed."""
-    firsts: dict = {}
-    for item in items:
-        firsts.setdefault(same(item), item)
-    unique = list(firsts.values())
-    if len(unique) < len(items):
-        repeated = [_show(list(i) if isinstance(i, tuple) and len(i) > 1 else i[0] if isinstance(i, tuple) else i)
-                    for i in unique if sum(same(j) == same(i) for j in items) > 1]
-        warnings.warn(f"{key}: {', '.join(repeated)} given more than once{detail}; each cell runs once", ConfigWarning)
-    return unique
-
-
-def streams(cfg: DictConfig) -> list[str]:
-    value = _items(cfg.stream)
-    if not value:
-        raise DasError(f"stream=[]: give at least one stream; valid choices: {', '.join(STREAMS)}")
-    bad = [s for s in value if s not in STREAMS]
-    if bad:
-        raise DasError(f"stream={_show(bad[0])}: unknown stream; valid choices: {', '.join(STREAMS)}")
-    return _unique("stream", [str(s) for s in value])
-
-
-def layers(cfg: DictConfig, n_layers: int) -> list[int]:
-    """The layer list; every index checked against the model; negative indices count from the end."""
-    value = cfg.layers
-    chosen = list(range(n_layers)) if value == "all" else _items(value)
-    bad = [layer for layer in chosen if not -n_layers <= layer < n_layers]
-    if bad:
-        raise DasError(f"layers: {bad} out of range for a {n_layers}-layer model; valid layers: 0..{n_layers - 1} or 'all'")
-    return _unique("layers", [layer % n_layers for layer in chosen], f" (negative indices count from the end of {n_layers} layers)")
-
-
-def _position_item(value: Any) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise DasError(f"positions: {_show(value)} is neither a token index nor a position name")
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)
-    return value
-
-
-def positions(cfg: DictConfig) -> list[tuple[int | str, ...]]:
-    """One tuple per cell; a nested list is one cell spanning several tokens (a joint subspace)."""
-    items = _items(cfg.positions)
-    if not items:
-        raise DasError("positions: empty; give at least one position, e.g. positions=[last]")
-    out = []
-    for item in items:
-        group = _items(item)
-        if not group:
-            raise DasError("positions: an empty nested list; each cell needs at least one position")
-        out.append(tuple(_position_item(v) for v in group))
-    return _unique("positions", out)
-
-
-def head_sets(cfg: DictConfig, n_heads: int | None, ranking: list[int] | None = None) -> list[tuple[int, ...] | None]:
-    """The head sets of one head-level stream with `n_heads` heads, one per cell (n_heads=None: check only).
-
-    null: all heads together; [0,3]: one set; [[0],[1,2]]: several sets; `each`: one cell per head;
-    `leave_one_out`: all heads but one, for each head; `cumulative`: the first 1, 2, ... heads of
-    `head_order` (a list, or `ranked` = by single-head IIA, passed here as `ranking`).
-    """
-    value = cfg.heads
-    if value is None:
-        return [None]
-    if isinstance(value, str):
-        if value not in HEAD_MODES:
-            raise DasError(f"heads={value}: valid choices: null, a list of heads, a list of lists, {', '.join(HEAD_MODES)}")
-        return [] if n_heads is None else _head_mode(cfg, value, n_heads, ranking)
-    items = _items(value)
-    if _is_list_of(items, _is_int):
-        return [tuple(items)]
-    if not _is_list_of(items, lambda v: _is_int(v) or _is_list_of(v, _is_int)):
-        raise DasError(f"heads={_show(value)}: give a non-empty list of heads (integers) or of non-empty lists of heads, "
-                       f"or one of null, {', '.join(HEAD_MODES)}")
-    sets = [tuple(v) if isinstance(v, (list, ListConfig)) else (v,) for v in items]
-    return _unique("heads", sets, " (a head set is a set: its order does not make another cell)", same=frozenset)
-
-
-def _head_mode(cfg: DictConfig, mode: str, n_heads: int, ranking: list[int] | None) -> list[tuple[int, ...]]:
-    if mode == "each":
-        return [(h,) for h in range(n_heads)]
-    if mode == "leave_one_out":
-        return [tuple(x for x in range(n_heads) if x != h) for h in range(n_heads)]
-    order = ranking if cfg.head_order == "ranked" else list(cfg.head_order or range(n_heads))
-    return [tuple(order[: i + 1]) for i in range(len(order))]
-
-
-def _head_order_errors(cfg: DictConfig) -> list[str]:
-    value, order = cfg.heads, cfg.head_order
-    errors = []
-    if order is not None and value != "cumulative":
-        errors.append(f"head_order: only used with heads=cumulative (heads={_show(value)})")
-    if order is not None and order != "ranked" and not (_is_list_of(order, _is_int) and len(set(order)) == len(order)):
-        errors.append(f"head_order={_show(order)}: valid choices: null, a list of distinct heads, ranked")
-    return errors
-
-
-def _seeds_errors(value: Any) -> list[str]:
-    if value is None or (_is_int(value) and value >= 1):
-        return []
-    if _is_list_of(value, _is_int) and len(set(value)) == len(value):
-        return []
-    return [f"seeds={_show(value)}: give a number of seeds (>= 1, counted up from `seed`) or a list of distinct integer seeds"]
-
-
-def replicates(cfg: DictConfig) -> list[int | None]:
-    """The seeds every cell runs with: [None] (just `seed`) unless `seeds` asks for several."""
-    value = cfg.seeds
-    if value is None:
-        return [None]
-    if isinstance(value, int):
-        return list(range(int(cfg.seed), int(cfg.seed) + value))
-    return [int(v) for v in value]
 
 
 def pick_device(name: str):

@@ -152,10 +152,6 @@ def _named(exs: list[Example], attr: str, last: Tensor) -> dict[str, Tensor]:
 Position = int | str
 
 
-def position_label(position: tuple[Position, ...]) -> str:
-    return "+".join(str(p) for p in position)
-
-
 def resolve_positions(group: PairGroup, position: tuple[Position, ...], side: str) -> Tensor:
     """[G, P] token indices of `position` (ints count from the end when negative) on one side."""
     ids = group.base_ids if side == "base" else group.source_ids

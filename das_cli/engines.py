@@ -20,24 +20,17 @@ the training loss on them; the fast engine's loss reads the vocabulary weight on
 
 from __future__ import annotations
 
-import inspect
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache
 
 from .data import Batch, PairSet, answer_matrix, resolve_positions, teacher_forced
+from .forward import Intervene, JoinedForward
 from .models import LoadedModel
-from .names import ENGINES
 from .readout import Readout, answer_cross_entropy
 from .sites import Site, gather, hooked, scatter
-
-Intervene = Callable[[Tensor, Tensor], Tensor]  # (base's site values, source's) -> the edited values
 
 
 @dataclass
@@ -172,11 +165,11 @@ class FastEngine:
         self.starts = [int(group.base_positions.min()) for group in groups]
         self.cached = all(group.prefix is not None for group in groups)
         self.readout = Readout(lm)
-        self.window = getattr(lm.model.config, "sliding_window", None)
         for group in groups:
             fed = group.base_ids.shape[1] + self.width - 1
             if group.residual is not None and group.residual.shape[1] != fed:
                 raise ValueError(f"the cached residual covers {group.residual.shape[1]} tokens, not the {fed} of prompt and fed label")
+        self.joined = JoinedForward(lm, [self])
 
     def labels(self, batch: Batch) -> Tensor:
         return self.reference.labels(batch)
@@ -193,113 +186,14 @@ class FastEngine:
 
     def final_hidden(self, batch: Batch, intervene: Intervene) -> Tensor:
         """The edited base runs' final hidden state at the K answer positions, [B, K, hidden]."""
-        if len(batch) == 1 or self._joinable(batch):
-            return self._run(batch, intervene)
-        return torch.cat([self._run([piece], intervene) for piece in batch])
+        hidden = self.joined.hidden([batch], [intervene], check_window=len(batch) > 1)
+        if hidden is not None:
+            return hidden[0]
+        return torch.cat([self.joined.hidden([[piece]], [intervene], check_window=False)[0] for piece in batch])
 
-    def _layout(self, batch: Batch) -> tuple[int, list[int], int]:
-        """(padded length, left padding per piece, first fed column) of the batch joined."""
-        lengths = [self.groups[g].base_ids.shape[1] for g, _ in batch]
-        length = max(lengths)
-        pads = [length - t for t in lengths]
-        return length, pads, min(self.starts[g] + pad for (g, _), pad in zip(batch, pads))
-
-    def _joinable(self, batch: Batch) -> bool:
-        length, pads, start = self._layout(batch)
-        return start >= max(pads) and (self.window is None or length + self.width - 1 <= self.window)
-
-    def _run(self, batch: Batch, intervene: Intervene) -> Tensor:
-        length, pads, start = self._layout(batch)
-        # per piece: its group, rows, left padding, and the first fed column in its own coordinates
-        pieces = [(self.groups[g], rows, pad, start - pad) for (g, rows), pad in zip(batch, pads)]
-        skipping = self.site.layer > 0 and all(group.residual is not None for group, *_ in pieces)
-        ids = torch.cat([group.fed_ids(rows, own) for group, rows, _, own in pieces])
-        positions = torch.cat([group.base_positions[rows] - own for group, rows, _, own in pieces])
-        source = torch.cat([group.source_values[rows] for group, rows, *_ in pieces])
-        residual = torch.cat([group.residual[rows, own:] for group, rows, _, own in pieces]) if skipping else None
-        cache = prefix_cache(self.lm, pieces, start, self.site.layer if skipping else 0) if start > 0 else None
-        mask, position_ids = padding_inputs(pieces, length + self.width - 1, start, ids.device)
-        edit = self.reference.edit(positions, source, intervene)
-        with skip_blocks_before(self.lm, self.site.layer, residual), hooked(self.site, edit):
-            out = self.lm.model.base_model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, **cache_arguments(self.lm.model.base_model, cache)
-            )
-        return out.last_hidden_state[:, -self.width :]
-
-
-
-def padding_inputs(pieces: list, total: int, start: int, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-    """(attention mask, position ids) of left-padded pieces (group, rows, pad, own first column) joined into one
-    forward of `total` columns fed from column `start`; (None, None) when no piece is padded."""
-    if not any(pad for _, _, pad, _ in pieces):
-        return None, None
-    mask = torch.cat([torch.arange(total, device=device).expand(len(rows), -1) >= pad for _, rows, pad, _ in pieces]).long()
-    position_ids = torch.cat([torch.arange(own, own + total - start, device=device).expand(len(rows), -1) for _, rows, _, own in pieces])
-    return mask, position_ids
-
-
-def prefix_cache(lm: LoadedModel, pieces: list, start: int, first_block: int, leading: dict[int, int] | None = None) -> DynamicCache:
-    """The base runs' keys and values before `start` (left-padded per piece), for blocks from `first_block` on
-    (`leading`: per layer, only the first so many pieces, the rows that block computes).
-
-    Skipped blocks read nothing from the cache, but the model reads the prefix length from
-    their layers (layer 0, the first sliding-window layer), so they hold a placeholder of that length.
-    """
-    cache = DynamicCache(config=lm.model.config)
-    placeholder = pieces[0][0].base_ids.new_zeros(1, 1, start, 1, dtype=lm.model.dtype)
-    for layer in range(len(pieces[0][0].prefix)):
-        if layer < first_block:
-            cache.update(placeholder, placeholder, layer)
-            continue
-        if any(group.prefix[layer] is None for group, *_ in pieces):
-            raise ValueError(f"the base run kept no keys and values for layer {layer}, which block {first_block} on needs")
-        kept = pieces[: leading[layer]] if leading else pieces
-        keys, values = (
-            torch.cat([_left_pad(group.prefix[layer][i][rows, :, :own], pad) for group, rows, pad, own in kept])
-            for i in (0, 1)
-        )
-        cache.update(keys, values, layer)
-    return cache
-
-
-def cache_arguments(module: torch.nn.Module, kv_cache: DynamicCache | None) -> dict[str, object]:
-    """Keyword arguments that hand `kv_cache` (or none) to a transformers model's forward."""
-    return {_cache_keyword(type(module)): kv_cache, "use_cache": kv_cache is not None}
-
-
-@lru_cache(maxsize=None)
-def _cache_keyword(model_class: type) -> str:
-    # transformers renamed the forward's `past_key_values` to `cache` after 5.18: 5.24 still
-    # translates the old name, with a FutureWarning on every call, until its removal in 5.40;
-    # 5.3 to 5.18 know only `past_key_values`.
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def _left_pad(kv: Tensor, pad: int) -> Tensor:
-    """[B, heads, t, d] -> [B, heads, pad + t, d], zeros first (masked out by the attention mask)."""
-    return F.pad(kv, (0, 0, pad, 0)) if pad else kv
-
-
-@contextmanager
-def skip_blocks_before(lm: LoadedModel, layer: int, residual: Tensor | None) -> Iterator[None]:
-    """Blocks before `layer` do no work: the last of them returns `residual`, the rest pass through."""
-    if residual is None or layer == 0:
-        yield
-        return
-    blocks = [lm.block(i) for i in range(layer)]
-    for block in blocks[:-1]:
-        block.forward = _pass_through
-    blocks[-1].forward = lambda hidden_states, *args, **kwargs: residual
-    try:
-        yield
-    finally:
-        for block in blocks:
-            del block.forward  # back to the class's forward
-
-
-def _pass_through(hidden_states: Tensor, *args, **kwargs) -> Tensor:
-    return hidden_states
+    def joinable(self, batch: Batch) -> bool:
+        """Whether the batch's pieces run as one left-padded forward (else one forward per piece)."""
+        return self.joined.layout([(0, *piece) for piece in batch]) is not None
 
 
 def make_engine(name: str, lm: LoadedModel, site: Site, groups: list[CellGroup]) -> Engine:

@@ -1,6 +1,9 @@
 """The one exception type users see: a one-line message naming the bad key and the valid choices."""
 
 
+from typing import Any
+
+
 class DasError(Exception):
     """A user-facing error. The CLI prints its message on one line and exits with status 2."""
 
@@ -30,3 +33,16 @@ def non_finite(tensors: dict) -> list[str]:
 
 class ConfigWarning(UserWarning):
     """A config that runs, but not quite as written (e.g. a repeated grid entry); the CLI prints it on one line."""
+
+
+def shown(value: Any) -> str:
+    """A value as the user wrote it on the command line (lists in brackets, true/false/null)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(shown(v) for v in value) + "]"
+    if value is None or isinstance(value, bool):
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)

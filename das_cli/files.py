@@ -20,9 +20,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.errno is not None and error.filename in (None, tmp):
+            raise OSError(error.errno, error.strerror, str(path)) from error  # name the file meant, not the temporary one
         raise
     return path
 

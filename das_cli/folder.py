@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import DasError, non_finite
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,8 @@ METRICS = "metrics.json"
 SUBSPACE = "subspace.safetensors"
 LOCK = ".lock"
 CHECKPOINT = "checkpoint.pt"
+CURVE = "curve.csv"
+CURVE_PLOT = "curve.png"
 TABLE = "iia.csv"
 SEEDS_TABLE = "iia_seeds.csv"
 HEADS_TABLE = "head_importance.csv"
@@ -69,6 +71,14 @@ def subspace_file(folder: Path, cell_id: str) -> Path:
 
 def checkpoint_file(folder: Path, cell_id: str) -> Path:
     return cell_dir(folder, cell_id) / CHECKPOINT
+
+
+def curve_file(folder: Path, cell_id: str) -> Path:
+    return cell_dir(folder, cell_id) / CURVE
+
+
+def curve_plot_file(folder: Path, cell_id: str) -> Path:
+    return cell_dir(folder, cell_id) / CURVE_PLOT
 
 
 def head_plot_file(folder: Path, cell_id: str) -> Path:
@@ -109,6 +119,12 @@ def heatmap_file(folder: Path, name: str) -> Path:
 def cell_ids(folder: Path) -> list[str]:
     """Ids of the cells with a metrics.json directly under folder/cells/."""
     return sorted(p.parent.name for p in (Path(folder) / CELLS).glob(f"*/{METRICS}"))
+
+
+def cell_folders(folder: Path) -> list[str]:
+    """Ids of every folder under folder/cells/, finished (with a metrics.json) or not."""
+    cells = Path(folder) / CELLS
+    return sorted(p.name for p in cells.iterdir() if p.is_dir()) if cells.is_dir() else []
 
 
 def metrics_files_under(folder: Path) -> list[Path]:
@@ -290,7 +306,7 @@ def read_cell(folder: Path, cell_id: str, verify: bool = True) -> StoredCell | N
 
 def _subspace_problem(path: Path, sha256: str) -> str:
     try:
-        actual = _sha256(path)
+        actual = sha256_of(path)
     except FileNotFoundError:
         return f"{SUBSPACE} is missing"
     except OSError as e:
@@ -298,7 +314,7 @@ def _subspace_problem(path: Path, sha256: str) -> str:
     return "" if actual == sha256 else f"{SUBSPACE} is not the file written with the cell (truncated or replaced)"
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -328,19 +344,50 @@ def count_finished(folder: Path) -> int:
 
 
 def save_cell(folder: Path, cell_id: str, row: dict, fingerprint: dict, tensors: dict, save_subspace: bool,
-              artefact: dict | None = None) -> None:
-    """The subspace first, then metrics.json (row + fingerprint + the subspace's checksum + `artefact`), each
-    atomically. The artefact description also goes into the safetensors metadata (as JSON under "artefact")."""
+              artefact: dict | None = None, curve: list[tuple] | None = None) -> None:
+    """The training curve and the subspace first, then metrics.json (row + fingerprint + the subspace's checksum
+    + `artefact`), each atomically. The artefact description also goes into the safetensors metadata (as JSON
+    under "artefact")."""
+    if curve:
+        atomic_write_text(curve_file(folder, cell_id), curve_csv(curve))
     record = {"tensors": sorted(tensors), "sha256": None}
     if save_subspace and tensors:
         from safetensors.torch import save_file
 
         metadata = {"artefact": json.dumps(artefact)} if artefact else None
-        path = atomic_write(subspace_file(folder, cell_id), lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        record["sha256"] = _sha256(path)
+        path = atomic_write(subspace_file(folder, cell_id), lambda tmp: _save_safetensors(save_file, tensors, tmp, metadata))
+        record["sha256"] = sha256_of(path)
     extra = {"artefact": artefact} if artefact else {}
     atomic_write_json(metrics_file(folder, cell_id), {**row, "fingerprint": fingerprint, "subspace": record, **extra})
     checkpoint_file(folder, cell_id).unlink(missing_ok=True)  # the cell has ended: its mid-way state is spent
+
+
+CURVE_COLUMNS = ("step", "epoch", "loss", "penalty", "lr", "epoch_loss")
+
+
+def curve_csv(curve: list[tuple]) -> str:
+    """curve.csv: one line per training step (step, epoch, cross-entropy, penalty, learning rate); `epoch_loss`,
+    the epoch's mean cross-entropy, on each epoch's last step."""
+    lines = [",".join(CURVE_COLUMNS)]
+    for k, (step, epoch, loss, penalty, rate) in enumerate(curve):
+        last = k + 1 == len(curve) or curve[k + 1][1] != epoch
+        losses = [point[2] for point in curve if point[1] == epoch]
+        mean = repr(sum(losses) / len(losses)) if last else ""
+        lines.append(f"{step},{epoch},{loss!r},{penalty!r},{rate!r},{mean}")
+    return "\n".join(lines) + "\n"
+
+
+def _save_safetensors(save_file: Callable, tensors: dict, path: str, metadata: dict | None) -> None:
+    """safetensors' save_file, its I/O errors (a full disk) raised as the OSError they are (it raises its own type)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
 
 
 class CellStore:
@@ -371,8 +418,8 @@ class CellStore:
             return None
         return stored.row
 
-    def save(self, cell, row: dict, tensors: dict, artefact: dict | None = None) -> None:
-        save_cell(self.folder, cell.id, row, self.fingerprint(cell), tensors, self.save_subspaces, artefact)
+    def save(self, cell, row: dict, tensors: dict, artefact: dict | None = None, curve: list[tuple] | None = None) -> None:
+        save_cell(self.folder, cell.id, row, self.fingerprint(cell), tensors, self.save_subspaces, artefact, curve)
         for checkpoint in self.in_flight:
             if checkpoint.cell_id == cell.id:
                 checkpoint.release()
@@ -465,6 +512,8 @@ class Checkpoint:
             return self._unusable(f"it comes from another configuration (changed: {', '.join(changed)})")
         if record.get("total") != total or not 0 <= step <= total:
             return self._unusable(f"its step {step}/{record.get('total')} does not fit this cell's {total} steps")
+        if len(state.get("curve") or []) != step:
+            return self._unusable(f"its training curve does not cover its {step} steps")
         log.info("cell %s resumes from its checkpoint at step %d/%d", self.cell_id, step, total)
         return step, state
 

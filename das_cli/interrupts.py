@@ -8,6 +8,7 @@ running until SLURM kills it; it must propagate, as must anything else a signal 
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
 import threading
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import DasError
 from .folder import Checkpoint, count_finished
 
 log = logging.getLogger(__name__)
@@ -148,3 +150,17 @@ def interrupted(stop: KeyboardInterrupt, folder: Path, in_flight: list[Checkpoin
     return Interrupted(f"{str(stop) or 'interrupted'}; {count_finished(folder)} finished cells are kept in {folder}; "
                        f"{checkpointed if saved else ''}to resume, run the same command with hydra.run.dir={folder}",
                        getattr(stop, "status", 130))
+
+
+# The folder stopped taking files: a full disk or quota, a file system remounted read-only, permissions taken away.
+UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+
+
+def unwritable(error: OSError, folder: Path) -> DasError | None:
+    """The one line a run ends with when its folder stops taking files (None for any other OSError): what failed,
+    that the finished cells are kept (each was written whole or not at all), and how to resume."""
+    if error.errno not in UNWRITABLE:
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    return DasError(f"hydra.run.dir={folder}: {error.strerror or error}{where}; {count_finished(folder)} finished cells are kept "
+                    f"there; make room (or make it writable) and run the same command to resume")

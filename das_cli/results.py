@@ -24,12 +24,12 @@ from .files import atomic_write
 
 COLUMNS: list[str] = [
     "stream", "layer", "position", "heads", "intervention", "dim", "seed",
-    "iia", "iia_lo", "iia_hi", "iia_val", "p_label", "logit_diff", "gain", "ood",
+    "iia", "iia_lo", "iia_hi", "iia_val", "p_label", "logit_diff", "gain", "offmanifold", "max_z",
     "train_iia", "loss", "penalty", "base_accuracy", "n_train", "n_val", "n_test", "seconds",
 ]
 TEXT_COLUMNS = ["stream", "position", "heads", "intervention"]
 INT_COLUMNS = ["layer", "dim", "seed", "n_train", "n_val", "n_test"]
-FLOAT_COLUMNS = ["iia", "iia_lo", "iia_hi", "iia_val", "p_label", "logit_diff", "gain", "ood",
+FLOAT_COLUMNS = ["iia", "iia_lo", "iia_hi", "iia_val", "p_label", "logit_diff", "gain", "offmanifold", "max_z",
                  "train_iia", "loss", "penalty", "base_accuracy", "seconds"]
 
 
@@ -340,6 +340,33 @@ def bar_chart(values: dict, path: str | os.PathLike, title: str, ylabel: str = "
     axes.set_title(title, fontsize=8)
     figure.tight_layout()
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+
+
+def curve_plot(curve: list[tuple], path: str | os.PathLike, title: str) -> None:
+    """A training curve (train.Fit.curve): the cross-entropy per step with each epoch's mean, the penalty where the
+    method has one, and the learning rate on a second axis; written atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps, epochs, losses, penalties, rates = (list(column) for column in zip(*curve))
+    figure = Figure(figsize=(5.0, 3.0))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(steps, losses, color="#3b6ea8", linewidth=0.8, label="cross-entropy")
+    ends = [k for k in range(len(steps)) if k + 1 == len(steps) or epochs[k + 1] != epochs[k]]
+    means = [float(np.mean([loss for loss, e in zip(losses, epochs) if e == epochs[k]])) for k in ends]
+    axes.plot([steps[k] for k in ends], means, "o-", color="#1f3b5c", markersize=3, label="epoch mean")
+    if any(penalties):
+        axes.plot(steps, penalties, color="#c0392b", linewidth=0.8, label="penalty")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    rate_axes = axes.twinx()
+    rate_axes.plot(steps, rates, color="#999999", linewidth=0.8, linestyle="--")
+    rate_axes.set_ylabel("learning rate", color="#777777")
+    axes.legend(fontsize=7, loc="upper right")
+    axes.set_title(title, fontsize=8)
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
 
 
 def side_by_side_heatmaps(left, right, path: str | os.PathLike, title: str, titles: tuple[str, str]) -> None:

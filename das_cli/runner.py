@@ -21,7 +21,8 @@ from .cell import CELL_FAILURES, CellResult, ReadyCell, RunData
 from .folder import CellStore
 from .grid import Cell
 from .interrupts import is_interruption
-from .sites import Site, site_key
+from .grid import site_key
+from .sites import Site
 from .train import Member, fit_cells
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class CellRunner:
         try:
             sources = self.activations.take(site)
         except CELL_FAILURES as e:  # e.g. out of memory reading the site: every pending cell of it fails
-            return [done[cell] or self.store.locked(cell, lambda c: self.save_failure(c, e)) for cell in cells]
+            return [done[cell] or self.store.locked(cell, lambda c, error=e: self.save_failure(c, error)) for cell in cells]
         return [done[cell] or self.store.locked(cell, lambda c: self.run_alone(c, site, sources)) for cell in cells]
 
     def run_alone(self, cell: Cell, site: Site, sources) -> dict:
@@ -149,7 +150,7 @@ class CellRunner:
     def write(self, result: CellResult) -> dict:
         """Write a finished cell atomically, then draw its figures; its row."""
         cell, row = result.cell, result.row
-        self.store.save(cell, row, result.tensors, describe(self.data.cfg, self.data.lm, cell, int(row["width"])))
+        self.store.save(cell, row, result.tensors, describe(self.data.cfg, self.data.lm, cell, int(row["width"])), result.curve)
         log.info("cell %s trained: iia %.3f", cell.id, row["iia"])
         for name, draw in result.figures:
             try:

@@ -1,10 +1,16 @@
 """Scores beside IIA: its Wilson interval, and how large and how unnatural the applied edit is.
 
-`gain` is ‖M‖₂ of the map an intervention applies, h = b + M (s − b). `ood` is the largest
-|z-score| of the edited test vectors along the directions M writes, each direction's mean and
-standard deviation taken over the unedited training activations (base and source prompts).
-An interchange moves a base vector to values the model produces itself (|z| of a few); an
-edit far outside them steers the model rather than interchanging a variable.
+`gain` is ‖M‖₂ of the map an intervention applies, h = b + M (s − b).
+
+`offmanifold` compares the edited test vectors with the unedited ones, in the site's full space: the
+root-mean-square Mahalanobis distance of the edited vectors divided by that of the unedited base vectors
+of the same pairs, both under the mean and covariance of the natural (unedited training) activations,
+the covariance shrunk towards a multiple of the identity with Ledoit and Wolf's intensity (J. Multivar.
+Anal. 88, 2004) so that it is invertible with fewer vectors than dimensions. Natural vectors score about
+1; an edit that leaves the activations the model produces (a stretch, or coordinates of two vectors mixed
+against their correlations) scores above. `max_z` is the largest |z-score| of the edited vectors along the
+directions M writes: for an orthogonal swap those coordinates are the source's own ((b + (s − b)WWᵀ)W = sW),
+so it describes the values written, not the edit. Both are taken over the cause pairs (those IIA counts).
 """
 
 from __future__ import annotations
@@ -68,12 +74,58 @@ def largest_z(edited: Tensor, natural: Tensor, directions: Tensor) -> float:
     return float(z[:, varies].abs().max())
 
 
+def shrunk_covariance(natural: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, covariance) of the rows of `natural` [N, n] in float64, the covariance (1 − a) S + a (tr S / n) I with
+    S the sample covariance (divided by N) and a Ledoit and Wolf's (2004) estimate of the intensity that minimises the
+    expected squared error, clipped to [0, 1]."""
+    x = natural.double()
+    mean = x.mean(0)
+    x = x - mean
+    count, n = x.shape
+    sample = x.T @ x / count
+    scale = float(torch.trace(sample)) / n
+    squares = x * x
+    spread = float((squares.T @ squares).sum()) / count - float((sample * sample).sum())  # Σ_k ‖x_k x_kᵀ − S‖² / N
+    distance = float(((sample - scale * torch.eye(n, dtype=x.dtype)) ** 2).sum())  # ‖S − (tr S / n) I‖²
+    intensity = 1.0 if distance == 0 else min(1.0, max(0.0, spread / count / distance))
+    return mean, (1 - intensity) * sample + intensity * scale * torch.eye(n, dtype=x.dtype)
+
+
+# Added to the shrunk covariance's diagonal (times its mean variance) before it is inverted: where the intensity is 0 and
+# the natural vectors span fewer dimensions than the site, a direction they never take is then far, not undefined.
+FLOOR = 1e-9
+
+
+def mahalanobis_squared(rows: Tensor, mean: Tensor, covariance: Tensor) -> Tensor:
+    """(x − mean)ᵀ covariance⁻¹ (x − mean) for each row x [M, n]."""
+    centred = (rows.double() - mean).T
+    n = covariance.shape[0]
+    floored = covariance + FLOOR * float(torch.trace(covariance)) / n * torch.eye(n, dtype=covariance.dtype)
+    return (centred * torch.linalg.solve(floored, centred)).sum(0)
+
+
+def off_manifold(edited: Tensor, unedited: Tensor, natural: Tensor) -> float:
+    """RMS Mahalanobis distance of `edited` over that of `unedited` ([M, n] each), both under the mean and shrunk
+    covariance of `natural` [N, n]; NaN with fewer than 2 natural vectors, none that vary, or no rows."""
+    if natural.shape[0] < 2 or edited.shape[0] == 0:
+        return math.nan
+    mean, covariance = shrunk_covariance(natural.cpu())
+    if float(torch.trace(covariance)) == 0:
+        return math.nan
+    reference = float(mahalanobis_squared(unedited.cpu(), mean, covariance).mean())
+    if reference == 0:
+        return math.nan
+    return math.sqrt(float(mahalanobis_squared(edited.cpu(), mean, covariance).mean()) / reference)
+
+
 @torch.no_grad()
 def edit_scores(intervention: Intervention, natural: Tensor, base: Tensor, source: Tensor) -> dict[str, float]:
-    """`gain` and `ood` of the intervention (in eval mode) applied to test vectors `base`, `source` ([M, n])."""
+    """`gain`, `offmanifold` and `max_z` of the intervention (in eval mode) applied to the test vectors `base`,
+    `source` ([M, n]: the cause pairs'), against the `natural` training activations [N, n]."""
     device = intervention._device()
-    edited = intervention(base.to(device), source.to(device))
-    return {"gain": intervention.gain(), "ood": largest_z(edited.cpu(), natural.cpu(), intervention.edit_directions().cpu())}
+    edited = intervention(base.to(device), source.to(device)).cpu()
+    return {"gain": intervention.gain(), "offmanifold": off_manifold(edited, base.cpu(), natural.cpu()),
+            "max_z": largest_z(edited, natural.cpu(), intervention.edit_directions().cpu())}
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .errors import DasError
 from .models import LoadedModel
-from .names import HEAD_STREAMS, STREAMS
+from .names import HEAD_STREAMS, QKV_STREAMS, STREAM_TABLE, STREAMS
 
 
 @dataclass(frozen=True)
@@ -60,22 +60,13 @@ class Site:
 
 
 def _module_side(lm: LoadedModel, stream: str) -> tuple[str, str]:
-    fam = lm.family
-    table = {
-        "block_input": ("", "input"),
-        "block_output": ("", "output"),
-        "attention_input": (fam.attention, "input"),
-        "attention_output": (fam.attention, "output"),
-        "attention_value_output": (fam.attention_out_proj, "input"),
-        "mlp_input": (fam.mlp, "input"),
-        "mlp_activation": fam.mlp_activation,
-        "mlp_output": (fam.mlp, "output"),
-    }
-    if stream in ("query_output", "key_output", "value_output"):
-        which = ("query_output", "key_output", "value_output").index(stream)
-        path = fam.qkv[0] if len(fam.qkv) == 1 else fam.qkv[which]
-        return path, "output"
-    return table[stream]
+    """(module path inside a block, side) of a whole-vector stream, from the stream table and the family."""
+    fam, row = lm.family, STREAM_TABLE[stream]
+    if row.module == "qkv":
+        return (fam.qkv[0] if len(fam.qkv) == 1 else fam.qkv[QKV_STREAMS.index(stream)]), row.side
+    if row.side == "family":
+        return getattr(fam, row.module)
+    return (getattr(fam, row.module) if row.module else ""), row.side
 
 
 def head_counts(lm: LoadedModel, stream: str) -> tuple[int, int]:
@@ -92,9 +83,9 @@ def head_counts(lm: LoadedModel, stream: str) -> tuple[int, int]:
 def _stream_columns(lm: LoadedModel, stream: str, module: nn.Module, side: str) -> Tensor:
     """The stream's columns of the hooked tensor, ordered head by head for q/k/v streams."""
     base = HEAD_STREAMS.get(stream, stream)
-    if base in ("query_output", "key_output", "value_output") and len(lm.family.qkv) == 1:
+    if base in QKV_STREAMS and len(lm.family.qkv) == 1:
         n_heads, head_dim = head_counts(lm, base)
-        which = ("query_output", "key_output", "value_output").index(base)
+        which = QKV_STREAMS.index(base)
         if lm.family.qkv_layout == "per_head":  # [heads, 3, head_dim]: head h's q, k, v side by side
             head_starts = torch.arange(n_heads)[:, None] * 3 * head_dim + which * head_dim
             return (head_starts + torch.arange(head_dim)[None, :]).reshape(-1)
@@ -128,14 +119,6 @@ def _measured_width(lm: LoadedModel, module: nn.Module, side: str) -> int:
         except _Stop:
             pass
     return sizes[0]
-
-
-SiteKey = tuple  # (stream, layer, heads)
-
-
-def site_key(of: "Site | object") -> SiteKey:
-    """What names a site: (stream, layer, heads), of a Site or of a grid cell (cells of one site share it)."""
-    return (of.stream, of.layer, of.heads)
 
 
 def resolve_site(lm: LoadedModel, stream: str, layer: int, heads: tuple[int, ...] | None = None) -> Site:

@@ -186,7 +186,7 @@ def _forward_edited(lm, edited, values: Tensor, position: int, read, input_ids: 
     """One copy of the prompt per row of `values` [m, width]: `edited`'s columns at `position` set to that
     row, the forward stopped once `read`'s tensor exists; returns `read`'s columns there, [m, read width].
     The blocks before `edited`'s do no work: `residual` [1, T, hidden] (unedited) enters its block."""
-    from .engines import skip_blocks_before
+    from .forward import skip_blocks_before
     from .sites import hooked
 
     m = values.shape[0]

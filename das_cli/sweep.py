@@ -26,23 +26,25 @@ from .cell import CELL_FAILURES, RunData
 from .checks import check_cells, run_fingerprint
 from .datasets import build_pairs
 from .folder import CellStore
-from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, write_grid
-from .interrupts import interrupted, stops_the_job
+from .grid import Cell, expand_grid, head_rankings, layer_key, shard_cells, site_key, write_grid
+from .interrupts import interrupted, stops_the_job, unwritable
 from .models import load_model
 from .report import aggregate_settled
 from .runner import CellRunner
-from .sites import Site, resolve_site, site_key
+from .sites import Site, resolve_site
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
-    """Run the sweep `cfg` describes into `output_dir`; returns the IIA table of every finished cell there."""
+def run(cfg: DictConfig, output_dir: str | Path, checked: bool = False) -> pd.DataFrame:
+    """Run the sweep `cfg` describes into `output_dir`; returns the IIA table of every finished cell there.
+    `checked`: `cfg` is already typed and validated (`config.checked`)."""
     narrowed = None
     if cfg.get("from_run"):  # the source run's intervention and cells; nothing is trained
         cfg, narrowed = transfer.configure(cfg)
-    cfg = C.typed(cfg)
-    C.validate(cfg)
+        checked = False  # the source run's intervention came in after any check
+    if not checked:
+        cfg = C.checked(cfg)
     folder = layout.make_folder(output_dir)
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
     pairs = build_pairs(cfg, lm)
@@ -63,6 +65,11 @@ def run(cfg: DictConfig, output_dir: str | Path) -> pd.DataFrame:
         if ranked:
             _second_phase(sweep, mine)
         report = aggregate_settled(folder, bool(cfg.output.plots))
+    except OSError as error:
+        stopped = unwritable(error, folder)
+        if stopped is None:
+            raise
+        raise stopped from None
     except BaseException as stop:
         if not stops_the_job(stop):
             raise
@@ -124,7 +131,7 @@ def run_bundles(sweep: CellRunner, chunk: list[Site], cells: list[Cell], sites: 
     try:
         sources = {key: sweep.activations.take(sites[key]) for key in keys}
     except CELL_FAILURES as e:  # e.g. out of memory reading the sites: every pending cell of them fails
-        return [sweep.store.locked(cell, lambda c: sweep.save_failure(c, e)) for cell in mine]
+        return [sweep.store.locked(cell, lambda c, error=e: sweep.save_failure(c, error)) for cell in mine]
     rows = []
     for position in dict.fromkeys(c.position_label for c in mine):
         alike = [c for c in mine if c.position_label == position]

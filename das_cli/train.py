@@ -3,13 +3,15 @@
 Each cell has its own batches (drawn from its own seed), its own Adam and its own learning-rate schedule;
 one forward and one backward per step serve every cell still training (`StepEngine.losses`), and the
 step's loss is the sum of the cells' mean losses, so each cell's gradient is what it would get alone.
-Checkpointing and the progress bar are callbacks around the step, not code inside it.
+Checkpointing and the progress bar are callbacks around the step, not code inside it. Each cell keeps its
+training curve (per step: the cross-entropy, the method's penalty and the learning rate), checkpointed with
+its state, so a resumed cell continues its curve.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -28,6 +30,7 @@ class Fit:
     loss: float  # mean train cross-entropy over the last epoch (NaN when nothing was trained)
     steps: int
     penalty: float = math.nan  # mean of the intervention's extra loss term over the last epoch (0 if it has none)
+    curve: list[tuple] = field(default_factory=list)  # per step: (step, epoch, cross-entropy, penalty, learning rate)
 
 
 @dataclass
@@ -107,6 +110,7 @@ def fit_cells(
     plans = [[batch for epoch in plan for batch in epoch] for plan in per_epoch]
     epoch_starts = {sum(len(epoch) for epoch in per_epoch[0][:e]) for e in range(epochs)}
     n_steps, total = len(plans[0]), max(1, len(plans[0]))
+    per_epoch_steps = max(1, len(per_epoch[0][0])) if per_epoch[0] else 1
     states = []
     for member in members:
         member.intervention.train()
@@ -115,10 +119,8 @@ def fit_cells(
     step = checkpoints.resume()
     results: list[Fit | Exception | None] = [None] * len(members)
     live = list(range(len(members)))
-    desc = "steps" if len(members) == 1 else f"steps ({len(members)} cells)"
-    bar = tqdm(total=total, initial=step, desc=desc, leave=False, disable=not progress, mininterval=1.0)
     try:
-        with WholeSteps() as whole, bar:
+        with WholeSteps() as whole, ProgressBar(total, step, len(members), progress) as bar:
             while step < n_steps and live:
                 if step in epoch_starts:
                     for i in live:
@@ -127,7 +129,8 @@ def fit_cells(
                     members[i].intervention.set_progress(step / total)
                 cross = engine.losses([plans[i][step] for i in live], [members[i].intervention for i in live])
                 penalties = [members[i].intervention.extra_loss() for i in live]
-                finite = [k for k, value in enumerate(cross.detach().tolist()) if math.isfinite(value)]
+                values = cross.detach().tolist()
+                finite = [k for k, value in enumerate(values) if math.isfinite(value)]
                 for k, i in enumerate(live):
                     if k not in finite:
                         results[i] = FloatingPointError("training loss became NaN")
@@ -138,7 +141,7 @@ def fit_cells(
                     sum(cross[k] + penalties[k] for k in finite).backward()
                 with whole.update():
                     for k in finite:
-                        states[live[k]].update(cross[k], penalties[k])
+                        states[live[k]].update(cross[k], penalties[k], (step + 1, step // per_epoch_steps + 1, values[k]))
                     left = len(finite) < len(live)
                     live = [live[k] for k in finite]
                     step += 1
@@ -148,7 +151,7 @@ def fit_cells(
                     checkpoints.save(live, step)
                 if left and live:  # the engine without the cells that left
                     engine = whole_bundle.keeping(live)
-                bar.update()
+                bar.step()
     except BaseException as stop:
         if stops_the_job(stop):
             checkpoints.save(live, step)
@@ -187,6 +190,23 @@ class Checkpoints:
                 self.members[i].checkpoint.hold(self.states[i].saved, step, self.total)
 
 
+class ProgressBar:
+    """The training's progress bar (tqdm over the steps), as a callback of the loop: one tick per whole step."""
+
+    def __init__(self, total: int, initial: int, cells: int, enabled: bool) -> None:
+        desc = "steps" if cells == 1 else f"steps ({cells} cells)"
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not enabled, mininterval=1.0)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def step(self) -> None:
+        self.bar.update()
+
+
 def batch_plan(sizes: list[int], batch_size: int, epochs: int, seed: int, device: torch.device) -> list[list[Batch]]:
     """Per epoch, the batches a cell trains on: drawn in turn from one generator seeded with the cell's seed."""
     generator = torch.Generator().manual_seed(seed)
@@ -210,24 +230,30 @@ class TrainingState:
         self.intervention, self.optimizer, self.schedule, self.device = intervention, optimizer, schedule, device
         self.losses: list[Tensor] = []
         self.penalties: list[Tensor] = []
+        self.curve: list[tuple] = []
         self.rng = rng_state(device)
 
-    def update(self, loss: Tensor, penalty: Tensor) -> None:
-        """One optimiser and schedule step, and the step's loss and penalty recorded."""
+    def update(self, loss: Tensor, penalty: Tensor, point: tuple[int, int, float]) -> None:
+        """One optimiser and schedule step, and the step's loss and penalty recorded; `point` (step, epoch, loss
+        as a number) goes on the curve with the penalty and the learning rate the step used."""
+        rate = self.schedule.get_last_lr()[0]
         self.optimizer.step()
         self.schedule.step()
         self.losses.append(loss.detach())
         self.penalties.append(penalty.detach())
+        self.curve.append((*point, float(penalty.detach()), float(rate)))
 
     def fit(self, steps: int) -> Fit:
-        """The Fit of a finished training: the last epoch's mean loss and penalty."""
-        return Fit(loss=float(torch.stack(self.losses).mean()), steps=steps, penalty=float(torch.stack(self.penalties).mean()))
+        """The Fit of a finished training: the last epoch's mean loss and penalty, and the curve."""
+        return Fit(loss=float(torch.stack(self.losses).mean()), steps=steps, penalty=float(torch.stack(self.penalties).mean()),
+                   curve=list(self.curve))
 
     def saved(self) -> dict:
         return {
             "intervention": self.intervention.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "rng": self.rng,
             "losses": [t.cpu() for t in self.losses], "penalties": [t.cpu() for t in self.penalties],
+            "curve": list(self.curve),
         }
 
     def resume(self, checkpoint: tuple[int, dict] | None) -> int:
@@ -242,6 +268,7 @@ class TrainingState:
         self.rng = saved["rng"]
         self.losses = [t.to(self.device) for t in saved["losses"]]
         self.penalties = [t.to(self.device) for t in saved["penalties"]]
+        self.curve = [tuple(point) for point in saved["curve"]]
         return step
 
 

@@ -16,8 +16,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import config as C
 from . import folder as layout
+from . import grid
 from .artefacts import LoadedCell, load_cell
-from .errors import DasError
+from .errors import ConfigWarning, DasError
 from .grid import Cell
 from .sites import head_counts
 
@@ -51,17 +52,25 @@ def cells(cfg: DictConfig, lm, narrowed: list[str]) -> dict[Cell, LoadedCell]:
     """The source run's finished cells (narrowed by the grid keys given), each with its rebuilt intervention."""
     folder = source_folder(cfg)
     wanted = {
-        "stream": lambda c: c.stream in C.streams(cfg),
-        "layers": lambda c: c.layer in C.layers(cfg, lm.n_layers),
-        "positions": lambda c: tuple(c.position) in C.positions(cfg),
-        "heads": lambda c: c.heads is None or c.heads in C.head_sets(cfg, head_counts(lm, c.stream)[0]),
+        "stream": lambda c: c.stream in grid.streams(cfg),
+        "layers": lambda c: c.layer in grid.layers(cfg, lm.n_layers),
+        "positions": lambda c: tuple(c.position) in grid.positions(cfg),
+        "heads": lambda c: c.heads is None or c.heads in grid.head_sets(cfg, head_counts(lm, c.stream)[0]),
     }
     found: dict[Cell, LoadedCell] = {}
-    for cell_id in layout.cell_ids(folder):
+    for cell_id in layout.cell_folders(folder):
         stored = layout.read_cell(folder, cell_id, verify=False)
-        if stored is None or stored.damaged or stored.failed:
+        if stored is None or stored.damaged:
+            why = stored.problem if stored else f"it has no {layout.METRICS} (it never finished)"
+            warnings.warn(f"from_run={folder}: cell {cell_id} is left out: {why}", ConfigWarning)
             continue
-        loaded = load_cell(layout.cell_dir(folder, cell_id))
+        if stored.failed:  # failed in the source run: there is nothing to evaluate
+            continue
+        try:
+            loaded = load_cell(layout.cell_dir(folder, cell_id))
+        except DasError as e:  # its subspace missing, damaged, not finite, of the wrong shape
+            warnings.warn(f"from_run={folder}: cell {cell_id} is left out: {e}", ConfigWarning)
+            continue
         seed = int(loaded.row.get("seed", cfg.seed))
         cell = Cell(loaded.stream, loaded.layer, loaded.positions, loaded.heads, None if seed == int(cfg.seed) else seed)
         if all(wanted[k](cell) for k in narrowed):

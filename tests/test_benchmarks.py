@@ -3,7 +3,6 @@ holds the same batches das-cli trains on."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 

@@ -58,6 +58,8 @@ def tensors(folder) -> dict:
 
 def assert_same_cell(folder, reference) -> None:
     pd.testing.assert_frame_equal(numbers(folder), numbers(reference), check_exact=True)
+    curve = layout.curve_file(folder, CELL).read_text()  # a resumed cell continues its training curve
+    assert curve == layout.curve_file(reference, CELL).read_text() and len(curve.splitlines()) > 1
     ours, theirs = tensors(folder), tensors(reference)
     assert sorted(ours) == sorted(theirs) and ours
     for name in ours:
@@ -226,7 +228,8 @@ def test_a_stop_in_a_bundles_evaluation_checkpoints_every_cell_at_its_last_step(
 
 def test_a_checkpoint_of_another_configuration_or_length_is_ignored(tmp_path, caplog):
     path = tmp_path / "cells" / CELL / "checkpoint.pt"
-    state = {"intervention": {"w": torch.ones(2)}, "losses": [torch.tensor(0.5)]}
+    curve = [(k, 1, 0.5, 0.0, 0.1) for k in range(1, 5)]
+    state = {"intervention": {"w": torch.ones(2)}, "losses": [torch.tensor(0.5)], "curve": curve}
     layout.Checkpoint(path, CELL, {"train": {"lr": 0.1}, "seed": 0}).save(state, 4, 9)
 
     loaded = layout.Checkpoint(path, CELL, {"train": {"lr": 0.1}, "seed": 0}).load(9)
@@ -234,12 +237,15 @@ def test_a_checkpoint_of_another_configuration_or_length_is_ignored(tmp_path, ca
     caplog.clear()
     assert layout.Checkpoint(path, CELL, {"train": {"lr": 0.2}, "seed": 0}).load(9) is None
     assert layout.Checkpoint(path, CELL, {"train": {"lr": 0.1}, "seed": 0}).load(12) is None
+    layout.Checkpoint(path, CELL, {"train": {"lr": 0.1}, "seed": 0}).save({**state, "curve": curve[:3]}, 4, 9)
+    assert layout.Checkpoint(path, CELL, {"train": {"lr": 0.1}, "seed": 0}).load(9) is None  # a curve that stops short
     path.write_text("not a checkpoint")
     assert layout.Checkpoint(path, CELL, {"train": {"lr": 0.1}, "seed": 0}).load(9) is None
     messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(messages) == 3 and all("training it from the start" in m for m in messages), messages
+    assert len(messages) == 4 and all("training it from the start" in m for m in messages), messages
     assert "another configuration (changed: train.lr)" in messages[0]
-    assert "does not fit this cell's 12 steps" in messages[1] and "damaged" in messages[2]
+    assert "does not fit this cell's 12 steps" in messages[1] and "damaged" in messages[3]
+    assert "its training curve does not cover its 4 steps" in messages[2]
     assert layout.Checkpoint(tmp_path / "none.pt", CELL, {}).load(9) is None
 
 

@@ -167,3 +167,27 @@ def test_model_path_with_the_default_model_is_loaded(tmp_path):
     result = run_cli([f"model.name_or_path={missing}", "layers=[0]"] + TINY + [f"hydra.run.dir={tmp_path / 'out'}"])
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == f"das-cli: error: model.name_or_path={missing}: no such folder, and not a hub id (namespace/name)"
+
+
+def test_a_single_run_is_composed_and_checked_once(tmp_path, monkeypatch):
+    """The CLI composes and validates a single run before Hydra starts it; the job runs that checked config
+    (typed: lr=1 is the float 1.0) and validates nothing again. A key the preset leaves out gets its `+`."""
+    import sys
+
+    from das_cli import cli, config, sweep
+
+    composed, validated, ran = [], [], []
+    compose, validate = config.compose_checked, config.validate
+    monkeypatch.setattr(config, "compose_checked", lambda overrides: composed.append(list(overrides)) or compose(overrides))
+    monkeypatch.setattr(config, "validate", lambda cfg: validated.append(1) or validate(cfg))
+    monkeypatch.setattr(sweep, "run", lambda cfg, out, checked=False: ran.append((cfg, checked)) or pd.DataFrame({"iia": []}))
+    monkeypatch.setattr(cli, "CHECKED", {})
+    monkeypatch.setattr(sys, "argv", ["das-cli", "model=tiny_gpt2", "train.lr=1", "progress=false", f"hydra.run.dir={tmp_path}"])
+    cli.main()
+    assert len(composed) == 1 and len(validated) == 1  # Hydra's own composition of the job is not counted here
+    (cfg, checked), = ran
+    assert checked and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    monkeypatch.setattr(sys, "argv", ["das-cli", "model=tiny_gpt2", "model.name_or_path=/no/such/folder", f"hydra.run.dir={tmp_path}"])
+    cli.main()
+    assert composed[-1][-1] == "+model.name_or_path=/no/such/folder" and len(validated) == 2
+    assert ran[-1][1] and ran[-1][0].model.name_or_path == "/no/such/folder"

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import MISSING, OmegaConf
 
 from das_cli import config as C
+from das_cli import grid as G
 from das_cli.errors import DasError
 
 
@@ -37,20 +38,20 @@ def grid(**values):
 
 def test_positions_parse_ints_names_and_joint_cells():
     cfg = grid(positions=[-1, "last", ["s2", "last"], "-2"])
-    assert C.positions(cfg) == [(-1,), ("last",), ("s2", "last"), (-2,)]
+    assert G.positions(cfg) == [(-1,), ("last",), ("s2", "last"), (-2,)]
 
 
 def test_layers_all_negative_and_out_of_range():
-    assert C.layers(grid(layers="all"), 4) == [0, 1, 2, 3]
-    assert C.layers(grid(layers=[-1, 0]), 4) == [3, 0]
+    assert G.layers(grid(layers="all"), 4) == [0, 1, 2, 3]
+    assert G.layers(grid(layers=[-1, 0]), 4) == [3, 0]
     with pytest.raises(DasError, match="valid layers: 0..3"):
-        C.layers(grid(layers=[4]), 4)
+        G.layers(grid(layers=[4]), 4)
 
 
 def test_head_sets():
-    assert C.head_sets(grid(heads=None), 4) == [None]
-    assert C.head_sets(grid(heads=[0, 3]), 4) == [(0, 3)]
-    assert C.head_sets(grid(heads=[[0], [1, 2]]), 4) == [(0,), (1, 2)]
+    assert G.head_sets(grid(heads=None), 4) == [None]
+    assert G.head_sets(grid(heads=[0, 3]), 4) == [(0, 3)]
+    assert G.head_sets(grid(heads=[[0], [1, 2]]), 4) == [(0,), (1, 2)]
 
 
 def test_all_errors_reported_together():
@@ -198,13 +199,13 @@ def test_cells_per_step_with_the_reference_engine_warns_that_it_does_nothing(rec
 
 def test_repeated_grid_entries_run_once_with_a_warning():
     with pytest.warns(C.ConfigWarning, match=r"^layers: 0 given more than once"):
-        assert C.layers(grid(layers=[0, 0, -4, 1]), 4) == [0, 1]
+        assert G.layers(grid(layers=[0, 0, -4, 1]), 4) == [0, 1]
     with pytest.warns(C.ConfigWarning, match=r"^positions: last, -1 given more than once"):
-        assert C.positions(grid(positions=["last", "last", -1, "-1", ["s2", "last"]])) == [("last",), (-1,), ("s2", "last")]
+        assert G.positions(grid(positions=["last", "last", -1, "-1", ["s2", "last"]])) == [("last",), (-1,), ("s2", "last")]
     with pytest.warns(C.ConfigWarning, match=r"^stream: block_output given more than once"):
-        assert C.streams(grid(stream=["block_output", "mlp_output", "block_output"])) == ["block_output", "mlp_output"]
+        assert G.streams(grid(stream=["block_output", "mlp_output", "block_output"])) == ["block_output", "mlp_output"]
     with pytest.warns(C.ConfigWarning, match=r"^heads: 0 given more than once"):
-        assert C.head_sets(grid(heads=[[0], [0], [0, 1]]), 4) == [(0,), (0, 1)]
+        assert G.head_sets(grid(heads=[[0], [0], [0, 1]]), 4) == [(0,), (0, 1)]
 
 
 def test_booleans_are_not_indices():
@@ -269,7 +270,7 @@ def test_integers_are_numbers():
 
 def test_a_head_set_in_another_order_is_the_same_cell():
     with pytest.warns(C.ConfigWarning, match=r"heads: \[0,1\] given more than once \(a head set is a set"):
-        assert C.head_sets(grid(heads=[[0, 1], [1, 0], [2]]), 4) == [(0, 1), (2,)]
+        assert G.head_sets(grid(heads=[[0, 1], [1, 0], [2]]), 4) == [(0, 1), (2,)]
 
 
 def test_checking_the_options_allocates_for_no_width(monkeypatch):

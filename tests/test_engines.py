@@ -14,9 +14,10 @@ from conftest import TINY
 
 from das_cli.data import PairGroup, PairSet, batches, to_device
 from das_cli import activations as activations_module
-from das_cli import engines as engines_module
+from das_cli import forward as forward_module
 from das_cli.activations import base_run
-from das_cli.engines import ENGINES, CellGroup, FastEngine, ReferenceEngine, make_engine, prepare
+from das_cli.names import ENGINES
+from das_cli.engines import CellGroup, FastEngine, ReferenceEngine, make_engine, prepare
 from das_cli.interventions import build_intervention
 from das_cli.models import load_model
 from das_cli.sites import HEAD_STREAMS, STREAMS, head_counts, read_site, resolve_site
@@ -186,7 +187,7 @@ def test_base_run_cache_stores_nothing(lm, pairs):
     kept: dict = {}
     cache = activations_module._RecordingCache(2, kept, slice(1, 3), G)
     with torch.no_grad():
-        lm.model(input_ids=group.base_ids[1:3], **engines_module.cache_arguments(lm.model, cache))
+        lm.model(input_ids=group.base_ids[1:3], **forward_module.cache_arguments(lm.model, cache))
     assert all(cache.get_seq_length(layer) == 0 for layer in range(lm.n_layers))
     assert sorted(kept) == [("kv", 2, 0), ("kv", 2, 1), ("kv", 3, 0), ("kv", 3, 1)]
     t = group.base_ids.shape[1]
@@ -318,7 +319,7 @@ def test_mixed_length_batch_equals_reference(lm, pairs, prefixes, residuals, str
     site = site_of(lm, stream)
     groups = hand_groups(lm, site, pairs, prefixes, position, residuals=residuals)
     fast, reference = FastEngine(lm, site, groups), ReferenceEngine(lm, site, groups)
-    assert fast._joinable(MIXED) is JOINED[position]
+    assert fast.joinable(MIXED) is JOINED[position]
     calls = []
     hook = lm.model.base_model.register_forward_pre_hook(lambda *_: calls.append(1))
     W0 = orthonormal(groups[0].source_values.shape[1], 2)
@@ -508,10 +509,8 @@ def test_fast_engine_feeds_only_the_suffix_over_its_cache(lm, pairs, prefixes, m
     groups = hand_groups(lm, site, pairs, prefixes, "middle")
     engine = FastEngine(lm, site, groups)
     made = []
-    import das_cli.engines as engines
-
-    build = engines.prefix_cache
-    monkeypatch.setattr(engines, "prefix_cache", lambda *args: made.append(build(*args)) or made[-1])
+    build = forward_module.prefix_cache
+    monkeypatch.setattr(forward_module, "prefix_cache", lambda *args: made.append(build(*args)) or made[-1])
     fed = []
     embeddings = lm.model.get_input_embeddings()
     handle = embeddings.register_forward_hook(lambda module, inputs, output: fed.append(inputs[0].shape[1]))
@@ -532,8 +531,8 @@ def test_cache_keyword_follows_the_forward_signature():
     class Older(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None, use_cache=None): ...
 
-    assert engines_module.cache_arguments(Renamed(), None) == {"cache": None, "use_cache": False}
-    assert engines_module.cache_arguments(Older(), "kv") == {"past_key_values": "kv", "use_cache": True}
+    assert forward_module.cache_arguments(Renamed(), None) == {"cache": None, "use_cache": False}
+    assert forward_module.cache_arguments(Older(), "kv") == {"past_key_values": "kv", "use_cache": True}
 
 
 @pytest.mark.parametrize("engine", ENGINES)

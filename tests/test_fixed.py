@@ -1,5 +1,6 @@
 """intervention=fixed: a given subspace (file or cell folder) evaluated at every cell without training."""
 
+import hashlib
 import warnings
 
 import numpy as np
@@ -40,6 +41,9 @@ def test_a_saved_basis_gives_the_trained_cells_iia(tmp_path, das_cell):
         row = run(tmp_path, f"out_{path.name}", ["intervention=fixed", f"intervention.path={path}"])
         assert row["test_loss"] == pytest.approx(trained["test_loss"], rel=1e-6) and row["iia"] == trained["iia"]
         assert row["steps"] == 0 and row["dim"] == 2
+        file = path / layout.SUBSPACE if path.is_dir() else path  # every row names the file read and its content
+        assert row["subspace_file"] == str(file.resolve())
+        assert row["subspace_sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
 
 
 def test_a_basis_that_is_not_orthonormal_is_orthonormalised_with_a_warning(tmp_path, das_cell):

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 import das_cli
 from das_cli import config as C
+from das_cli import grid
 from das_cli.analysis import head_importance
 from das_cli.errors import DasError
 from das_cli.grid import head_rankings
@@ -21,11 +22,11 @@ def cfg_with(**values):
 
 
 def test_head_set_modes():
-    assert C.head_sets(cfg_with(heads="each"), 3) == [(0,), (1,), (2,)]
-    assert C.head_sets(cfg_with(heads="leave_one_out"), 3) == [(1, 2), (0, 2), (0, 1)]
-    assert C.head_sets(cfg_with(heads="cumulative"), 3) == [(0,), (0, 1), (0, 1, 2)]
-    assert C.head_sets(cfg_with(heads="cumulative", head_order=[2, 0, 1]), 3) == [(2,), (2, 0), (2, 0, 1)]
-    assert C.head_sets(cfg_with(heads="cumulative", head_order="ranked"), 3, ranking=[1, 2, 0]) == [(1,), (1, 2), (1, 2, 0)]
+    assert grid.head_sets(cfg_with(heads="each"), 3) == [(0,), (1,), (2,)]
+    assert grid.head_sets(cfg_with(heads="leave_one_out"), 3) == [(1, 2), (0, 2), (0, 1)]
+    assert grid.head_sets(cfg_with(heads="cumulative"), 3) == [(0,), (0, 1), (0, 1, 2)]
+    assert grid.head_sets(cfg_with(heads="cumulative", head_order=[2, 0, 1]), 3) == [(2,), (2, 0), (2, 0, 1)]
+    assert grid.head_sets(cfg_with(heads="cumulative", head_order="ranked"), 3, ranking=[1, 2, 0]) == [(1,), (1, 2), (1, 2, 0)]
 
 
 @pytest.mark.parametrize("values,key", [({"heads": "some"}, "heads=some"), ({"heads": "each", "head_order": [0]}, "head_order")])

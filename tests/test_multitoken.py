@@ -21,7 +21,8 @@ from conftest import run_cli
 
 from das_cli.data import PairGroup, PairSet
 from das_cli.activations import base_run
-from das_cli.engines import ENGINES, make_engine, prepare
+from das_cli.names import ENGINES
+from das_cli.engines import make_engine, prepare
 from das_cli.models import FAMILIES, LoadedModel, load_model
 from das_cli.sites import gather, hooked, read_site, resolve_site, scatter
 from das_cli.activations import read_prompts

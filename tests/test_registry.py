@@ -142,6 +142,15 @@ def test_a_saved_tensor_with_nan_or_inf_is_refused_naming_it(name, tmp_path):
             load_intervention(name, N, options, tensors, "cell")
 
 
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n != "vanilla"))
+def test_a_saved_tensor_of_another_type_is_refused_naming_it(name, tmp_path):
+    module, options = fitted(name, tmp_path)
+    key, tensor = next(iter(module.saved().items()))
+    for other in (tensor.round().to(torch.int64), tensor.to(torch.float64), tensor > 0):
+        with pytest.raises(DasError, match=f"the saved tensor '{key}' is {str(other.dtype).removeprefix('torch.')}, not the float32"):
+            load_intervention(name, N, options, {**module.saved(), key: other}, "cell")
+
+
 def test_an_estimate_that_is_not_finite_fails_its_cell_with_the_reason(tmp_path, monkeypatch):
     """A method whose estimate holds NaN (here mean_diff's directions) leaves a failed cell naming the tensor, never a
     row of made-up scores."""
@@ -154,13 +163,13 @@ def test_an_estimate_that_is_not_finite_fails_its_cell_with_the_reason(tmp_path,
 
 @pytest.mark.parametrize("name", sorted(n for n in REGISTRY if n != "vanilla"))
 def test_a_saved_tensor_of_another_shape_is_refused_or_changes_nothing(name, tmp_path):
-    """A saved tensor of the wrong shape (one more column, or flattened) is a one-line error naming the shapes, or
+    """A saved tensor of the wrong shape (one more column, flattened, empty) is a one-line error naming the shapes, or
     (a copy that load does not read) gives the same edit; never a silently different edit."""
     module, options = fitted(name, tmp_path)
     base, source = torch.randn(5, N), torch.randn(5, N)
     refused = 0
     for key, tensor in module.saved().items():
-        for wrong in (torch.cat([tensor, tensor[..., :1]], dim=-1), tensor.flatten()[:-1]):
+        for wrong in (torch.cat([tensor, tensor[..., :1]], dim=-1), tensor.flatten()[:-1], tensor.flatten()[:0]):
             tensors = {**module.saved(), key: wrong}
             try:
                 loaded = load_intervention(name, N, options, tensors, "cell")

@@ -1,4 +1,4 @@
-"""Scores beside IIA: Wilson interval, graded scores, gain and ood, the CE / penalty split, checked by hand."""
+"""Scores beside IIA: Wilson interval, graded scores, gain, offmanifold and max_z, the CE / penalty split, checked by hand."""
 
 import math
 from types import SimpleNamespace
@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, fitted_intervention, run_cli
 
 from das_cli.interventions import INTERVENTIONS, DASIntervention, ObliqueDASIntervention, build_intervention
-from das_cli.scores import edit_scores, largest_z, wilson_interval
+from das_cli.scores import edit_scores, largest_z, off_manifold, shrunk_covariance, wilson_interval
 from das_cli.metrics import Evaluation, evaluate_kinds
 from das_cli.train import fit
 
@@ -123,7 +123,56 @@ def test_loss_is_the_cross_entropy_and_the_penalty_is_apart():
     assert das.penalty == 0.0
 
 
-# --- gain and ood -------------------------------------------------------------------------
+# --- gain, offmanifold and max_z -----------------------------------------------------------
+
+# Three natural vectors on the diagonal: S = (2/3)[[1,1],[1,1]], tr S / n = 2/3, Σ‖x‖⁴/N = 8/3, ‖S‖² = 16/9,
+# ‖S − (2/3) I‖² = 8/9, so the Ledoit-Wolf intensity is (8/3 − 16/9) / 3 / (8/9) = 1/3 and the shrunk covariance
+# [[2/3, 4/9], [4/9, 2/3]]: variance 10/9 along (1, 1), 2/9 along (1, −1).
+DIAGONAL = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [0.0, 0.0]])
+
+
+def test_shrunk_covariance_by_hand():
+    mean, covariance = shrunk_covariance(DIAGONAL)
+    torch.testing.assert_close(mean, torch.zeros(2, dtype=torch.float64))
+    torch.testing.assert_close(covariance, torch.tensor([[2 / 3, 4 / 9], [4 / 9, 2 / 3]], dtype=torch.float64))
+
+
+def test_off_manifold_by_hand():
+    base = torch.tensor([[1.0, 1.0]])  # d² = 2 / (10/9) = 1.8
+    assert off_manifold(torch.tensor([[-1.0, -1.0]]), base, DIAGONAL) == pytest.approx(1.0, rel=1e-6)  # a natural swap
+    for g in (2.0, 10.0):  # a stretch of gain g along the natural direction scores g
+        assert off_manifold(g * base, base, DIAGONAL) == pytest.approx(g, rel=1e-6)
+    # the first coordinate of (1, 1) with the second of (−1, −1): both coordinates natural, the pair is not,
+    # d² = 2 / (2/9) = 9, so √(9 / 1.8) = √5
+    assert off_manifold(torch.tensor([[1.0, -1.0]]), base, DIAGONAL) == pytest.approx(math.sqrt(5), rel=1e-6)
+    assert math.isnan(off_manifold(base, base, DIAGONAL[:1])) and math.isnan(off_manifold(base[:0], base, DIAGONAL))
+
+
+def test_an_orthogonal_swap_of_natural_vectors_scores_about_one_and_an_oblique_stretch_grows():
+    """Swapping coordinates that vary independently gives natural vectors (about 1), however far out the swapped
+    coordinates' own values lie; swapping a random subspace of the same anisotropic vectors does not (the swap
+    breaks their covariance: Σ is not (I − P) Σ (I − P) + P Σ P unless P commutes with Σ); oblique_das unbounded
+    grows with its stretch."""
+    from das_cli.analysis import fixed_subspace
+
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    natural = torch.randn(2000, n, generator=g) * torch.linspace(0.5, 3.0, n)
+    base, source = natural[:300], natural[300:600]
+    aligned = fixed_subspace(torch.eye(n)[:, :3]).eval()
+    assert off_manifold(aligned(base, source).detach(), base, natural) == pytest.approx(1.0, abs=0.1)
+    rotated = DASIntervention(n, 3).eval()
+    assert off_manifold(rotated(base, source).detach(), base, natural) > 1.2
+    scores = []
+    for offset in (0.0, 3.0, 30.0):
+        oblique = ObliqueDASIntervention(n, dim=1, max_gain=math.inf)
+        with torch.no_grad():
+            oblique.read_basis.copy_(torch.eye(n)[:, :1])
+            oblique.write_offset.copy_(offset * torch.eye(n)[:, 1:2])
+        scores.append(edit_scores(oblique.eval(), natural, base, source)["offmanifold"])
+    assert scores[0] == pytest.approx(1.0, abs=0.1) and scores[0] < scores[1] < scores[2] and scores[2] > 5
+
+
 
 
 def test_largest_z_by_hand():
@@ -175,7 +224,7 @@ def test_oblique_edit_scores_see_the_stretch():
     write = torch.tensor([1.0, 3.0]) / math.sqrt(10)
     along = natural @ write
     expected = abs((torch.tensor([2.0, 6.0]) @ write - along.mean()) / along.std())
-    assert scores["ood"] == pytest.approx(float(expected), rel=1e-5)
+    assert scores["max_z"] == pytest.approx(float(expected), rel=1e-5)
 
 
 # --- end to end ---------------------------------------------------------------------------
@@ -191,7 +240,7 @@ def test_new_columns_end_to_end(tmp_path):
     flips = row["n_test"] // 2  # iia counts the flips; as many non-flips score iia_isolate
     assert (row["iia_lo"], row["iia_hi"]) == pytest.approx(wilson_interval(round(row["iia"] * flips), flips))
     assert 0 <= row["p_label"] <= 1 and math.isfinite(row["logit_diff"])  # IOI knows the base's answer
-    assert row["gain"] == (1.0 if row["dim"] > 0 else 0.0) and row["ood"] >= 0
+    assert row["gain"] == (1.0 if row["dim"] > 0 else 0.0) and row["max_z"] >= 0 and row["offmanifold"] > 0
     assert row["penalty"] > 0 and row["loss"] > 0  # λ·β is reported apart from the cross-entropy
     best = next(line for line in result.stdout.splitlines() if line.startswith("best:"))
     assert f"95% CI [{row['iia_lo']:.2f}, {row['iia_hi']:.2f}]" in best

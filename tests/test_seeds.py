@@ -9,6 +9,7 @@ from conftest import TINY, run_cli
 from omegaconf import OmegaConf
 
 from das_cli import config as C
+from das_cli import grid
 from das_cli.errors import DasError
 from das_cli.results import pivot, results_frame, seed_spread, write_results
 from das_cli.metrics import Evaluation
@@ -19,9 +20,9 @@ def cfg(**values):
 
 
 def test_seed_lists():
-    assert C.replicates(cfg(seeds=None)) == [None]
-    assert C.replicates(cfg(seed=5, seeds=3)) == [5, 6, 7]
-    assert C.replicates(cfg(seeds=[4, 0])) == [4, 0]
+    assert grid.replicates(cfg(seeds=None)) == [None]
+    assert grid.replicates(cfg(seed=5, seeds=3)) == [5, 6, 7]
+    assert grid.replicates(cfg(seeds=[4, 0])) == [4, 0]
 
 
 @pytest.mark.parametrize("bad", [0, [1, 1], "many", [0.5]])

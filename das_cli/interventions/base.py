@@ -143,6 +143,11 @@ class Intervention(nn.Module):
         """What decides the numbers besides the options themselves (a given subspace's content)."""
         return {}
 
+    @classmethod
+    def provenance(cls, options: dict) -> dict:
+        """Columns of every row naming where a given subspace came from (its file and the file's sha256)."""
+        return {}
+
     def _device(self) -> torch.device:
         for t in self.parameters():
             return t.device
@@ -193,6 +198,10 @@ def load_intervention(name: str, n: int, options: dict, tensors: dict[str, Tenso
     bad = non_finite(tensors)
     if bad:
         raise DasError(f"{where}: the saved tensor '{bad[0]}' holds NaN or Inf values; train the cell again")
+    other = [(key, t) for key, t in tensors.items() if t.dtype != torch.float32]
+    if other:  # das-cli saves float32 (as_saved): another type is a file written by something else
+        key, t = other[0]
+        raise DasError(f"{where}: the saved tensor '{key}' is {str(t.dtype).removeprefix('torch.')}, not the float32 das-cli saves")
     module = build_intervention(name, n, **options)
     try:
         module.load(tensors)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from torch import Tensor
 
 from das_cli.errors import DasError
+from das_cli.folder import SUBSPACE, sha256_of
 from das_cli.subspace_files import load_directions
 
 from .base import NoOptions, register
@@ -39,6 +41,13 @@ class FixedIntervention(FixedSubspaceIntervention):
     @classmethod
     def fixed_width(cls, options: dict) -> int | None:
         return load_directions(options["path"]).shape[0] if options.get("path") else None
+
+    @classmethod
+    def provenance(cls, options: dict) -> dict:
+        """The file the subspace was read from (a cell folder's subspace.safetensors) and its sha256."""
+        path = Path(options["path"])
+        file = path / SUBSPACE if path.is_dir() else path
+        return {"subspace_file": str(file.resolve()), "subspace_sha256": sha256_of(file)}
 
     @classmethod
     def fingerprint(cls, options: dict) -> dict:

@@ -106,7 +106,7 @@ def cells_per_step(cfg, lm: LoadedModel, cells: list, pairs) -> int:
     fed = max(fed_tokens(pairs, cell.position) for cell in cells)  # the widest cell decides
     rows = int(cfg.train.batch_size) * fed
     blocks = lm.n_layers - min(cell.layer for cell in cells)
-    activation_bytes = rows * blocks * lm.model.config.hidden_size * ACTIVATIONS_PER_TOKEN_BLOCK * lm.model.dtype.itemsize
+    activation_bytes = rows * blocks * lm.config.hidden_size * ACTIVATIONS_PER_TOKEN_BLOCK * lm.dtype.itemsize
     return max(1, min(len(cells), AUTO_ROWS[device] // rows, AUTO_ACTIVATION_BYTES[device] // max(activation_bytes, 1)))
 
 

@@ -34,7 +34,7 @@ from .scores import base_vectors, edit_scores
 from .sites import Site, gather, head_counts
 from .metrics import Evaluation, evaluate_kinds
 from .names import ILLUSION_STREAMS
-from .train import fit
+from .train import Curve, fit
 
 # A cell failing with one of these is recorded with its `error` and the sweep goes on
 # (torch.cuda.OutOfMemoryError is a RuntimeError; named for the reader).
@@ -84,7 +84,7 @@ class CellResult:
     row: dict
     tensors: dict
     figures: list[Figure] = field(default_factory=list)
-    curve: list[tuple] = field(default_factory=list)  # train.Fit.curve
+    curve: Curve | None = None  # train.Fit.curve
 
 
 def engine(run: RunData, split: str, cell: Cell, site: Site, sources: SiteTensors):
@@ -122,9 +122,24 @@ def fit_alone(run: RunData, ready: ReadyCell, checkpoint):
     t = run.cfg.train
     try:
         return fit(ready.train, ready.intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
-                   ready.seed, bool(run.cfg.progress), checkpoint)
+                   ready.seed, bool(run.cfg.progress), checkpoint, validation(run, [ready]))
     except CELL_FAILURES as e:
         return e
+
+
+def validation(run: RunData, ready: list[ReadyCell]):
+    """eval.every_epoch: the function training calls at each epoch's end with the live cells (indices into
+    `ready`), returning each one's validation IIA and loss; None without the option or a validation split."""
+    if not (run.cfg.eval.every_epoch and "val" in run.pairs):
+        return None
+    engines = [evaluation_engine(run, r, "val") for r in ready]
+    batch = int(run.cfg.eval.batch_size)
+
+    def validate(live: list[int]) -> list[tuple[float, float]]:
+        scores = evaluate([engines[i] for i in live], [ready[i].intervention for i in live], batch)
+        return [(s.scores()["iia"], s.loss) for s in scores]
+
+    return validate
 
 
 def site_activations(run: RunData, cell: Cell, site: Site, sources: SiteTensors, train) -> SiteActivations:
@@ -220,7 +235,7 @@ def finish(run: RunData, ready: ReadyCell, result, evaluation: dict[str, Evaluat
         **{f"n_{name}_before_filter": pairs.before_filter for name, pairs in run.pairs.items() if pairs.before_filter is not None},
     }
     figures: list[Figure] = [("intervention plot", partial(_plot_intervention, intervention, cell.id))]
-    if result.curve:
+    if result.curve.steps:
         figures.append(("training curve", partial(_plot_curve, result.curve, cell.id)))
     for analysis in ANALYSES:
         columns, drawn = analysis(run, ready, evaluation, tensors)
@@ -290,8 +305,8 @@ def _plot_intervention(intervention: Intervention, cell_id: str, folder: Path) -
     intervention.plot(directory)
 
 
-def _plot_curve(curve: list[tuple], cell_id: str, folder: Path) -> None:
-    curve_plot(curve, layout.curve_plot_file(folder, cell_id), cell_id)
+def _plot_curve(curve: Curve, cell_id: str, folder: Path) -> None:
+    curve_plot(curve.steps, layout.curve_plot_file(folder, cell_id), cell_id, curve.validation)
 
 
 def _bar_chart(shares: dict, cell_id: str, title: str, folder: Path) -> None:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -108,8 +109,10 @@ def preflight(argv: list[str]) -> list[str]:
         return argv
     multirun = any(a in MULTIRUN_FLAGS for a in argv)
     check_groups(overrides, multirun)
-    check_output_folder(overrides, multirun)
     if multirun:
+        check_output_folder(overrides, multirun)
+        if "mode=plan" in overrides:
+            fail("mode=plan: plans one run; drop -m (for one job of a sharded sweep add sweep.shard=K sweep.num_shards=N)")
         try:
             renamed = dict(zip(overrides, C.check_override_keys(overrides)))
         except DasError as e:
@@ -123,12 +126,28 @@ def preflight(argv: list[str]) -> list[str]:
         cfg, composed = C.compose_keys(plain)
         if not cfg.get("from_run"):  # a from_run config is checked once the source run's intervention is in it
             CHECKED[OmegaConf.to_yaml(cfg)] = C.checked(cfg)
+        if cfg.get("mode") == "plan":
+            show_plan(cfg, hydra_keys)
+        check_output_folder(overrides, multirun)  # made here, after the checks; a plan makes none
     except DasError as e:
         fail(str(e))
     except Exception as e:  # Hydra's composition and override-grammar errors
         fail(" ".join(str(e).split()).split(" Config search path")[0])
     renamed = dict(zip(plain, composed))
     return [renamed.get(a, a) for a in argv]
+
+
+def show_plan(cfg: DictConfig, hydra_keys: list[str]) -> None:
+    """mode=plan: print the plan (cells, finished ones in hydra.run.dir, estimated time and memory) and exit 0;
+    no folder is made and no weight is read."""
+    from .plan import make_plan
+
+    if cfg.get("from_run"):
+        fail("mode=plan: plans a training sweep; from_run= evaluates a finished run's cells and trains nothing")
+    given = [o.partition("=")[2] for o in hydra_keys if o.startswith("hydra.run.dir=")]
+    folder = Path(given[-1]) if given and "${" not in given[-1] else None
+    print(make_plan(CHECKED[OmegaConf.to_yaml(cfg)], folder).text())
+    sys.exit(0)
 
 
 CHECKED: dict[str, DictConfig] = {}  # a single run's composed config (as YAML) -> the same, typed and validated

@@ -25,6 +25,7 @@ from .ioi import VARIABLES
 from .names import ENGINES
 
 CONFIG_GROUPS = ("model", "dataset", "intervention")
+MODES = ("run", "plan")
 
 
 # ---- the schema: one dataclass per group option set ----
@@ -88,6 +89,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = MISSING
+    every_epoch: bool = MISSING  # validation IIA and loss at each epoch's end, into each cell's curve.csv
 
 
 @dataclass
@@ -132,6 +134,7 @@ class RunSchema:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     from_run: Optional[str] = None  # a finished run folder: evaluate its saved cells, train nothing (transfer.py)
+    mode: str = MISSING  # run | plan (plan.py: the grid and its cost, no weights read)
 
 
 # ---- conf/ and composing ----
@@ -339,6 +342,8 @@ def _run_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"device={cfg.device}: valid choices: auto, cpu, cuda (or cuda:N)")
     elif str(cfg.device).startswith("cuda") and not _cuda_available():
         errors.append(f"device={cfg.device}: CUDA is not available on this machine; valid choices here: auto, cpu")
+    if cfg.mode not in MODES:
+        errors.append(f"mode={cfg.mode}: valid choices: {', '.join(MODES)}")
     if cfg.dtype not in ("float32", "bfloat16"):
         errors.append(f"dtype={cfg.dtype}: valid choices: float32, bfloat16")
     t = cfg.train

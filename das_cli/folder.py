@@ -344,12 +344,12 @@ def count_finished(folder: Path) -> int:
 
 
 def save_cell(folder: Path, cell_id: str, row: dict, fingerprint: dict, tensors: dict, save_subspace: bool,
-              artefact: dict | None = None, curve: list[tuple] | None = None) -> None:
+              artefact: dict | None = None, curve=None) -> None:
     """The training curve and the subspace first, then metrics.json (row + fingerprint + the subspace's checksum
     + `artefact`), each atomically. The artefact description also goes into the safetensors metadata (as JSON
     under "artefact")."""
-    if curve:
-        atomic_write_text(curve_file(folder, cell_id), curve_csv(curve))
+    if curve is not None and curve.steps:  # train.Curve
+        atomic_write_text(curve_file(folder, cell_id), curve_csv(curve.steps, curve.validation))
     record = {"tensors": sorted(tensors), "sha256": None}
     if save_subspace and tensors:
         from safetensors.torch import save_file
@@ -362,18 +362,19 @@ def save_cell(folder: Path, cell_id: str, row: dict, fingerprint: dict, tensors:
     checkpoint_file(folder, cell_id).unlink(missing_ok=True)  # the cell has ended: its mid-way state is spent
 
 
-CURVE_COLUMNS = ("step", "epoch", "loss", "penalty", "lr", "epoch_loss")
+CURVE_COLUMNS = ("step", "epoch", "loss", "penalty", "lr", "epoch_loss", "val_iia", "val_loss")
 
 
-def curve_csv(curve: list[tuple]) -> str:
-    """curve.csv: one line per training step (step, epoch, cross-entropy, penalty, learning rate); `epoch_loss`,
-    the epoch's mean cross-entropy, on each epoch's last step."""
+def curve_csv(curve: list[tuple], validation: list[tuple] | None = None) -> str:
+    """curve.csv: one line per training step (step, epoch, cross-entropy, penalty, learning rate); on each epoch's
+    last step `epoch_loss`, the epoch's mean cross-entropy, and with eval.every_epoch the validation IIA and loss."""
+    scored = {epoch: (iia, loss) for epoch, iia, loss in validation or []}
     lines = [",".join(CURVE_COLUMNS)]
     for k, (step, epoch, loss, penalty, rate) in enumerate(curve):
         last = k + 1 == len(curve) or curve[k + 1][1] != epoch
         losses = [point[2] for point in curve if point[1] == epoch]
-        mean = repr(sum(losses) / len(losses)) if last else ""
-        lines.append(f"{step},{epoch},{loss!r},{penalty!r},{rate!r},{mean}")
+        ends = [repr(sum(losses) / len(losses)), *(map(repr, scored[epoch]) if epoch in scored else ("", ""))] if last else ["", "", ""]
+        lines.append(",".join([str(step), str(epoch), repr(loss), repr(penalty), repr(rate), *ends]))
     return "\n".join(lines) + "\n"
 
 
@@ -418,7 +419,7 @@ class CellStore:
             return None
         return stored.row
 
-    def save(self, cell, row: dict, tensors: dict, artefact: dict | None = None, curve: list[tuple] | None = None) -> None:
+    def save(self, cell, row: dict, tensors: dict, artefact: dict | None = None, curve=None) -> None:
         save_cell(self.folder, cell.id, row, self.fingerprint(cell), tensors, self.save_subspaces, artefact, curve)
         for checkpoint in self.in_flight:
             if checkpoint.cell_id == cell.id:

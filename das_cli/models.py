@@ -122,11 +122,74 @@ class LoadedModel:
         return self.model.config.num_attention_heads
 
     @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def block(self, layer: int) -> torch.nn.Module:
         return self.model.get_submodule(self.family.blocks)[layer]
+
+
+@dataclass
+class ModelShape:
+    """A model's config and tokenizer without its weights (what `mode=plan` reads): the grid, the pairs and the
+    cost of a sweep follow from them."""
+
+    config: PretrainedConfig
+    tokenizer: object
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    cached: bool = True  # the embedded model is converted already (else the first run converts it once)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+
+def load_shape(model_cfg, device: str, dtype: str) -> ModelShape:
+    """The model's config and tokenizer as `load_model` would get them, reading no weights."""
+    if model_cfg.get("name_or_path"):
+        config, tokenizer = _pretrained_shape(str(model_cfg.name_or_path))
+        cached = True
+    elif model_cfg.get("embedded"):
+        converted = cache_dir() / "models" / "smollm2_135m"
+        cached = (converted / "config.json").exists() and (converted / "tokenizer.json").exists()
+        source, gguf = (converted, {}) if cached else (embedded_model_dir(), {"gguf_file": EMBEDDED_GGUF})
+        config, tokenizer = AutoConfig.from_pretrained(source, **gguf), AutoTokenizer.from_pretrained(source, **gguf)
+    elif model_cfg.get("random_init"):
+        tokenizer, cached = embedded_tokenizer(), True
+        special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+        config = AutoConfig.for_model(vocab_size=len(tokenizer), **special, **dict(model_cfg.random_init))
+    else:
+        raise DasError(f"model={model_cfg.get('name')}: set one of model.name_or_path, model.embedded or model.random_init")
+    _check_family(config.model_type, f"model={model_cfg.get('name')}", "its config")
+    return ModelShape(config, tokenizer, str(model_cfg.get("name")), torch.device(device), _dtype(dtype), cached)
+
+
+def _pretrained_shape(name_or_path: str) -> tuple[PretrainedConfig, object]:
+    key = f"model.name_or_path={name_or_path}"
+    folder = Path(name_or_path).expanduser().resolve()
+    if folder.is_dir():
+        check_model_folder(folder, key)
+        source = str(folder)
+    elif _is_hub_id(name_or_path):
+        source = name_or_path
+    else:
+        raise DasError(f"{key}: no such folder, and not a hub id (namespace/name)")
+    with _quiet_hub():
+        try:
+            return AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            what = "could not read its config" if folder.is_dir() else "not a local folder, and the model hub could not provide it"
+            raise DasError(f"{key}: {what} ({_first_line(e)})") from None
 
 
 def family_of(model: PreTrainedModel) -> Family:

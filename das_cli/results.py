@@ -342,9 +342,10 @@ def bar_chart(values: dict, path: str | os.PathLike, title: str, ylabel: str = "
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
 
 
-def curve_plot(curve: list[tuple], path: str | os.PathLike, title: str) -> None:
-    """A training curve (train.Fit.curve): the cross-entropy per step with each epoch's mean, the penalty where the
-    method has one, and the learning rate on a second axis; written atomically as PNG."""
+def curve_plot(curve: list[tuple], path: str | os.PathLike, title: str, validation: list[tuple] | None = None) -> None:
+    """A training curve (train.Curve's steps): the cross-entropy per step with each epoch's mean, the penalty where
+    the method has one, the learning rate on a second axis, and with `validation` ((epoch, IIA, loss) per epoch)
+    the validation loss at each epoch's end; written atomically as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -358,6 +359,12 @@ def curve_plot(curve: list[tuple], path: str | os.PathLike, title: str) -> None:
     axes.plot([steps[k] for k in ends], means, "o-", color="#1f3b5c", markersize=3, label="epoch mean")
     if any(penalties):
         axes.plot(steps, penalties, color="#c0392b", linewidth=0.8, label="penalty")
+    if validation:
+        ends_of = {epochs[k]: steps[k] for k in ends}
+        axes.plot([ends_of[e] for e, _, _ in validation], [loss for _, _, loss in validation], "s--", color="#2e8b57",
+                  markersize=3, label="validation loss")
+        for e, iia, loss in validation:
+            axes.annotate(f"{iia:.2f}", (ends_of[e], loss), fontsize=6, color="#2e8b57", textcoords="offset points", xytext=(0, 4))
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     rate_axes = axes.twinx()

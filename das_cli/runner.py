@@ -102,7 +102,7 @@ class CellRunner:
             bundle = BundleEngine(self.data.lm, [r.train for r in joins])
             members = [Member(r.intervention, r.seed, self.store.checkpoint(r.cell)) for r in joins]
             results = fit_cells(bundle, members, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
-                                bool(self.data.cfg.progress))
+                                bool(self.data.cfg.progress), one.validation(self.data, joins))
         except CELL_FAILURES as e:  # the joint step itself failed (e.g. out of memory): each cell alone
             if is_interruption(e):
                 raise

@@ -71,7 +71,7 @@ def _module_side(lm: LoadedModel, stream: str) -> tuple[str, str]:
 
 def head_counts(lm: LoadedModel, stream: str) -> tuple[int, int]:
     """(number of heads, head dim) of a head-level stream's underlying tensor."""
-    config = lm.model.config
+    config = lm.config
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     base = HEAD_STREAMS.get(stream, stream)

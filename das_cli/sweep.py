@@ -45,6 +45,12 @@ def run(cfg: DictConfig, output_dir: str | Path, checked: bool = False) -> pd.Da
         checked = False  # the source run's intervention came in after any check
     if not checked:
         cfg = C.checked(cfg)
+    if cfg.mode == "plan":  # the notebook's way to mode=plan: the plan's table, nothing trained or written
+        from .plan import make_plan
+
+        plan = make_plan(cfg, Path(output_dir))
+        print(plan.text())
+        return plan.frame
     folder = layout.make_folder(output_dir)
     lm = load_model(cfg.model, str(C.pick_device(cfg.device)), cfg.dtype)
     pairs = build_pairs(cfg, lm)

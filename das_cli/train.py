@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -26,11 +26,20 @@ from .interventions import Intervention
 
 
 @dataclass
+class Curve:
+    """A cell's training curve: per step (step, epoch, cross-entropy, penalty, learning rate), and with
+    eval.every_epoch per epoch ended (epoch, validation IIA, validation loss)."""
+
+    steps: list[tuple] = field(default_factory=list)
+    validation: list[tuple] = field(default_factory=list)
+
+
+@dataclass
 class Fit:
     loss: float  # mean train cross-entropy over the last epoch (NaN when nothing was trained)
     steps: int
     penalty: float = math.nan  # mean of the intervention's extra loss term over the last epoch (0 if it has none)
-    curve: list[tuple] = field(default_factory=list)  # per step: (step, epoch, cross-entropy, penalty, learning rate)
+    curve: Curve = field(default_factory=Curve)
 
 
 @dataclass
@@ -78,6 +87,7 @@ def fit(
     seed: int,
     progress: bool = True,
     checkpoint: Checkpoint | None = None,
+    validate: Validate | None = None,
 ) -> Fit:
     """One cell's training: `fit_cells` of a bundle of one (a loss that turns NaN raises FloatingPointError).
 
@@ -86,7 +96,8 @@ def fit(
     intervention.eval()
     if not intervention.trainable or epochs == 0:
         return Fit(loss=math.nan, steps=0)
-    (result,) = fit_cells(OneCell(engine), [Member(intervention, seed, checkpoint)], epochs, lr, batch_size, lr_end_factor, progress)
+    (result,) = fit_cells(OneCell(engine), [Member(intervention, seed, checkpoint)], epochs, lr, batch_size, lr_end_factor, progress,
+                          validate)
     if isinstance(result, BaseException):
         raise result
     return result
@@ -100,27 +111,30 @@ def fit_cells(
     batch_size: int,
     lr_end_factor: float,
     progress: bool = True,
+    validate: Validate | None = None,
 ) -> list[Fit | Exception]:
     """Adam on each cell's intervention parameters only; CE on the counterfactual label's tokens. A cell whose
     loss turns NaN leaves with a FloatingPointError in its place; the others go on. With checkpoints, training
     resumes from the ones on disk (every cell from one step), and a stop of the job saves every cell still
-    training at the last whole step (`Checkpoints`)."""
+    training at the last whole step (`Checkpoints`). `validate` (eval.every_epoch) scores the live cells at
+    each epoch's end, in evaluation mode and without gradients, which changes nothing the training computes."""
     device = engine.lm.device
     per_epoch = [batch_plan([len(group) for group in engine.groups], batch_size, epochs, m.seed, device) for m in members]
     plans = [[batch for epoch in plan for batch in epoch] for plan in per_epoch]
     epoch_starts = {sum(len(epoch) for epoch in per_epoch[0][:e]) for e in range(epochs)}
     n_steps, total = len(plans[0]), max(1, len(plans[0]))
-    per_epoch_steps = max(1, len(per_epoch[0][0])) if per_epoch[0] else 1
     states = []
     for member in members:
         member.intervention.train()
         states.append(TrainingState(member.intervention, *optimiser(member.intervention, lr, lr_end_factor, total), device))
     checkpoints, whole_bundle = Checkpoints(members, states, n_steps), engine
     step = checkpoints.resume()
+    per_epoch_steps = max(1, n_steps // max(epochs, 1))
     results: list[Fit | Exception | None] = [None] * len(members)
     live = list(range(len(members)))
     try:
         with WholeSteps() as whole, ProgressBar(total, step, len(members), progress) as bar:
+            _validate_epoch(validate, members, states, live, step, per_epoch_steps)  # resumed at an epoch's end
             while step < n_steps and live:
                 if step in epoch_starts:
                     for i in live:
@@ -151,6 +165,7 @@ def fit_cells(
                     checkpoints.save(live, step)
                 if left and live:  # the engine without the cells that left
                     engine = whole_bundle.keeping(live)
+                _validate_epoch(validate, members, states, live, step, per_epoch_steps)
                 bar.step()
     except BaseException as stop:
         if stops_the_job(stop):
@@ -162,6 +177,29 @@ def fit_cells(
         results[i] = states[i].fit(step)
     checkpoints.hold(live, step)
     return results  # type: ignore[return-value]
+
+
+Validate = Callable[[list[int]], list[tuple[float, float]]]  # live cells -> (validation IIA, loss) of each
+
+
+def _validate_epoch(validate: Validate | None, members: list[Member], states: list["TrainingState"], live: list[int],
+                    step: int, per_epoch_steps: int) -> None:
+    """At an epoch's end (and not yet scored: a resume may land there), each live cell's validation IIA and loss."""
+    epoch = step // per_epoch_steps
+    if validate is None or not live or step == 0 or step % per_epoch_steps:
+        return
+    pending = [i for i in live if len(states[i].validation) < epoch]
+    if not pending:
+        return
+    for i in pending:
+        members[i].intervention.eval()
+    try:
+        scores = validate(pending)
+    finally:
+        for i in pending:
+            members[i].intervention.train()
+    for i, (iia, loss) in zip(pending, scores):
+        states[i].validation.append((epoch, float(iia), float(loss)))
 
 
 class Checkpoints:
@@ -231,6 +269,7 @@ class TrainingState:
         self.losses: list[Tensor] = []
         self.penalties: list[Tensor] = []
         self.curve: list[tuple] = []
+        self.validation: list[tuple] = []  # (epoch, validation IIA, loss) per epoch ended, with eval.every_epoch
         self.rng = rng_state(device)
 
     def update(self, loss: Tensor, penalty: Tensor, point: tuple[int, int, float]) -> None:
@@ -246,14 +285,14 @@ class TrainingState:
     def fit(self, steps: int) -> Fit:
         """The Fit of a finished training: the last epoch's mean loss and penalty, and the curve."""
         return Fit(loss=float(torch.stack(self.losses).mean()), steps=steps, penalty=float(torch.stack(self.penalties).mean()),
-                   curve=list(self.curve))
+                   curve=Curve(list(self.curve), list(self.validation)))
 
     def saved(self) -> dict:
         return {
             "intervention": self.intervention.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "rng": self.rng,
             "losses": [t.cpu() for t in self.losses], "penalties": [t.cpu() for t in self.penalties],
-            "curve": list(self.curve),
+            "curve": list(self.curve), "validation": list(self.validation),
         }
 
     def resume(self, checkpoint: tuple[int, dict] | None) -> int:
@@ -269,6 +308,7 @@ class TrainingState:
         self.losses = [t.to(self.device) for t in saved["losses"]]
         self.penalties = [t.to(self.device) for t in saved["penalties"]]
         self.curve = [tuple(point) for point in saved["curve"]]
+        self.validation = [tuple(point) for point in saved.get("validation", [])]
         return step
 
 

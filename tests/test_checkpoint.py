@@ -162,10 +162,12 @@ def ctrl_c_at_step(n: int, monkeypatch):
 SMALL = ["model=tiny_gpt2", "layers=[1]", "positions=[last]"] + [a for a in TINY if not a.startswith("train.epochs=")] + ["train.epochs=3"]
 
 
-@pytest.mark.parametrize("intervention,step", [("das", 1), ("das", 3), ("boundless_das", 5), ("dbm", 4)],
-                         ids=["das-mid-epoch", "das-epoch-end", "boundless-later-epoch", "dbm-second-epoch"])
-def test_resuming_in_process_is_bitwise_the_uninterrupted_run(intervention, step, tmp_path, monkeypatch, one_thread):
-    cfg = das_cli.compose(SMALL + [f"intervention={intervention}"])
+@pytest.mark.parametrize("intervention,step,extra", [("das", 1, []), ("das", 3, []), ("boundless_das", 5, []), ("dbm", 4, []),
+                                                     ("das", 3, ["eval.every_epoch=true"]), ("das", 4, ["eval.every_epoch=true"])],
+                         ids=["das-mid-epoch", "das-epoch-end", "boundless-later-epoch", "dbm-second-epoch",
+                              "validated-epoch-end", "validated-mid-epoch"])
+def test_resuming_in_process_is_bitwise_the_uninterrupted_run(intervention, step, extra, tmp_path, monkeypatch, one_thread):
+    cfg = das_cli.compose(SMALL + [f"intervention={intervention}"] + extra)
     das_cli.run(cfg, tmp_path / "whole")
     with ctrl_c_at_step(step, monkeypatch), pytest.raises(KeyboardInterrupt, match=f"checkpointed at step {step}/9"):
         das_cli.run(cfg, tmp_path / "stopped")

@@ -17,7 +17,10 @@ GRID = ["model=tiny_gpt2", "stream=[block_output,mlp_output]", "layers=[1,2]", "
 def test_curve_csv_by_hand():
     curve = [(1, 1, 2.0, 0.0, 0.01), (2, 1, 1.0, 0.0, 0.009), (3, 2, 0.5, 0.25, 0.008)]
     lines = layout.curve_csv(curve).splitlines()
-    assert lines == ["step,epoch,loss,penalty,lr,epoch_loss", "1,1,2.0,0.0,0.01,", "2,1,1.0,0.0,0.009,1.5", "3,2,0.5,0.25,0.008,0.5"]
+    assert lines == ["step,epoch,loss,penalty,lr,epoch_loss,val_iia,val_loss", "1,1,2.0,0.0,0.01,,,", "2,1,1.0,0.0,0.009,1.5,,",
+                     "3,2,0.5,0.25,0.008,0.5,,"]
+    scored = layout.curve_csv(curve, [(1, 0.25, 1.75), (2, 0.5, 1.25)]).splitlines()
+    assert scored[2] == "2,1,1.0,0.0,0.009,1.5,0.25,1.75" and scored[3] == "3,2,0.5,0.25,0.008,0.5,0.5,1.25"
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +72,20 @@ def test_nothing_trained_writes_no_curve(tmp_path):
     das_cli.run(das_cli.compose(["model=tiny_gpt2", "layers=[1]", "positions=[last]", "intervention=mean_diff"] + TINY), tmp_path)
     cell, = pd.read_csv(tmp_path / "iia.csv")["cell"]
     assert not layout.curve_file(tmp_path, cell).exists() and not layout.curve_plot_file(tmp_path, cell).exists()
+
+
+def test_every_epoch_adds_validation_to_the_curve_and_changes_no_number(tmp_path, runs):
+    """eval.every_epoch scores each cell on the validation pairs at each epoch's end; the last epoch's is the row's
+    iia_val and val loss, and the training is untouched: every number of the row and the step curve as without it."""
+    args = GRID + ["train.epochs=3", "train.lr=0.02", "train.lr_end_factor=0.5", "train.cells_per_step=4", "dataset.n_val=10"]
+    plain = das_cli.run(das_cli.compose(args), tmp_path / "plain").set_index("cell")
+    scored = das_cli.run(das_cli.compose(args + ["eval.every_epoch=true"]), tmp_path / "scored").set_index("cell")
+    numbers = [c for c in plain.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(scored[numbers], plain[numbers])
+    for cell in plain.index:
+        curve = pd.read_csv(layout.curve_file(tmp_path / "scored", cell))
+        before = pd.read_csv(layout.curve_file(tmp_path / "plain", cell))
+        pd.testing.assert_frame_equal(curve[["step", "loss", "lr"]], before[["step", "loss", "lr"]])
+        ends = curve.dropna(subset=["val_iia"])
+        assert ends["epoch"].tolist() == [1, 2, 3] and before["val_iia"].isna().all()
+        assert ends["val_iia"].iloc[-1] == plain.loc[cell, "iia_val"]

@@ -10,7 +10,7 @@ from typing import Optional
 from torch import Tensor
 
 from das_cli.errors import DasError
-from das_cli.folder import SUBSPACE, sha256_of
+from das_cli.folder import METRICS, SUBSPACE, sha256_of
 from das_cli.subspace_files import load_directions
 
 from .base import NoOptions, register
@@ -44,9 +44,10 @@ class FixedIntervention(FixedSubspaceIntervention):
 
     @classmethod
     def provenance(cls, options: dict) -> dict:
-        """The file the subspace was read from (a cell folder's subspace.safetensors) and its sha256."""
+        """The file the subspace was read from and its sha256: a cell folder's subspace.safetensors, or its metrics.json
+        where the method saves no tensor (vanilla's neurons are in its artefact record)."""
         path = Path(options["path"])
-        file = path / SUBSPACE if path.is_dir() else path
+        file = (path / SUBSPACE if (path / SUBSPACE).exists() else path / METRICS) if path.is_dir() else path
         return {"subspace_file": str(file.resolve()), "subspace_sha256": sha256_of(file)}
 
     @classmethod

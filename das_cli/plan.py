@@ -117,9 +117,12 @@ def block_weights(config) -> int:
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     gated = config.model_type not in ("gpt2", "gpt_neox")
-    return attention + hidden * inner * (3 if gated else 2)
+    return attention + hidden * _mlp_width(config) * (3 if gated else 2)
+
+
+def _mlp_width(config) -> int:
+    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
 
 
 def forward_operations(config, tokens: float, context: float, blocks: int, answers: float) -> float:
@@ -160,9 +163,8 @@ def peak_bytes(cfg: DictConfig, shape: ModelShape, pairs: dict, cells: list[Cell
     the widest step's activations and logits, and the process."""
     config, element = shape.config, shape.dtype.itemsize
     weights = (shape.n_layers * block_weights(config) + 2 * config.vocab_size * config.hidden_size) * element
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    kv_heads, head_dim = head_counts(shape, "key_output")
+    kv = kv_heads * head_dim
     prompts = sum(len(split) * (_prompt_length(split) + _answer_width(split)) for split in pairs.values())
     layers = len({c.layer for c in cells})
     caches = prompts * (2 * kv * shape.n_layers + config.hidden_size * layers) * element if cfg.train.engine == "fast" else 0
@@ -199,7 +201,7 @@ def stream_width(shape: ModelShape, stream: str, heads: tuple[int, ...] | None) 
     """The width of a stream's vector at one position, from the model's config."""
     config, hidden = shape.config, shape.config.hidden_size
     if stream == "mlp_activation":
-        return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+        return _mlp_width(config)
     base = HEAD_STREAMS.get(stream, stream)
     if base in ("attention_value_output", "query_output", "key_output", "value_output"):
         n_heads, head_dim = head_counts(shape, base)

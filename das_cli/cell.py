@@ -56,6 +56,7 @@ class RunData:
     base: dict[str, BaseRun]
     accuracy: float  # base accuracy on the test prompts
     loaded: dict = field(default_factory=dict)  # from_run: cell -> the source cell, its intervention frozen
+    tracking: object | None = None  # trackers.Tracking (logger=...), started by runner.CellRunner.start
 
 
 @dataclass
@@ -122,9 +123,14 @@ def fit_alone(run: RunData, ready: ReadyCell, checkpoint):
     t = run.cfg.train
     try:
         return fit(ready.train, ready.intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
-                   ready.seed, bool(run.cfg.progress), checkpoint, validation(run, [ready]))
+                   ready.seed, bool(run.cfg.progress), checkpoint, validation(run, [ready]), track(run, ready.cell))
     except CELL_FAILURES as e:
         return e
+
+
+def track(run: RunData, cell: Cell):
+    """The cell's tracker runs (trackers.CellTrack), fed its curve as it trains; None without trackers."""
+    return run.tracking.cell(cell) if run.tracking is not None else None
 
 
 def validation(run: RunData, ready: list[ReadyCell]):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import sys
 import warnings
@@ -48,10 +49,11 @@ def check_groups(overrides: list[str], multirun: bool) -> None:
     """`model=foo` and friends: name the valid choices (multirun: each comma-separated value)."""
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
-        if key not in C.CONFIG_GROUPS:
+        if key not in C.CONFIG_GROUPS + C.LIST_GROUPS:
             continue
         choices = C.group_choices(key)
-        for choice in value.split(",") if multirun else [value]:
+        several = re.findall(r"[^\[\],\s]+", value) if key in C.LIST_GROUPS else None  # logger=[tensorboard,mlflow]
+        for choice in several if several is not None else value.split(",") if multirun else [value]:
             if choice not in choices:
                 fail(f"{key}={choice}: unknown {key}; valid choices: {', '.join(choices)}")
 

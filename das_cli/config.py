@@ -22,9 +22,10 @@ from . import grid
 from .errors import ConfigWarning, DasError, shown
 from .examples import FILTERS, KINDS
 from .ioi import VARIABLES
-from .names import ENGINES
+from .names import CONTROLS, ENGINES
 
 CONFIG_GROUPS = ("model", "dataset", "intervention")
+LIST_GROUPS = ("logger",)  # groups that take several choices at once: logger=[tensorboard,mlflow] (trackers.py)
 MODES = ("run", "plan")
 
 
@@ -101,6 +102,8 @@ class OutputConfig:
 @dataclass
 class AnalysisConfig:
     illusion: bool = MISSING  # IIA of the rowspace and nullspace parts of each mlp_activation / attention_value_output subspace
+    control: str = MISSING  # none | random_model | shuffled_labels: each cell trained and scored again under it (controls.py)
+    control_seed: int = MISSING  # the control's random weights or label permutation
 
 
 @dataclass
@@ -109,6 +112,40 @@ class SweepConfig:
 
     shard: int = MISSING
     num_shards: int = MISSING
+
+
+@dataclass
+class CsvLogger:
+    path: Optional[str] = MISSING
+
+
+@dataclass
+class TensorboardLogger:
+    dir: Optional[str] = MISSING
+
+
+@dataclass
+class WandbLogger:
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    mode: Optional[str] = MISSING
+    dir: Optional[str] = MISSING
+
+
+@dataclass
+class MlflowLogger:
+    tracking_uri: Optional[str] = MISSING
+    experiment: Optional[str] = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    """The trackers conf/logger/*.yaml select (None: not selected); trackers.py runs them."""
+
+    csv: Optional[CsvLogger] = None
+    tensorboard: Optional[TensorboardLogger] = None
+    wandb: Optional[WandbLogger] = None
+    mlflow: Optional[MlflowLogger] = None
 
 
 @dataclass
@@ -133,6 +170,7 @@ class RunSchema:
     output: OutputConfig = field(default_factory=OutputConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     from_run: Optional[str] = None  # a finished run folder: evaluate its saved cells, train nothing (transfer.py)
     mode: str = MISSING  # run | plan (plan.py: the grid and its cost, no weights read)
 
@@ -204,7 +242,7 @@ def check_override_keys(overrides: list[str]) -> list[str]:
 def _plain_key(override: str) -> str | None:
     """The dotted key of a plain `a.b=value` override; None for group choices, +/~ edits and hydra keys."""
     key = override.partition("=")[0]
-    if "=" not in override or key.startswith(("+", "~", "hydra.", "hydra/")) or key in CONFIG_GROUPS or "/" in key:
+    if "=" not in override or key.startswith(("+", "~", "hydra.", "hydra/")) or key in CONFIG_GROUPS + LIST_GROUPS or "/" in key:
         return None
     return key if re.fullmatch(r"[\w.]+", key) else None
 
@@ -344,6 +382,9 @@ def _run_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"device={cfg.device}: CUDA is not available on this machine; valid choices here: auto, cpu")
     if cfg.mode not in MODES:
         errors.append(f"mode={cfg.mode}: valid choices: {', '.join(MODES)}")
+    mode = cfg.logger.wandb.mode if cfg.logger.wandb is not None else None
+    if mode not in (None, "online", "offline", "disabled"):
+        errors.append(f"logger.wandb.mode={mode}: valid choices: online, offline, disabled, null")
     if cfg.dtype not in ("float32", "bfloat16"):
         errors.append(f"dtype={cfg.dtype}: valid choices: float32, bfloat16")
     t = cfg.train
@@ -355,6 +396,10 @@ def _run_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"train.lr_end_factor={t.lr_end_factor}: must be between 0 and 1 (the final learning rate is lr x lr_end_factor)")
     if t.engine not in ENGINES:
         errors.append(f"train.engine={t.engine}: valid choices: {', '.join(ENGINES)}")
+    if cfg.analysis.control not in CONTROLS:
+        errors.append(f"analysis.control={cfg.analysis.control}: valid choices: {', '.join(CONTROLS)}")
+    elif cfg.analysis.control != "none" and cfg.get("from_run"):
+        errors.append(f"analysis.control={cfg.analysis.control}: a from_run evaluation trains nothing to control; use analysis.control=none")
     if t.cells_per_step != "auto" and (isinstance(t.cells_per_step, bool) or not isinstance(t.cells_per_step, int) or t.cells_per_step < 1):
         errors.append(f"train.cells_per_step={shown(t.cells_per_step)}: valid choices: auto, or a whole number >= 1")
     elif t.engine == "reference" and t.cells_per_step not in ("auto", 1):
@@ -451,4 +496,19 @@ def fingerprint(cfg: DictConfig) -> dict:
     keep = ("model", "dataset", "intervention", "train", "seed", "dtype", "analysis")
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keep}
     parts["train"].pop("cells_per_step", None)  # a bundle changes a cell's numbers in the last bits only (docs/internals.md: Bundles)
+    return _without_unused(parts)
+
+
+def _without_unused(parts: dict) -> dict:
+    """Keys that change no number of the run leave the fingerprint, so folders from before they existed resume:
+    the control's seed without a control, dbm's Jacobian options for a basis other than sparse_jacobian, and
+    dbm's basis when it is the neurons (the only basis before bases existed)."""
+    if parts["analysis"].get("control", "none") == "none":
+        parts["analysis"] = {k: v for k, v in parts["analysis"].items() if k not in ("control", "control_seed")}
+    intervention = parts["intervention"]
+    if intervention.get("basis", "sparse_jacobian") != "sparse_jacobian":
+        intervention = {k: v for k, v in intervention.items() if not k.startswith("jacobian_")}
+    if intervention.get("basis") == "neurons":
+        intervention = {k: v for k, v in intervention.items() if k != "basis"}
+    parts["intervention"] = intervention
     return parts

@@ -7,6 +7,8 @@ what the method can give (C − 1 for class-based directions); here it is only d
 
     mean_diff   top-k right singular vectors of the centred class means (two classes: μ₀ − μ₁)
     pca         top-k principal components of the centred values
+    full bases  every principal axis of the standardised values, or every right singular vector of the
+                raw ones (MIB's DBM + PCA and DBM + SVD bases, arXiv 2504.13151)
     probe       top-k right singular vectors of the centred class weights of a logistic probe
     random      k orthonormal directions drawn from a normal distribution (Haar-distributed)
 """
@@ -49,6 +51,26 @@ def pca_basis(values: Tensor, k: int) -> Tensor:
     """Top-k principal components: the directions of largest variance, whatever the classes."""
     centred = values - values.mean(dim=0, keepdim=True)
     return torch.linalg.svd(centred, full_matrices=False).Vh[:k].T
+
+
+def standardised_principal_axes(values: Tensor) -> Tensor:
+    """n × k: the principal axes of the values standardised per coordinate (centred, divided by their
+    standard deviation, at least 1e-6), every one with a non-zero singular value (k ≤ min(N − 1, n)),
+    largest first. MIB's DBM + PCA basis: the axes are computed on standardised values and applied to raw ones."""
+    spread = values.std(dim=0, correction=0, keepdim=True).clamp_min(1e-6)
+    return _nonzero_singular_directions((values - values.mean(dim=0, keepdim=True)) / spread)
+
+
+def singular_directions(values: Tensor) -> Tensor:
+    """n × k: the right singular vectors of the raw (uncentred) values with a non-zero singular value
+    (k ≤ min(N, n)), largest first. MIB's DBM + SVD basis."""
+    return _nonzero_singular_directions(values)
+
+
+def _nonzero_singular_directions(values: Tensor) -> Tensor:
+    _, singular, vh = torch.linalg.svd(values.double(), full_matrices=False)
+    rank = int((singular > singular.max() * max(values.shape) * torch.finfo(torch.float32).eps).sum())
+    return vh[:rank].T.float().contiguous()
 
 
 def fit_probe(values: Tensor, labels: Tensor, l2: float, steps: int = 100) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,8 @@
 """The run folder: where every file of a sweep lives, what decides a cell's numbers (its fingerprint),
 reading a finished cell back with checks, and the lock a process holds while it trains a cell.
 
-    <folder>/run.json                          {"fingerprint": ...}: the configuration of the folder's cells
+    <folder>/run.json                          {"fingerprint": ..., "versions": ...}: the configuration of the
+                                               folder's cells; Python's and the packages' versions of its last run
     <folder>/grid.json | grid.shard<i>of<n>.json  the ids of the cells a job means to run (before training)
     <folder>/cells/<id>/metrics.json           the cell's row, its fingerprint and its subspace's checksum;
                                                written last, so it marks the cell finished
@@ -13,6 +14,10 @@ reading a finished cell back with checks, and the lock a process holds while it 
     <folder>/iia.csv, iia_seeds.csv, head_importance.csv, pivot_*.csv, heatmap_*.png
                                                tables of every finished cell on disk
     <folder>/transfer.csv, transfer.png        with from_run evaluations: test IIA by trained-on x tested-on dataset
+    <folder>/report.html                       one self-contained page of all the above (html_report.py)
+    <folder>/control/                          with analysis.control: the cells trained and scored under the
+                                               control (a run folder of its own: run.json, grid, cells/); the
+                                               tables above join them to the run's cells (controls.py)
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ SEEDS_TABLE = "iia_seeds.csv"
 HEADS_TABLE = "head_importance.csv"
 TRANSFER_TABLE = "transfer.csv"
 TRANSFER_PLOT = "transfer.png"
+CONTROL = "control"
 RECORD_KEYS = ("fingerprint", "subspace", "artefact")  # in metrics.json next to the row; not table columns
 
 
@@ -127,9 +133,14 @@ def cell_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in cells.iterdir() if p.is_dir()) if cells.is_dir() else []
 
 
+def control_folder(folder: Path) -> Path:
+    return Path(folder) / CONTROL
+
+
 def metrics_files_under(folder: Path) -> list[Path]:
-    """Every cells/<id>/metrics.json under `folder`, at any depth (multirun job folders, shards)."""
-    found = (p for p in Path(folder).rglob(METRICS) if p.parent.parent.name == CELLS)
+    """Every cells/<id>/metrics.json under `folder`, at any depth (multirun job folders, shards), but a control's
+    (those are joined to their run's cells, never tabled as cells of their own)."""
+    found = (p for p in Path(folder).rglob(METRICS) if p.parent.parent.name == CELLS and job_of(p).name != CONTROL)
     return sorted(found, key=natural_order)
 
 
@@ -251,7 +262,24 @@ def check_resume(folder: Path, run: dict) -> None:
             f"output folder {folder} holds cells from another configuration (changed: {', '.join(changed)}); "
             "choose a new folder with hydra.run.dir=..."
         )
-    atomic_write_json(run_file(folder), {"fingerprint": run})
+    atomic_write_json(run_file(folder), {"fingerprint": run, "versions": package_versions()})
+
+
+VERSIONED = ("das-cli", "torch", "transformers", "hydra-core", "numpy", "pandas", "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    """Python's and the installed packages' versions (VERSIONED), recorded in run.json for the report page."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
 
 
 # --- cells on disk -----------------------------------------------------------------------------

@@ -42,3 +42,4 @@ HEAD_STREAMS = {name: s.heads_of for name, s in STREAM_TABLE.items() if s.heads_
 ILLUSION_STREAMS = tuple(name for name, s in STREAM_TABLE.items() if s.read_by)
 QKV_STREAMS = ("query_output", "key_output", "value_output")
 ENGINES = ("fast", "reference")
+CONTROLS = ("none", "random_model", "shuffled_labels")  # analysis.control (controls.py)

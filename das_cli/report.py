@@ -3,6 +3,7 @@
 Reads every `cells/<cell-id>/metrics.json` under the folder, at any depth (a multirun's job
 subfolders, several shards, or one run folder), keeps one row per cell and configuration and writes
 `iia.csv`, the pivots and heatmaps into the folder (`results.write_results`), then prints the summary.
+With plots it also writes `report.html`, one self-contained page of it all (html_report.py).
 `das-cli` itself ends with the same call on its run folder, so the tables always hold every finished
 cell on disk, whichever job wrote it. When the cells include from_run evaluations, it also writes the
 transfer table (trained-on x tested-on IIA per cell: generalisation.py).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from . import folder as layout
 from . import generalisation
 from .errors import DasError
 from .results import format_summary, write_results
+
+log = logging.getLogger(__name__)
 
 PROG = "das-cli-report"
 IGNORED = ("seconds",)  # differs between two runs of the same cell; not a result
@@ -107,7 +111,7 @@ def aggregate(folder: str | Path, plots: bool = True, nested: bool = True) -> Re
         if cell.damaged:
             damaged.append((_rel(folder, path.parent), cell.problem))
         else:
-            stored.append((layout.job_of(path), cell))
+            stored.append((layout.job_of(path), with_control(layout.job_of(path), cell)))
     configs = list(dict.fromkeys(layout.config_key(c.fingerprint) for _, c in stored))
     swept = layout.changed_keys(*[json.loads(k) for k in configs]) if len(configs) > 1 else []
     rows = _unique_rows(folder, stored, swept)
@@ -123,7 +127,21 @@ def aggregate(folder: str | Path, plots: bool = True, nested: bool = True) -> Re
     ))
     not_started = [j for j in others if not layout.grid_files(j)]
     transfer = generalisation.write(stored, folder, plots)
-    return Report(folder, frame, jobs, failed, missing, not_started, damaged, swept, transfer)
+    report = Report(folder, frame, jobs, failed, missing, not_started, damaged, swept, transfer)
+    if plots:
+        write_page(report)
+    return report
+
+
+def write_page(report: Report) -> None:
+    """report.html (html_report.py); a failure to build it costs the page only, on one warning line."""
+    try:
+        from .html_report import write_page as write_html
+
+        write_html(report)
+    except Exception as e:  # the tables are written already; a page is not worth failing the run for
+        reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+        log.warning("report.html not written: %s: %s", type(e).__name__, reason)
 
 
 def _unique_rows(folder: Path, stored: list, swept: list[str]) -> list[tuple[str, dict]]:
@@ -151,6 +169,20 @@ def _unique_rows(folder: Path, stored: list, swept: list[str]) -> list[tuple[str
     return [(key[0], rows[key]) for key in sorted(rows, key=order.get)]
 
 
+def with_control(job: Path, cell):
+    """The cell with its control's columns in its row when the job ran a control and it finished this cell."""
+    from dataclasses import replace
+
+    from .controls import control_columns
+
+    control = layout.control_folder(job)
+    if not control.is_dir():
+        return cell
+    stored = layout.read_cell(control, cell.id)
+    found = None if stored is None or stored.damaged else stored.row
+    return replace(cell, row={**cell.row, **control_columns(cell.row, found)})
+
+
 def _column_value(value: object) -> object:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
@@ -168,7 +200,7 @@ def _job_folders(folder: Path, nested: bool = True) -> list[Path]:
     if not nested:
         return [folder]
     found = [p.parent.parent for p in folder.rglob("config.yaml") if p.parent.name == ".hydra"]
-    found += [p.parent for p in folder.rglob("grid*.json")]
+    found += [p.parent for p in folder.rglob("grid*.json") if p.parent.name != layout.CONTROL]
     return sorted(dict.fromkeys(found), key=layout.natural_order)
 
 

@@ -61,7 +61,7 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
 
 
 # Scores some runs add (isolation, illusion check); each present one gets its own pivot and heatmap.
-EXTRA_SCORES = ("iia_isolate", "iia_mean", "iia_row", "iia_null")
+EXTRA_SCORES = ("iia_isolate", "iia_mean", "iia_row", "iia_null", "iia_control", "selectivity")
 CELL_KEY = ["stream", "heads", "layer", "position"]
 MAX_SUFFIX = 120  # longer swept-value file name suffixes are replaced by a hash of their label
 
@@ -246,6 +246,15 @@ def selection_score(frame: pd.DataFrame) -> tuple[str, str]:
     return "train_iia", "training"
 
 
+def best_cell(table: pd.DataFrame, choice: pd.DataFrame) -> tuple | None:
+    """The (layer, position) of `table` (test IIA) with the highest `choice` (validation or training IIA:
+    `selection_score`) among the cells that have a test IIA; None when no cell has both."""
+    candidates = choice.reindex_like(table).where(table.notna()).stack().dropna()
+    if table.isna().all().all() or candidates.empty:
+        return None
+    return candidates.idxmax()
+
+
 def _interval_tables(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]]:
     """Per (stream, heads): the layer x position tables of iia_lo and iia_hi (empty when no row has them)."""
     if frame["iia_lo"].isna().all():
@@ -266,14 +275,14 @@ def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.Data
     shown["max"] = layer_max
     lines = [name, shown.to_string(float_format=lambda v: f"{v:.2f}", na_rep="—")]
     failed = int(table.isna().sum().sum())
-    candidates = choice.reindex_like(table).where(table.notna()).stack()
-    if layer_max.isna().all() or candidates.empty:
+    chosen = best_cell(table, choice)
+    if chosen is None:
         return "\n".join(lines + [f"best: none ({failed} failed cells)"])
-    layer, position = candidates.idxmax()
+    layer, position = chosen
     best = f"best: {name} L{layer} @ {position}  IIA {table.loc[layer, position]:.2f}"
     if interval is not None and not np.isnan(interval[0].loc[layer, position]):
         best += f"  95% CI [{interval[0].loc[layer, position]:.2f}, {interval[1].loc[layer, position]:.2f}]"
-    best += f"  (chosen on {source} IIA {candidates.max():.2f})"
+    best += f"  (chosen on {source} IIA {choice.loc[layer, position]:.2f})"
     lines.append(best)
     at_best = [f"{score} {scores.loc[layer, position]:.2f}" for score, scores in (extras or {}).items()
                if position in scores.columns and layer in scores.index and not np.isnan(scores.loc[layer, position])]
@@ -377,16 +386,17 @@ def curve_plot(curve: list[tuple], path: str | os.PathLike, title: str, validati
 
 
 def side_by_side_heatmaps(left, right, path: str | os.PathLike, title: str, titles: tuple[str, str]) -> None:
-    """Two matrices as heatmaps on one colour scale (e.g. a Jacobian before and after a rotation), atomically as PNG."""
+    """Two matrices as heatmaps on one colour scale from min(0, their least) to their largest entry (e.g. a Jacobian
+    before and after a rotation), atomically as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9.0, 4.2))
     FigureCanvasAgg(figure)
-    top = float(max(np.max(left), np.max(right)))
+    bottom, top = float(min(np.min(left), np.min(right), 0.0)), float(max(np.max(left), np.max(right)))
     for k, (matrix, name) in enumerate(zip((left, right), titles)):
         axes = figure.add_subplot(1, 2, k + 1)
-        image = axes.imshow(np.asarray(matrix), cmap="magma", vmin=0.0, vmax=top, interpolation="nearest", aspect="auto")
+        image = axes.imshow(np.asarray(matrix), cmap="magma", vmin=bottom, vmax=top, interpolation="nearest", aspect="auto")
         axes.set_title(name, fontsize=9)
     figure.colorbar(image, ax=figure.axes, shrink=0.8)
     figure.suptitle(title, fontsize=9)

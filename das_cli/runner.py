@@ -24,6 +24,7 @@ from .interrupts import is_interruption
 from .grid import site_key
 from .sites import Site
 from .train import Member, fit_cells
+from .trackers import Tracking
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class CellRunner:
         activations.plan([sites[key] for key in dict.fromkeys(map(site_key, pending))])
         data.base = activations.base_runs(layers, bool(layers) and data.cfg.train.engine == "fast")
         data.accuracy = data.base["test"].accuracy(data.pairs["test"])
+        if data.tracking is None:  # logger=...: each tracker's library imported (or its failure a warning) once per run
+            data.tracking = Tracking.start(data.cfg, folder)
         return cls(data, folder, store, activations, layers)
 
     def run_site(self, site: Site, cells: list[Cell]) -> list[dict]:
@@ -100,7 +103,7 @@ class CellRunner:
             r.shared_seconds, r.start = started - r.start, started
         try:
             bundle = BundleEngine(self.data.lm, [r.train for r in joins])
-            members = [Member(r.intervention, r.seed, self.store.checkpoint(r.cell)) for r in joins]
+            members = [Member(r.intervention, r.seed, self.store.checkpoint(r.cell), one.track(self.data, r.cell)) for r in joins]
             results = fit_cells(bundle, members, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
                                 bool(self.data.cfg.progress), one.validation(self.data, joins))
         except CELL_FAILURES as e:  # the joint step itself failed (e.g. out of memory): each cell alone
@@ -152,6 +155,7 @@ class CellRunner:
         cell, row = result.cell, result.row
         self.store.save(cell, row, result.tensors, describe(self.data.cfg, self.data.lm, cell, int(row["width"])), result.curve)
         log.info("cell %s trained: iia %.3f", cell.id, row["iia"])
+        self.data.tracking.finished(cell, row)
         for name, draw in result.figures:
             try:
                 draw(self.folder)
@@ -171,4 +175,5 @@ class CellRunner:
             torch.cuda.empty_cache()  # after an out-of-memory error the next cell starts from a clean cache
         row = one.failed_row(self.data, cell, text)
         self.store.save(cell, row, {})
+        self.data.tracking.failed(cell, text)
         return row

@@ -61,6 +61,7 @@ def run(cfg: DictConfig, output_dir: str | Path, checked: bool = False) -> pd.Da
     fingerprint = run_fingerprint(cfg, lm, pairs)
     layout.check_resume(folder, fingerprint)
     store = CellStore(folder, fingerprint, int(cfg.seed), bool(cfg.output.save_subspaces))
+    stores = [store]
     try:  # Ctrl-C or SIGTERM from here on: finished cells are kept, those in flight checkpointed
         ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked" and not loaded  # phase 2 needs every single head
         mine = _shard(cfg, folder, cells, ranked)
@@ -70,6 +71,8 @@ def run(cfg: DictConfig, output_dir: str | Path, checked: bool = False) -> pd.Da
         run_cells(sweep, mine, sites)
         if ranked:
             _second_phase(sweep, mine)
+        if cfg.analysis.control != "none":
+            _control(sweep, mine, stores)
         report = aggregate_settled(folder, bool(cfg.output.plots))
     except OSError as error:
         stopped = unwritable(error, folder)
@@ -79,9 +82,10 @@ def run(cfg: DictConfig, output_dir: str | Path, checked: bool = False) -> pd.Da
     except BaseException as stop:
         if not stops_the_job(stop):
             raise
-        store.keep_trained()  # trained, but stopped before they were written
+        for each in stores:
+            each.keep_trained()  # trained, but stopped before they were written
         if isinstance(stop, KeyboardInterrupt):
-            raise interrupted(stop, folder, store.in_flight) from None
+            raise interrupted(stop, folder, [cell for each in stores for cell in each.in_flight]) from None
         raise
     print(report.text())
     return report.frame
@@ -145,6 +149,25 @@ def run_bundles(sweep: CellRunner, chunk: list[Site], cells: list[Cell], sites: 
         for k in range(count):
             rows += sweep.run_bundle(alike[k * len(alike) // count : (k + 1) * len(alike) // count], sites, sources)
     return rows
+
+
+def _control(sweep: CellRunner, cells: list[Cell], stores: list[CellStore]) -> None:
+    """Train and score `cells` again under analysis.control, into the run folder's control/ (controls.py)."""
+    from .controls import control_data
+
+    cfg = sweep.data.cfg
+    folder = layout.make_folder(layout.control_folder(sweep.folder))
+    lm, pairs = control_data(cfg.analysis.control, int(cfg.analysis.control_seed), sweep.data.lm, sweep.data.pairs)
+    fingerprint = run_fingerprint(cfg, lm, pairs)
+    layout.check_resume(folder, fingerprint)
+    store = CellStore(folder, fingerprint, int(cfg.seed), bool(cfg.output.save_subspaces))
+    stores.append(store)
+    write_grid(folder, int(cfg.sweep.shard), int(cfg.sweep.num_shards), cells)
+    sites = resolve_sites(lm, cells)
+    control = CellRunner.start(RunData(cfg, lm, pairs, {}, math.nan, {}), folder, store, cells, sites)
+    log.info("control %s: %d cells; base accuracy on %d test prompts: %.3f", cfg.analysis.control, len(cells),
+             len(pairs["test"]), control.data.accuracy)
+    run_cells(control, cells, sites)
 
 
 def _second_phase(sweep: CellRunner, cells: list[Cell]) -> None:

@@ -49,6 +49,7 @@ class Member:
     intervention: Intervention
     seed: int
     checkpoint: Checkpoint | None = None
+    track: object | None = None  # the cell's trackers (trackers.CellTrack): its curve after every step, as it trains
 
 
 class StepEngine(Protocol):
@@ -88,6 +89,7 @@ def fit(
     progress: bool = True,
     checkpoint: Checkpoint | None = None,
     validate: Validate | None = None,
+    track: object | None = None,
 ) -> Fit:
     """One cell's training: `fit_cells` of a bundle of one (a loss that turns NaN raises FloatingPointError).
 
@@ -96,7 +98,7 @@ def fit(
     intervention.eval()
     if not intervention.trainable or epochs == 0:
         return Fit(loss=math.nan, steps=0)
-    (result,) = fit_cells(OneCell(engine), [Member(intervention, seed, checkpoint)], epochs, lr, batch_size, lr_end_factor, progress,
+    (result,) = fit_cells(OneCell(engine), [Member(intervention, seed, checkpoint, track)], epochs, lr, batch_size, lr_end_factor, progress,
                           validate)
     if isinstance(result, BaseException):
         raise result
@@ -166,6 +168,8 @@ def fit_cells(
                 if left and live:  # the engine without the cells that left
                     engine = whole_bundle.keeping(live)
                 _validate_epoch(validate, members, states, live, step, per_epoch_steps)
+                for i in (i for i in live if members[i].track is not None):  # trackers: the curve so far
+                    members[i].track.curve(states[i].curve, states[i].validation, per_epoch_steps)
                 bar.step()
     except BaseException as stop:
         if stops_the_job(stop):

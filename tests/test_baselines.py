@@ -581,7 +581,7 @@ def test_dbm_learns_the_neurons_a_readout_uses():
         ("pca", "neurons", "dim"),
         ("probe", "rank", "dim, probe_l2"),
         ("random", "seed", "dim"),
-        ("dbm", "dim", "l1_weight, temperature_end, temperature_start"),
+        ("dbm", "dim", "basis, jacobian_prompts, jacobian_restarts, jacobian_side, jacobian_steps, l1_weight, temperature_end, temperature_start"),
         ("oblique_das", "orthogonal_map", "dim, max_gain"),
     ],
 )
@@ -608,7 +608,9 @@ def test_bad_option_values(name, options, message):
 
 @pytest.mark.parametrize("path", sorted(CONF.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_intervention_config_builds(path, tmp_path):
-    options = OmegaConf.to_container(OmegaConf.load(path))
+    from das_cli import config as C
+
+    options = OmegaConf.to_container(C.compose([f"intervention={path.stem}"]).intervention)  # its defaults list applied
     name = options.pop("name")
     if name == "fixed":  # its basis is the user's file (intervention.path, no default)
         options["path"] = str(tmp_path / "basis.pt")

@@ -116,8 +116,26 @@ BAD = [
 ]
 
 
+AFTER_LOAD = {"layers", "positions", "intervention.dim=999"}  # checked against the model, once it is loaded
+END_TO_END = AFTER_LOAD | {"model=nope", "intervention.foo: unknown key"}  # also run as a user runs them
+
+
+@pytest.mark.parametrize("args,key,choice", [b for b in BAD if b[1] not in AFTER_LOAD],
+                         ids=[b[1] for b in BAD if b[1] not in AFTER_LOAD])
+def test_bad_input_is_one_line_before_anything_loads(args, key, choice, tmp_path, capsys):
+    """The same table as the CLI below, through the CLI's own check before Hydra starts (in process)."""
+    from das_cli import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.preflight(["model=tiny_gpt2", "layers=[0]"] + args + TINY + [f"hydra.run.dir={tmp_path}"])
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("das-cli: error:") and key in lines[0] and choice in lines[0]
+    assert not any(tmp_path.iterdir())  # no folder content before the config is sound
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("args,key,choice", BAD, ids=[b[1] for b in BAD])
+@pytest.mark.parametrize("args,key,choice", [b for b in BAD if b[1] in END_TO_END], ids=[b[1] for b in BAD if b[1] in END_TO_END])
 def test_bad_input_is_one_line(args, key, choice, tmp_path):
     result = run_cli(["model=tiny_gpt2", "layers=[0]"] + args + TINY + [f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 2, result.stderr

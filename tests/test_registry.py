@@ -23,7 +23,7 @@ N = 8
 
 
 def yaml_options(name: str) -> dict:
-    options = OmegaConf.to_container(OmegaConf.load(C.conf_dir() / "intervention" / f"{name}.yaml"))
+    options = OmegaConf.to_container(C.compose([f"intervention={name}"]).intervention)  # the group's defaults list applied
     options.pop("name")
     return options
 
@@ -91,7 +91,7 @@ def method_overrides(name: str, tmp_path) -> list[str]:
         save_file({"basis": torch.linalg.qr(torch.randn(64, 2)).Q.contiguous()}, str(path))
         return ["intervention=fixed", f"intervention.path={path}"]
     if name == "sparse_basis":
-        return ["intervention=sparse_basis", "intervention.steps=3", "intervention.n_prompts=2", "intervention.lr=0.001"]
+        return ["intervention=sparse_basis", "intervention.jacobian_steps=3", "intervention.jacobian_prompts=2"]
     return [f"intervention={name}"]
 
 

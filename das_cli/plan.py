@@ -103,7 +103,8 @@ def make_plan(cfg: DictConfig, folder: Path | None) -> Plan:
                            "seconds": kind["seconds"], "peak": _size(peak_bytes(cfg, shape, pairs, kind["members"], size))}
                           for (s, p, h), kind in kinds.items()])
     reads = prompt_operations(shape, pairs, todo) / costs.operations_per_s if todo else 0.0
-    seconds = costs.start_s + (0 if shape.cached else CONVERT_S) + reads + float(frame["seconds"].sum())
+    runs = 1 if cfg.analysis.control == "none" else 2  # analysis.control: every cell trained and scored again
+    seconds = costs.start_s + (0 if shape.cached else CONVERT_S) + runs * (reads + float(frame["seconds"].sum()))
     peak = peak_bytes(cfg, shape, pairs, todo, size)
     notes = _notes(cfg, shape, cells, mine, seconds)
     return Plan(frame, mine, sum(c.id in done for c in mine), seconds, peak, device, notes)
@@ -163,6 +164,7 @@ def peak_bytes(cfg: DictConfig, shape: ModelShape, pairs: dict, cells: list[Cell
     the widest step's activations and logits, and the process."""
     config, element = shape.config, shape.dtype.itemsize
     weights = (shape.n_layers * block_weights(config) + 2 * config.vocab_size * config.hidden_size) * element
+    weights *= 2 if cfg.analysis.control == "random_model" else 1  # the re-drawn copy beside the model
     kv_heads, head_dim = head_counts(shape, "key_output")
     kv = kv_heads * head_dim
     prompts = sum(len(split) * (_prompt_length(split) + _answer_width(split)) for split in pairs.values())
@@ -226,6 +228,10 @@ def _notes(cfg: DictConfig, shape: ModelShape, cells: list[Cell], mine: list[Cel
         notes.append("heads=cumulative head_order=ranked: the cumulative cells follow the single heads' results and are not counted")
     if not shape.cached:
         notes.append(f"the embedded model is converted once first (about {CONVERT_S:.0f} s, counted)")
+    if cfg.analysis.control != "none":
+        extra = "; a second copy of the weights (counted in the peak)" if cfg.analysis.control == "random_model" else ""
+        notes.append(f"analysis.control={cfg.analysis.control}: every cell is trained and scored twice (counted; the table "
+                     f"shows one run){extra}")
     shards = int(cfg.sweep.num_shards)
     if shards > 1:
         notes.append(f"shard {cfg.sweep.shard} of {shards}: {len(mine)} of {len(cells)} cells; "

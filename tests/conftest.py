@@ -82,6 +82,16 @@ def fitted_intervention(name: str, n: int, options: dict):
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _sigint_raises_keyboard_interrupt():
+    """The Ctrl-C tests raise SIGINT in this process (and their das-cli subprocesses inherit its disposition). A
+    suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored,
+    and Python then keeps it ignored: give it Python's own handler back, as an interactive start has it."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _embedded_tokenizer_read_once():
     """Every tiny random model uses the embedded tokenizer; the in-process runs of a session read its files
     once (0.3 s a read) instead of once per run."""

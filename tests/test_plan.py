@@ -76,6 +76,17 @@ def test_a_shard_plans_its_own_cells_and_suggests_a_time_limit():
     assert P.suggested_minutes(30) == 10 and P.suggested_minutes(3000) == 100
 
 
+def test_a_control_counts_every_cell_twice_and_the_random_copy_of_the_weights():
+    def plan(*extra):
+        return P.make_plan(das_cli.config.checked(das_cli.compose(GRID + list(extra))), None)
+
+    plain, shuffled, random = plan(), plan("analysis.control=shuffled_labels"), plan("analysis.control=random_model")
+    start = P.DEVICE_COSTS["cpu"].start_s
+    assert shuffled.seconds - start == pytest.approx(2 * (plain.seconds - start))
+    assert shuffled.peak_bytes == plain.peak_bytes < random.peak_bytes
+    assert any("trained and scored twice" in note for note in random.notes)
+
+
 def test_a_dim_wider_than_a_cell_is_an_error_before_any_weight():
     with pytest.raises(DasError, match=r"intervention.dim=65: must be between 1 and 64 \(the width of cell block_output__L00__Ps2\)"):
         P.make_plan(das_cli.config.checked(das_cli.compose(GRID + ["intervention.dim=65"])), None)

@@ -26,7 +26,6 @@ import torch
 
 from .data import PairSet
 from .models import LoadedModel
-from .names import CONTROLS  # noqa: F401  (the choices live with the other names)
 
 CONTROL_COLUMNS = ("iia_control", "iia_control_lo", "iia_control_hi", "selectivity", "selectivity_lo", "selectivity_hi")
 

@@ -43,6 +43,7 @@ OFFSET = 0.1  # the measure's offset: 1 / (|a| + 0.1) rewards exact zeros up to 
 ZERO_TOLERANCE = 1e-3  # an entry counts as zero below this fraction of its matrix's largest one
 SIDES = ("output", "input", "both")
 ACTS = ("left", "right", "both")  # R J, J Rᵀ, R J Rᵀ
+SIDE_ACTS = {"output": "left", "input": "right"}  # how R acts on a one-sided term named by its side
 RESIDUAL_STREAMS = ("block_input", "block_output")
 MAX_ANGLE = 0.2  # radians: the most a step turns in any plane (see _descend)
 WARMUP_STEPS = 10  # the angle grows linearly over these steps while Adam's moments form
@@ -102,7 +103,7 @@ def fit_rotation(jacobians: dict[str, Tensor], acts: dict[str, str] | None = Non
     acts on it ("left", "right" or "both"; by default "output" terms left and "input" terms right).
     Starts: the identity, then `restarts` random rotations drawn with `seed`; `steps` steps from each.
     """
-    acts = {**{"output": "left", "input": "right"}, **(acts or {})}
+    acts = {**SIDE_ACTS, **(acts or {})}
     unknown = [name for name in jacobians if acts.get(name) not in ACTS]
     if not jacobians or unknown:
         raise ValueError(f"jacobians: every term needs an act in {ACTS}; got terms {sorted(jacobians)}")

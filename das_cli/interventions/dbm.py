@@ -117,14 +117,14 @@ class DBMIntervention(Intervention):
 
     def fit_jacobians(self, jacobians: dict[str, Tensor], acts: dict[str, str] | None = None, seed: int = 0) -> dict:
         """The rotation from given Jacobians (`sparse_rotation.fit_rotation`); returns the row's figures."""
-        from das_cli.sparse_rotation import fit_rotation, normalised
+        from das_cli.sparse_rotation import SIDE_ACTS, fit_rotation, normalised
 
         fit = fit_rotation(jacobians, acts, self.jacobian_steps, self.jacobian_restarts, seed)
         if fit.steps_taken == 0:
             log.warning("dbm basis=sparse_jacobian: the sparsest rotation found is its start (%s): no step from any "
                         "start made the Jacobians sparser", fit.start)
         self.set_rotation(fit.rotation)
-        acts = {**{"output": "left", "input": "right"}, **(acts or {})}
+        acts = {**SIDE_ACTS, **(acts or {})}
         self.example = {side: (normalised(j[0].detach().float().cpu()), acts[side]) for side, j in jacobians.items()}
         return {"sparsity_before": fit.sparsity_before, "sparsity_after": fit.sparsity_after,
                 "zeros_before": fit.zeros_before, "zeros_after": fit.zeros_after,

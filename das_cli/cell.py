@@ -26,7 +26,7 @@ from .bundles import bundleable, evaluate_bundle
 from .data import PairSet, resolve_positions
 from .engines import make_engine, prepare
 from .errors import non_finite
-from .grid import Cell
+from .grid import Cell, site_key
 from .interventions import Intervention, SiteActivations, build_intervention, method
 from .models import LoadedModel
 from .results import bar_chart, curve_plot
@@ -57,6 +57,7 @@ class RunData:
     accuracy: float  # base accuracy on the test prompts
     loaded: dict = field(default_factory=dict)  # from_run: cell -> the source cell, its intervention frozen
     tracking: object | None = None  # trackers.Tracking (logger=...), started by runner.CellRunner.start
+    prescan: dict = field(default_factory=dict)  # cell -> prescan.CellPrescan, scored before training (search.prescan)
 
 
 @dataclass
@@ -105,10 +106,23 @@ def set_up(run: RunData, cell: Cell, site: Site, sources: SiteTensors) -> ReadyC
     train, test = engine(run, "train", cell, site, sources), engine(run, "test", cell, site, sources)
     width = train.groups[0].source_values.shape[1]
     intervention = new_intervention(run, cell, width).to(run.lm.device)
+    if getattr(intervention, "init", "random") == "prescan" and cell not in run.loaded:
+        intervention.set_basis(prescan_of(run, cell, site).directions)
     if intervention.needs_activations:
         intervention.fit_activations(site_activations(run, cell, site, sources, train))
     learned = intervention.fit_model(run.lm, site, run.pairs["train"], cell.position, seed) if intervention.needs_model else {}
     return ReadyCell(cell, site, sources, train, test, intervention, learned, seed, width, start)
+
+
+def prescan_of(run: RunData, cell: Cell, site: Site):
+    """The cell's first-order prescan: from the run's pass over the grid, or scored now for a cell it did not
+    cover (a control's, the second phase of ranked heads)."""
+    if cell not in run.prescan:
+        from . import prescan
+
+        run.prescan.update(prescan.prescan_cells(run.lm, run.pairs["train"], [cell], {site_key(cell): site},
+                                                 prescan.prescan_k(run.cfg), int(run.cfg.eval.batch_size)))
+    return run.prescan[cell]
 
 
 def new_intervention(run: RunData, cell: Cell, width: int) -> Intervention:

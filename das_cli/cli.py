@@ -49,7 +49,7 @@ def check_groups(overrides: list[str], multirun: bool) -> None:
     """`model=foo` and friends: name the valid choices (multirun: each comma-separated value)."""
     for item in overrides:
         key, _, value = item.lstrip("+~").partition("=")
-        if key not in C.CONFIG_GROUPS + C.LIST_GROUPS:
+        if key not in C.GROUPS:
             continue
         choices = C.group_choices(key)
         several = re.findall(r"[^\[\],\s]+", value) if key in C.LIST_GROUPS else None  # logger=[tensorboard,mlflow]

@@ -26,6 +26,9 @@ from .names import CONTROLS, ENGINES
 
 CONFIG_GROUPS = ("model", "dataset", "intervention")
 LIST_GROUPS = ("logger",)  # groups that take several choices at once: logger=[tensorboard,mlflow] (trackers.py)
+SECTION_GROUPS = ("search",)  # groups whose choices share one schema, a section of RunSchema: search=full
+GROUPS = CONFIG_GROUPS + LIST_GROUPS + SECTION_GROUPS  # every `key=choice` that picks a conf/<key>/<choice>.yaml
+SEARCHES = ("full",)  # search=...: how the grid's cells are trained (conf/search/)
 MODES = ("run", "plan")
 
 
@@ -115,6 +118,14 @@ class SweepConfig:
 
 
 @dataclass
+class SearchConfig:
+    """How the grid's cells are searched (conf/search/<name>.yaml)."""
+
+    name: str = MISSING
+    prescan: bool = MISSING  # every cell's first-order score before training (prescan.py)
+
+
+@dataclass
 class CsvLogger:
     path: Optional[str] = MISSING
 
@@ -170,6 +181,7 @@ class RunSchema:
     output: OutputConfig = field(default_factory=OutputConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     from_run: Optional[str] = None  # a finished run folder: evaluate its saved cells, train nothing (transfer.py)
     mode: str = MISSING  # run | plan (plan.py: the grid and its cost, no weights read)
@@ -242,7 +254,7 @@ def check_override_keys(overrides: list[str]) -> list[str]:
 def _plain_key(override: str) -> str | None:
     """The dotted key of a plain `a.b=value` override; None for group choices, +/~ edits and hydra keys."""
     key = override.partition("=")[0]
-    if "=" not in override or key.startswith(("+", "~", "hydra.", "hydra/")) or key in CONFIG_GROUPS + LIST_GROUPS or "/" in key:
+    if "=" not in override or key.startswith(("+", "~", "hydra.", "hydra/")) or key in GROUPS or "/" in key:
         return None
     return key if re.fullmatch(r"[\w.]+", key) else None
 
@@ -396,6 +408,10 @@ def _run_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"train.lr_end_factor={t.lr_end_factor}: must be between 0 and 1 (the final learning rate is lr x lr_end_factor)")
     if t.engine not in ENGINES:
         errors.append(f"train.engine={t.engine}: valid choices: {', '.join(ENGINES)}")
+    if cfg.search.name not in SEARCHES:
+        errors.append(f"search.name={cfg.search.name}: valid choices: {', '.join(SEARCHES)} (choose with search=...)")
+    if cfg.search.prescan and cfg.get("from_run"):
+        errors.append("search.prescan=true: a from_run evaluation trains nothing to rank; use search.prescan=false")
     if cfg.analysis.control not in CONTROLS:
         errors.append(f"analysis.control={cfg.analysis.control}: valid choices: {', '.join(CONTROLS)}")
     elif cfg.analysis.control != "none" and cfg.get("from_run"):
@@ -501,13 +517,15 @@ def fingerprint(cfg: DictConfig) -> dict:
 
 def _without_unused(parts: dict) -> dict:
     """Keys that change no number of the run leave the fingerprint, so folders from before they existed resume:
-    the control's seed without a control, dbm's Jacobian options for a basis other than sparse_jacobian, and
-    dbm's basis when it is the neurons (the only basis before bases existed)."""
+    the control's seed without a control, dbm's Jacobian options for a basis other than sparse_jacobian,
+    dbm's basis when it is the neurons (the only basis before bases existed), and das's random start."""
     if parts["analysis"].get("control", "none") == "none":
         parts["analysis"] = {k: v for k, v in parts["analysis"].items() if k not in ("control", "control_seed")}
     intervention = parts["intervention"]
     if intervention.get("basis", "sparse_jacobian") != "sparse_jacobian":
         intervention = {k: v for k, v in intervention.items() if not k.startswith("jacobian_")}
+    if intervention.get("init") == "random":  # the only start before init existed
+        intervention = {k: v for k, v in intervention.items() if k != "init"}
     if intervention.get("basis") == "neurons":
         intervention = {k: v for k, v in intervention.items() if k != "basis"}
     parts["intervention"] = intervention

@@ -4,6 +4,8 @@ reading a finished cell back with checks, and the lock a process holds while it 
     <folder>/run.json                          {"fingerprint": ..., "versions": ...}: the configuration of the
                                                folder's cells; Python's and the packages' versions of its last run
     <folder>/grid.json | grid.shard<i>of<n>.json  the ids of the cells a job means to run (before training)
+    <folder>/prescan.csv | prescan.shard<i>of<n>.csv  with search.prescan: each of the job's cells' first-order
+                                               score, from before any training (prescan.py)
     <folder>/cells/<id>/metrics.json           the cell's row, its fingerprint and its subspace's checksum;
                                                written last, so it marks the cell finished
     <folder>/cells/<id>/subspace.safetensors   the learned tensors (output.save_subspaces)
@@ -93,6 +95,15 @@ def head_plot_file(folder: Path, cell_id: str) -> Path:
 
 def grid_file(folder: Path, shard: int, num_shards: int) -> Path:
     return Path(folder) / ("grid.json" if num_shards == 1 else f"grid.shard{shard}of{num_shards}.json")
+
+
+def prescan_file(folder: Path, shard: int, num_shards: int) -> Path:
+    """The first-order prescan's scores of one job's cells (prescan.py)."""
+    return Path(folder) / ("prescan.csv" if num_shards == 1 else f"prescan.shard{shard}of{num_shards}.csv")
+
+
+def prescan_files(folder: Path) -> list[Path]:
+    return sorted(Path(folder).glob("prescan*.csv"))
 
 
 def grid_files(folder: Path) -> list[Path]:

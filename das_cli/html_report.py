@@ -33,7 +33,8 @@ import pandas as pd
 
 from . import folder as layout
 from .files import atomic_write_text
-from .results import EXTRA_SCORES, _split, best_cell, pivot, seed_spread, selection_score
+from .results import (EXTRA_SCORES, UNBOUNDED_SCORES, _split, best_cell, cell_text, colour_range, pivot, seed_spread,
+                      selection_score)
 
 if TYPE_CHECKING:
     from .report import Report
@@ -45,7 +46,7 @@ TABLE_COLUMNS = ["cell", "stream", "layer", "position", "heads", "intervention",
                  "penalty", "base_accuracy", "n_test", "seconds", "error"]
 CELL_NUMBERS = ["iia", "iia_lo", "iia_hi", "iia_val", "train_iia", "gain", "offmanifold", "max_z", "p_label",
                 "logit_diff", "loss", "penalty", "base_accuracy", "n_train", "n_val", "n_test", "steps", "seconds"]
-SCORE_LABELS = {"iia": "test IIA", "iia_val": "validation IIA"}
+SCORE_LABELS = {"iia": "test IIA", "iia_val": "validation IIA", "prescan": "prescan (predicted loss drop, nats)"}
 SHOWN_FIGURES = ("curve.png", "head_importance.png")  # drawn on the page from their data instead
 MAX_IMAGE_BYTES = 2_000_000
 PLOT_CONFIG = {"displaylogo": False, "displayModeBar": False}  # drag to zoom, double-click to reset
@@ -184,7 +185,8 @@ def _heatmap_groups(frame: pd.DataFrame, swept: list[str], anchors: list[str]) -
             best = best_cell(table, choices[key])
             extra = {"lo": lows.get(key), "hi": highs.get(key), "sd": spreads.get(key), "ids": ids.get(key)}
             figures = [_json(heatmap_figure(tables[s][key], SCORE_LABELS.get(s, s), best,
-                                            extra if s == "iia" else {"ids": ids.get(key)}))
+                                            extra if s == "iia" else {"ids": ids.get(key), "bounded": s not in UNBOUNDED_SCORES},
+                                            colour_range(s, tables[s][key])))
                        for s in tables if key in tables[s]]
             name = key[0] + (f" heads {key[1]}" if key[1] else "")
             groups.append({"title": " · ".join(t for t in (name, label) if t), "figures": figures,
@@ -203,14 +205,15 @@ def _cell_anchors(part: pd.DataFrame, anchors: list[str]) -> dict:
     return tables
 
 
-def heatmap_figure(table: pd.DataFrame, score: str, best: tuple | None, extra: dict) -> dict:
+def heatmap_figure(table: pd.DataFrame, score: str, best: tuple | None, extra: dict,
+                   limits: tuple[float, float] = (0.0, 1.0)) -> dict:
     """One layer (rows, 0 at the top) x position heatmap of `table` as a plotly figure (a plain dict: plotly's
     Python validation costs tens of ms a figure; tests validate these), the chosen cell outlined."""
     rows, columns = table.shape
     text, hover = _cell_texts(table, extra)
     ids = _aligned(extra.get("ids"), table, fill="")
     trace = {"type": "heatmap", "z": table.to_numpy(dtype=float).tolist(), "x": list(range(columns)),
-             "y": list(range(rows)), "zmin": 0, "zmax": 1, "colorscale": "Viridis", "text": text,
+             "y": list(range(rows)), "zmin": limits[0], "zmax": limits[1], "colorscale": "Viridis", "text": text,
              "texttemplate": "%{text}", "customdata": [[[h, i] for h, i in zip(hs, cs)] for hs, cs in zip(hover, ids)],
              "hovertemplate": "%{customdata[0]}<extra></extra>", "colorbar": {"thickness": 12, "len": 0.9},
              "xgap": 1, "ygap": 1}
@@ -235,7 +238,7 @@ def _cell_texts(table: pd.DataFrame, extra: dict) -> tuple[list[list[str]], list
         hovers.append([])
         for c, position in enumerate(table.columns):
             v = float(table.iloc[r, c])
-            text = "—" if math.isnan(v) else f"{v:.2f}"
+            text = "—" if math.isnan(v) else cell_text(v, extra.get("bounded", True))
             if not math.isnan(v) and not _nan(sd[r][c]):
                 text += f"<br>±{sd[r][c]:.2f}"
             elif not math.isnan(v) and not _nan(lo[r][c]):

@@ -106,12 +106,13 @@ def aggregate(folder: str | Path, plots: bool = True, nested: bool = True) -> Re
         raise DasError(f"{folder}: no cells/*/metrics.json under this folder (is it a das-cli run or multirun folder?)")
     jobs = list(dict.fromkeys(layout.job_of(p) for p in paths))
     stored, damaged = [], []
+    prescans: dict[Path, dict] = {}
     for path in paths:
         cell = layout.read_cell(layout.job_of(path), path.parent.name)
         if cell.damaged:
             damaged.append((_rel(folder, path.parent), cell.problem))
         else:
-            stored.append((layout.job_of(path), with_control(layout.job_of(path), cell)))
+            stored.append((layout.job_of(path), with_prescan(prescans, layout.job_of(path), with_control(layout.job_of(path), cell))))
     configs = list(dict.fromkeys(layout.config_key(c.fingerprint) for _, c in stored))
     swept = layout.changed_keys(*[json.loads(k) for k in configs]) if len(configs) > 1 else []
     rows = _unique_rows(folder, stored, swept)
@@ -181,6 +182,19 @@ def with_control(job: Path, cell):
     stored = layout.read_cell(control, cell.id)
     found = None if stored is None or stored.damaged else stored.row
     return replace(cell, row={**cell.row, **control_columns(cell.row, found)})
+
+
+def with_prescan(prescans: dict[Path, dict], job: Path, cell):
+    """The cell with its prescan score in its row when the job ran search.prescan (`prescans`: each job's
+    table, read once)."""
+    from dataclasses import replace
+
+    if job not in prescans:
+        from . import prescan  # torch: only for a folder that has a prescan table
+
+        prescans[job] = prescan.read(job) if layout.prescan_files(job) else {}
+    found = prescans[job].get(cell.id)
+    return replace(cell, row={**cell.row, **found}) if found else cell
 
 
 def _column_value(value: object) -> object:

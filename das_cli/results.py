@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import os
 import re
@@ -60,8 +61,9 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
     return results_frame(frame.to_dict("records"))
 
 
-# Scores some runs add (isolation, illusion check); each present one gets its own pivot and heatmap.
-EXTRA_SCORES = ("iia_isolate", "iia_mean", "iia_row", "iia_null", "iia_control", "selectivity")
+# Scores some runs add (isolation, illusion check, controls, prescan); each present one gets its own pivot and heatmap.
+EXTRA_SCORES = ("iia_isolate", "iia_mean", "iia_row", "iia_null", "iia_control", "selectivity", "prescan")
+UNBOUNDED_SCORES = ("prescan",)  # not a share in [0, 1] (nats): heatmaps span the values present
 CELL_KEY = ["stream", "heads", "layer", "position"]
 MAX_SUFFIX = 120  # longer swept-value file name suffixes are replaced by a hash of their label
 
@@ -97,11 +99,24 @@ def seed_spread(frame: pd.DataFrame) -> pd.DataFrame | None:
     return table.reset_index()
 
 
+def colour_range(score: str, table: pd.DataFrame) -> tuple[float, float]:
+    """The colour scale of a heatmap of `score`: [0, 1] for IIA-like shares, else from min(0, least) to the largest
+    value present (UNBOUNDED_SCORES)."""
+    if score not in UNBOUNDED_SCORES:
+        return 0.0, 1.0
+    values = table.to_numpy(dtype=float)
+    values = values[np.isfinite(values)]
+    low = min(0.0, float(values.min())) if values.size else 0.0
+    high = float(values.max()) if values.size else 1.0
+    return low, high if high > low else low + 1.0
+
+
 def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd.DataFrame | None = None,
-            label: str = "IIA", interval: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> None:
+            label: str = "IIA", interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+            limits: tuple[float, float] = (0.0, 1.0)) -> None:
     """Write a layer (rows, layer 0 at the top) x position (columns) heatmap of IIA as PNG.
 
-    Colours span [0, 1]; every cell shows its value to 2 decimals (and "±sd" when `spread`, a
+    Colours span `limits` ([0, 1] unless given: `colour_range`); every cell shows its value to 2 decimals (and "±sd" when `spread`, a
     table of the same shape, is given, or "[lo, hi]" when `interval`, two such tables, is),
     failed (NaN) cells are grey "—".
     Uses a bare Agg-rendered `Figure` (no pyplot): no GUI, no global figure state to close.
@@ -113,7 +128,7 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
     title = textwrap.fill(title, width=int(11 * width))
     fig = Figure(figsize=(width, 1.6 + 0.4 * n_layers + 0.15 * (title.count("\n") + 1)), layout="constrained")
     ax = fig.add_subplot()
-    image = draw_heatmap(ax, table, spread, interval)
+    image = draw_heatmap(ax, table, spread, interval, limits=limits)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label=label)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -121,15 +136,16 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
 
 def draw_heatmap(ax, table: pd.DataFrame, spread: pd.DataFrame | None = None,
                  interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-                 xlabel: str = "position", ylabel: str = "layer"):
+                 xlabel: str = "position", ylabel: str = "layer", limits: tuple[float, float] = (0.0, 1.0)):
     """Draw `table` (rows top to bottom, columns left to right) on the matplotlib axes `ax` as `heatmap`
     describes; returns the image, for a colour bar."""
     values = table.to_numpy(dtype=float)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=_colormap(), vmin=0.0, vmax=1.0, aspect="auto")
+    low, high = limits
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=_colormap(), vmin=low, vmax=high, aspect="auto")
     spreads = None if spread is None else spread.reindex_like(table).to_numpy(dtype=float)
     bounds = None if interval is None else [t.reindex_like(table).to_numpy(dtype=float) for t in interval]
     for (row, col), v in np.ndenumerate(values):
-        text, colour = ("—", "black") if np.isnan(v) else (f"{v:.2f}", "black" if v > 0.5 else "white")
+        text, colour = ("—", "black") if np.isnan(v) else (cell_text(v, limits == (0.0, 1.0)), "black" if v > (low + high) / 2 else "white")
         if spreads is not None and not np.isnan(v) and not np.isnan(spreads[row, col]):
             text += f"\n±{spreads[row, col]:.2f}"
         elif bounds is not None and not np.isnan(v) and not np.isnan(bounds[0][row, col]):
@@ -201,7 +217,7 @@ def _write_pivots(frame: pd.DataFrame, folder: Path, title: str, plots: bool, su
             for score, tables in extras.items():
                 if key in tables:
                     heatmap(tables[key], layout.heatmap_file(folder, f"{name}_{score}"),
-                            f"{score} · {_plot_title(*key, title)}", label=score)
+                            f"{score} · {_plot_title(*key, title)}", label=score, limits=colour_range(score, tables[key]))
 
 
 def _write_table(path: Path, table: pd.DataFrame) -> None:
@@ -231,10 +247,41 @@ def format_summary(frame: pd.DataFrame, by: list[str] | tuple[str, ...] = ()) ->
                        {score: tables[stream, heads] for score, tables in extras.items() if (stream, heads) in tables},
                        model_layers)
         for (stream, heads), table in tables.items())
+    if "prescan" in frame and frame["prescan"].notna().any():
+        text += "\n\n" + prescan_summary(frame, chooser, source)
     if spread is not None:
         text += (f"\n\nIIA above is the mean of {int(spread['n_seeds'].max())} seeds per cell; standard deviation "
                  f"median {spread['iia_std'].median():.3f}, max {spread['iia_std'].max():.3f} (iia_seeds.csv)")
     return text
+
+
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """Spearman's rank correlation of two columns over the rows where both are numbers (ties take their mean rank);
+    NaN with fewer than 3 such rows or a constant column."""
+    both = pd.DataFrame({"a": a, "b": b}).astype(float).dropna()
+    if len(both) < 3 or both["a"].nunique() < 2 or both["b"].nunique() < 2:
+        return math.nan
+    return float(both["a"].rank().corr(both["b"].rank()))
+
+
+def prescan_summary(frame: pd.DataFrame, chooser: str, source: str) -> str:
+    """How well the first-order prescan, made before any training, ranked the trained cells: its Spearman
+    correlation with test IIA and with the selection score, over the cells that have both."""
+    trained = frame.dropna(subset=["iia", "prescan"])
+    if trained.empty:
+        return "prescan: no trained cell to compare it with"
+    rho_test, rho_choice = spearman(trained["prescan"], trained["iia"]), spearman(trained["prescan"], trained[chooser])
+    top = trained.loc[trained["prescan"].idxmax()]
+    text = (f"prescan (first order, before training): Spearman with test IIA {_rho(rho_test)}, with {source} IIA "
+            f"{_rho(rho_choice)}, over {len(trained)} cells; its top cell {top['stream']} L{top['layer']} @ {top['position']} "
+            f"(prescan {top['prescan']:.2g}, IIA {top['iia']:.2f})")
+    if math.isnan(rho_test) or math.isnan(rho_choice):
+        text += "\n  (a correlation is undefined under 3 cells or with a score that does not vary)"
+    return text
+
+
+def _rho(value: float) -> str:
+    return "undefined" if math.isnan(value) else f"{value:.2f}"
 
 
 def selection_score(frame: pd.DataFrame) -> tuple[str, str]:
@@ -284,7 +331,7 @@ def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.Data
         best += f"  95% CI [{interval[0].loc[layer, position]:.2f}, {interval[1].loc[layer, position]:.2f}]"
     best += f"  (chosen on {source} IIA {choice.loc[layer, position]:.2f})"
     lines.append(best)
-    at_best = [f"{score} {scores.loc[layer, position]:.2f}" for score, scores in (extras or {}).items()
+    at_best = [f"{score} {cell_text(scores.loc[layer, position], score not in UNBOUNDED_SCORES)}" for score, scores in (extras or {}).items()
                if position in scores.columns and layer in scores.index and not np.isnan(scores.loc[layer, position])]
     if at_best:
         lines.append("  at this cell: " + ", ".join(at_best))
@@ -301,6 +348,12 @@ def _mib_label(layers: pd.Index, model_layers: int | None) -> str:
     if set(layers) == set(range(model_layers)):
         return f" (MIB average: all {model_layers} layers)"
     return f" ({len(layers)} of {model_layers} layers; not MIB's average, which takes every layer: layers=all)"
+
+
+def cell_text(value: float, bounded: bool = True) -> str:
+    """A heatmap cell's number: 2 decimals for a score in [0, 1], 2 significant digits for another (a prescan
+    score in nats can be 0.003)."""
+    return f"{value:.2f}" if bounded else f"{value:.2g}"
 
 
 def _position_order(frame: pd.DataFrame) -> list:

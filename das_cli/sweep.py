@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from itertools import groupby
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def run(cfg: DictConfig, output_dir: str | Path, checked: bool = False) -> pd.Da
     try:  # Ctrl-C or SIGTERM from here on: finished cells are kept, those in flight checkpointed
         ranked = cfg.heads == "cumulative" and cfg.head_order == "ranked" and not loaded  # phase 2 needs every single head
         mine = _shard(cfg, folder, cells, ranked)
-        sweep = CellRunner.start(RunData(cfg, lm, pairs, {}, math.nan, loaded or {}), folder, store, mine, sites)
+        found = _prescan(cfg, lm, pairs["train"], folder, mine, sites) if wants_prescan(cfg) and not loaded else {}
+        sweep = CellRunner.start(RunData(cfg, lm, pairs, {}, math.nan, loaded or {}, prescan=found), folder, store, mine, sites)
         log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(pairs["test"]),
                  sweep.data.accuracy)
         run_cells(sweep, mine, sites)
@@ -99,6 +101,25 @@ def _shard(cfg: DictConfig, folder: Path, cells: list[Cell], ranked: bool) -> li
         log.info("shard %d of %d: %d of %d cells", shard, num_shards, len(mine), len(cells))
     write_grid(folder, shard, num_shards, mine)
     return mine
+
+
+def wants_prescan(cfg: DictConfig) -> bool:
+    """search.prescan, or a method that starts from the prescan's directions (intervention.init=prescan)."""
+    return bool(cfg.search.prescan) or cfg.intervention.get("init") == "prescan"
+
+
+def _prescan(cfg: DictConfig, lm, train, folder: Path, cells: list[Cell], sites: dict[tuple, Site]) -> dict:
+    """Every cell of this job scored to first order on the training pairs (prescan.py), before any training;
+    written to the folder, where the tables join it to the cells."""
+    from . import prescan
+
+    started, k = time.perf_counter(), prescan.prescan_k(cfg)
+    found = prescan.prescan_cells(lm, train, cells, sites, k, int(cfg.eval.batch_size))
+    prescan.write(folder, int(cfg.sweep.shard), int(cfg.sweep.num_shards), found, k)
+    top = sorted(found.items(), key=lambda item: -item[1].score)[:3]
+    log.info("prescan: %d cells scored in %.1f s (k=%d); highest: %s", len(found), time.perf_counter() - started, k,
+             ", ".join(f"{cell.id} {result.score:.3g}" for cell, result in top))
+    return found
 
 
 def resolve_sites(lm, cells: list[Cell]) -> dict[tuple, Site]:

@@ -49,7 +49,7 @@ def test_metrics_and_safetensors_record_the_artefact(tmp_path):
     art = json.loads((path / layout.METRICS).read_text())["artefact"]
     assert art["stream"] == "block_output" and art["layer"] == 1 and art["positions"] == ["last"] and art["heads"] is None
     assert art["width"] == 64 and art["intervention"] == {"name": "das", "options": {"dim": 2, "orthogonal_map": None,
-                                                                                      "full_rotation": False}}
+                                                                                      "full_rotation": False, "init": "random"}}
     assert art["model"]["name"] == "tiny_gpt2" and art["model"]["model_type"] == "gpt2"
     assert art["das_cli_version"] == das_cli.__version__
     with safe_open(path / layout.SUBSPACE, framework="pt") as f:

@@ -161,7 +161,7 @@ def test_bad_values_are_one_line_errors(overrides, message):
 @pytest.mark.parametrize("override,message", [
     ("layer=[1]", "layer: unknown key; valid keys: analysis, dataset,"),
     ("train.epoch=3", "train.epoch: unknown key in train; valid keys: batch_size, cells_per_step, engine, epochs, lr, lr_end_factor; did you mean train.epochs?"),
-    ("intervention.dimm=2", "intervention.dimm: unknown key of intervention=das; valid keys: dim, full_rotation, name, orthogonal_map; did you mean intervention.dim?"),
+    ("intervention.dimm=2", "intervention.dimm: unknown key of intervention=das; valid keys: dim, full_rotation, init, name, orthogonal_map; did you mean intervention.dim?"),
     ("dataset.ntrain=5", "did you mean dataset.n_train?"),
 ])
 def test_unknown_keys_name_the_valid_keys_and_the_closest(override, message):
@@ -282,7 +282,7 @@ def test_checking_the_options_allocates_for_no_width(monkeypatch):
     real = interventions.build_intervention
     monkeypatch.setattr(interventions, "build_intervention", lambda name, n, **options: built.append((n, options)) or real(name, n, **options))
     C.validate(C.typed(C.compose(["model=tiny_gpt2", "intervention.dim=100000", "intervention.full_rotation=true"])))
-    assert built == [(1, {"dim": 1, "orthogonal_map": None, "full_rotation": True})]
+    assert built == [(1, {"dim": 1, "orthogonal_map": None, "full_rotation": True, "init": "random"})]
 
 
 def test_a_dim_wider_than_the_site_names_the_width(tmp_path):

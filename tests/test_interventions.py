@@ -359,7 +359,7 @@ def test_build_intervention_errors():
         "intervention=lora: not a valid choice; valid choices: boundless_das, das, dbm, fixed, mean_diff, oblique_das, pca, probe, random, sparse_basis, vanilla"
     )
 
-    with pytest.raises(DasError, match=r"intervention\.rank.*valid options: dim, full_rotation, orthogonal_map"):
+    with pytest.raises(DasError, match=r"intervention\.rank.*valid options: dim, full_rotation, init, orthogonal_map"):
         build_intervention("das", 4, dim=1, rank=2)
 
     for dim in (0, 5):

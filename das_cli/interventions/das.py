@@ -14,12 +14,14 @@ from das_cli.errors import DasError, choices_error
 from .base import DimOptions, Intervention, OrthonormalColumns, as_saved, check_dim, check_shapes, project_swap, register
 
 ORTHOGONAL_MAPS = ("cayley", "householder", "matrix_exp")
+INITS = ("random", "prescan")  # where W starts: a random orthonormal matrix, or the prescan's directions (prescan.py)
 
 
 @dataclass
 class DasOptions(DimOptions):
     orthogonal_map: Optional[str] = None
     full_rotation: bool = MISSING
+    init: str = MISSING
 
 
 @register
@@ -27,6 +29,7 @@ class DASIntervention(Intervention):
     """Low-rank DAS: swap the k-dimensional subspace span(W) of base for that of source.
 
     By default W is an n × k matrix kept orthonormal by itself (no n × n matrix exists).
+    `init=prescan` starts W at the cell's first-order prescan directions (the set-up loads them with `set_basis`).
     `full_rotation=True` instead learns a full n × n rotation R and uses its first k columns,
     as pyvene's RotatedSpaceIntervention does: the same forward for the same W, but a
     different parametrisation, so training can take another path (and costs n² parameters).
@@ -37,14 +40,16 @@ class DASIntervention(Intervention):
     trainable = True
     illusion_split = True
 
-    def __init__(self, n: int, dim: int, orthogonal_map: str | None = None, full_rotation: bool = False):
+    def __init__(self, n: int, dim: int, orthogonal_map: str | None = None, full_rotation: bool = False, init: str = "random"):
         super().__init__()
         check_dim(dim, n)
+        if init not in INITS:
+            raise choices_error("intervention.init", init, INITS)
         if orthogonal_map is not None and orthogonal_map not in ORTHOGONAL_MAPS:
             raise choices_error("intervention.orthogonal_map", orthogonal_map, ORTHOGONAL_MAPS)
         if not isinstance(full_rotation, bool):
             raise DasError(f"intervention.full_rotation={full_rotation}: must be true or false")
-        self.n, self.dim, self.full_rotation = n, dim, full_rotation
+        self.n, self.dim, self.full_rotation, self.init = n, dim, full_rotation, init
         self.basis = OrthonormalColumns(n, n if full_rotation else dim, orthogonal_map)
 
     @property

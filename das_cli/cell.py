@@ -132,12 +132,13 @@ def new_intervention(run: RunData, cell: Cell, width: int) -> Intervention:
     return build_intervention(run.cfg.intervention.name, width, **C.intervention_options(run.cfg))
 
 
-def fit_alone(run: RunData, ready: ReadyCell, checkpoint):
-    """`train.fit` of one cell (`checkpoint`: the store's, for a stop mid-cell); a failure is returned, not raised."""
+def fit_alone(run: RunData, ready: ReadyCell, checkpoint, until: int | None = None):
+    """`train.fit` of one cell (`checkpoint`: the store's, for a stop mid-cell; `until`: the epoch to pause at, a
+    rung of successive halving); a failure is returned, not raised."""
     t = run.cfg.train
     try:
         return fit(ready.train, ready.intervention, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
-                   ready.seed, bool(run.cfg.progress), checkpoint, validation(run, [ready]), track(run, ready.cell))
+                   ready.seed, bool(run.cfg.progress), checkpoint, validation(run, [ready]), track(run, ready.cell), until)
     except CELL_FAILURES as e:
         return e
 
@@ -202,6 +203,15 @@ def evaluate(engines: list, interventions: list, batch: int, **arguments) -> lis
     if len(engines) > 1 and all(bundleable(e) for e in engines):
         return evaluate_bundle(engines, interventions, batch, **arguments)
     return [evaluate_kinds(e, v, batch, **arguments) for e, v in zip(engines, interventions)]
+
+
+def rung_scores(run: RunData, ready: list[ReadyCell]) -> list[dict]:
+    """Successive halving's ranking scores of paused cells: IIA and loss on the validation pairs (the training
+    pairs when the dataset has no validation split), evaluated together."""
+    split = "val" if "val" in run.pairs else "train"
+    engines = [evaluation_engine(run, r, split) for r in ready]
+    scores = evaluate(engines, [r.intervention for r in ready], int(run.cfg.eval.batch_size))
+    return [{"cell": r.cell.id, "split": split, "iia": s.scores()["iia"], "loss": s.loss} for r, s in zip(ready, scores)]
 
 
 def evaluation_engine(run: RunData, ready: ReadyCell, split: str):

@@ -28,7 +28,7 @@ CONFIG_GROUPS = ("model", "dataset", "intervention")
 LIST_GROUPS = ("logger",)  # groups that take several choices at once: logger=[tensorboard,mlflow] (trackers.py)
 SECTION_GROUPS = ("search",)  # groups whose choices share one schema, a section of RunSchema: search=full
 GROUPS = CONFIG_GROUPS + LIST_GROUPS + SECTION_GROUPS  # every `key=choice` that picks a conf/<key>/<choice>.yaml
-SEARCHES = ("full",)  # search=...: how the grid's cells are trained (conf/search/)
+SEARCHES = ("full", "halving")  # search=...: how the grid's cells are trained (conf/search/)
 MODES = ("run", "plan")
 
 
@@ -123,6 +123,9 @@ class SearchConfig:
 
     name: str = MISSING
     prescan: bool = MISSING  # every cell's first-order score before training (prescan.py)
+    eta: Optional[int] = None  # halving: keep the top 1/eta of the cells at each rung (halving.py)
+    min_epochs: Optional[int] = None  # halving: the first rung's epochs
+    prescan_keep: Optional[float] = None  # halving: the prescan's top fraction of the cells starts (1: all)
 
 
 @dataclass
@@ -412,6 +415,8 @@ def _run_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"search.name={cfg.search.name}: valid choices: {', '.join(SEARCHES)} (choose with search=...)")
     if cfg.search.prescan and cfg.get("from_run"):
         errors.append("search.prescan=true: a from_run evaluation trains nothing to rank; use search.prescan=false")
+    if cfg.search.name == "halving":
+        errors += _halving_errors(cfg)
     if cfg.analysis.control not in CONTROLS:
         errors.append(f"analysis.control={cfg.analysis.control}: valid choices: {', '.join(CONTROLS)}")
     elif cfg.analysis.control != "none" and cfg.get("from_run"):
@@ -421,6 +426,23 @@ def _run_errors(cfg: DictConfig) -> list[str]:
     elif t.engine == "reference" and t.cells_per_step not in ("auto", 1):
         warnings.warn(f"train.cells_per_step={t.cells_per_step} has no effect with train.engine=reference, which trains "
                       "one cell at a time (bundles are the fast engine's)", ConfigWarning)
+    return errors
+
+
+def _halving_errors(cfg: DictConfig) -> list[str]:
+    s, errors = cfg.search, []
+    if s.eta is None or s.eta < 2:
+        errors.append(f"search.eta={s.eta}: must be a whole number >= 2 (the top 1/eta of the cells go on at each rung)")
+    if s.min_epochs is None or not 1 <= s.min_epochs <= cfg.train.epochs:
+        errors.append(f"search.min_epochs={s.min_epochs}: must be between 1 and train.epochs={cfg.train.epochs}")
+    if s.prescan_keep is None or not 0 < s.prescan_keep <= 1:
+        errors.append(f"search.prescan_keep={s.prescan_keep}: must be above 0 and at most 1 (the prescan's top fraction that starts)")
+    elif s.prescan_keep < 1 and not s.prescan:
+        errors.append(f"search.prescan_keep={s.prescan_keep}: needs the prescan's scores; add search.prescan=true")
+    if cfg.get("from_run"):
+        errors.append("search=halving: a from_run evaluation trains nothing; use search=full")
+    if cfg.heads == "cumulative" and cfg.head_order == "ranked":
+        errors.append("search=halving: head_order=ranked ranks heads by fully trained single-head cells; use search=full")
     return errors
 
 
@@ -509,7 +531,7 @@ def pick_device(name: str):
 
 def fingerprint(cfg: DictConfig) -> dict:
     """The config parts that change a cell's numbers; a resumed folder must match them."""
-    keep = ("model", "dataset", "intervention", "train", "seed", "dtype", "analysis")
+    keep = ("model", "dataset", "intervention", "train", "seed", "dtype", "analysis", "search")
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keep}
     parts["train"].pop("cells_per_step", None)  # a bundle changes a cell's numbers in the last bits only (docs/internals.md: Bundles)
     return _without_unused(parts)
@@ -518,7 +540,12 @@ def fingerprint(cfg: DictConfig) -> dict:
 def _without_unused(parts: dict) -> dict:
     """Keys that change no number of the run leave the fingerprint, so folders from before they existed resume:
     the control's seed without a control, dbm's Jacobian options for a basis other than sparse_jacobian,
-    dbm's basis when it is the neurons (the only basis before bases existed), and das's random start."""
+    dbm's basis when it is the neurons (the only basis before bases existed), das's random start, the prescan
+    (it scores cells, it changes none), and the search when it is full (every cell trained for the whole schedule)."""
+    search = {k: v for k, v in parts["search"].items() if k != "prescan"}  # the prescan's scores change no cell
+    parts["search"] = search
+    if search.get("name", "full") == "full":  # the only search before searches existed
+        parts.pop("search")
     if parts["analysis"].get("control", "none") == "none":
         parts["analysis"] = {k: v for k, v in parts["analysis"].items() if k not in ("control", "control_seed")}
     intervention = parts["intervention"]

@@ -6,6 +6,8 @@ reading a finished cell back with checks, and the lock a process holds while it 
     <folder>/grid.json | grid.shard<i>of<n>.json  the ids of the cells a job means to run (before training)
     <folder>/prescan.csv | prescan.shard<i>of<n>.csv  with search.prescan: each of the job's cells' first-order
                                                score, from before any training (prescan.py)
+    <folder>/halving.csv | halving.shard<i>of<n>.csv  with search=halving: each rung's scores of the cells and
+                                               which went on, written before the stopped cells (halving.py)
     <folder>/cells/<id>/metrics.json           the cell's row, its fingerprint and its subspace's checksum;
                                                written last, so it marks the cell finished
     <folder>/cells/<id>/subspace.safetensors   the learned tensors (output.save_subspaces)
@@ -104,6 +106,11 @@ def prescan_file(folder: Path, shard: int, num_shards: int) -> Path:
 
 def prescan_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("prescan*.csv"))
+
+
+def halving_file(folder: Path, shard: int, num_shards: int) -> Path:
+    """Successive halving's rung scores and decisions for one job's cells (halving.py)."""
+    return Path(folder) / ("halving.csv" if num_shards == 1 else f"halving.shard{shard}of{num_shards}.csv")
 
 
 def grid_files(folder: Path) -> list[Path]:

@@ -30,7 +30,7 @@ import pandas as pd
 
 from . import folder as layout
 from .files import atomic_write
-from .results import draw_heatmap, results_frame, selection_score
+from .results import draw_heatmap, results_frame, selectable, selection_score
 
 COLUMNS = ["cell", "trained_on", "tested_on", "iia", "iia_lo", "iia_hi", "n_test"]
 NOT_EVALUATION = ("train", "intervention", "trained_in", "source")  # fingerprint parts a frozen evaluation does not use
@@ -203,7 +203,7 @@ def _best_cells(own: dict[tuple[str, str], dict], names: dict[str, str]) -> list
         if rows.empty:
             continue
         column, name = selection_score(rows)
-        scores = rows[column].astype(float)
+        scores = selectable(rows, column)
         if scores.notna().any():
             best = rows.loc[scores.idxmax()]
             chosen.append((str(best["cell"]), f"best cell of {names[key]} on {name} IIA {scores.max():.2f}"))

@@ -33,8 +33,8 @@ import pandas as pd
 
 from . import folder as layout
 from .files import atomic_write_text
-from .results import (EXTRA_SCORES, UNBOUNDED_SCORES, _split, best_cell, cell_text, colour_range, pivot, seed_spread,
-                      selection_score)
+from .results import (EXTRA_SCORES, UNBOUNDED_SCORES, _split, best_cell, cell_text, choice_tables, colour_range, pivot,
+                      seed_spread, selection_score, stopped_tables)
 
 if TYPE_CHECKING:
     from .report import Report
@@ -43,7 +43,7 @@ PAGE = "report.html"
 TEMPLATE = Path(__file__).with_name("templates") / "report.html.j2"
 TABLE_COLUMNS = ["cell", "stream", "layer", "position", "heads", "intervention", "dim", "seed", "iia", "iia_lo",
                  "iia_hi", "iia_val", "train_iia", "p_label", "logit_diff", "gain", "offmanifold", "max_z", "loss",
-                 "penalty", "base_accuracy", "n_test", "seconds", "error"]
+                 "penalty", "base_accuracy", "n_test", "seconds", "prescan", "stopped", "epochs", "error"]
 CELL_NUMBERS = ["iia", "iia_lo", "iia_hi", "iia_val", "train_iia", "gain", "offmanifold", "max_z", "p_label",
                 "logit_diff", "loss", "penalty", "base_accuracy", "n_train", "n_val", "n_test", "steps", "seconds"]
 SCORE_LABELS = {"iia": "test IIA", "iia_val": "validation IIA", "prescan": "prescan (predicted loss drop, nats)"}
@@ -178,14 +178,15 @@ def _heatmap_groups(frame: pd.DataFrame, swept: list[str], anchors: list[str]) -
         chooser, source = selection_score(part)
         scores = ["iia", "iia_val"] + [s for s in EXTRA_SCORES if s in part and part[s].notna().any()]
         tables = {score: pivot(part, score) for score in scores if score in part and part[score].notna().any()}
-        choices, spreads = pivot(part, chooser), pivot(part, agg="std") if seed_spread(part) is not None else {}
+        choices, spreads = choice_tables(part, chooser), pivot(part, agg="std") if seed_spread(part) is not None else {}
         lows, highs = pivot(part, "iia_lo"), pivot(part, "iia_hi")
-        ids = _cell_anchors(part, anchors)
+        ids, halted = _cell_anchors(part, anchors), stopped_tables(part)
         for key, table in tables["iia"].items():
             best = best_cell(table, choices[key])
-            extra = {"lo": lows.get(key), "hi": highs.get(key), "sd": spreads.get(key), "ids": ids.get(key)}
+            extra = {"lo": lows.get(key), "hi": highs.get(key), "sd": spreads.get(key), "ids": ids.get(key), "stopped": halted.get(key)}
             figures = [_json(heatmap_figure(tables[s][key], SCORE_LABELS.get(s, s), best,
-                                            extra if s == "iia" else {"ids": ids.get(key), "bounded": s not in UNBOUNDED_SCORES},
+                                            extra if s == "iia" else {"ids": ids.get(key), "bounded": s not in UNBOUNDED_SCORES,
+                                                                      "stopped": halted.get(key)},
                                             colour_range(s, tables[s][key])))
                        for s in tables if key in tables[s]]
             name = key[0] + (f" heads {key[1]}" if key[1] else "")
@@ -222,16 +223,20 @@ def heatmap_figure(table: pd.DataFrame, score: str, best: tuple | None, extra: d
               "xaxis": {"title": {"text": "position"}, "tickvals": list(range(columns)), "ticktext": [str(p) for p in table.columns]},
               "yaxis": {"title": {"text": "layer"}, "tickvals": list(range(rows)), "ticktext": [str(i) for i in table.index],
                         "autorange": "reversed"}}
+    layout["shapes"] = [{"type": "rect", "x0": c - 0.5, "x1": c + 0.5, "y0": r - 0.5, "y1": r + 0.5, "line": {"width": 0},
+                         "fillcolor": "rgba(160, 160, 160, 0.55)"}  # stopped by successive halving: greyed
+                        for r, flags in enumerate(_aligned(extra.get("stopped"), table, fill=0)) for c, flag in enumerate(flags) if flag]
     if best is not None:
         row, col = list(table.index).index(best[0]), list(table.columns).index(best[1])
-        layout["shapes"] = [{"type": "rect", "x0": col - 0.5, "x1": col + 0.5, "y0": row - 0.5, "y1": row + 0.5,
-                             "line": {"color": "#e8112d", "width": 3}}]
+        layout["shapes"].append({"type": "rect", "x0": col - 0.5, "x1": col + 0.5, "y0": row - 0.5, "y1": row + 0.5,
+                                 "line": {"color": "#e8112d", "width": 3}})
     return {"data": [trace], "layout": layout}
 
 
 def _cell_texts(table: pd.DataFrame, extra: dict) -> tuple[list[list[str]], list[list[str]]]:
     """Per cell: the text drawn in it (the value, its ±sd or 95% interval) and its hover text."""
     lo, hi, sd = (_aligned(extra.get(k), table) for k in ("lo", "hi", "sd"))
+    halted = _aligned(extra.get("stopped"), table, fill=0)
     texts, hovers = [], []
     for r, layer in enumerate(table.index):
         texts.append([])
@@ -245,6 +250,7 @@ def _cell_texts(table: pd.DataFrame, extra: dict) -> tuple[list[list[str]], list
                 text += f"<br>[{lo[r][c]:.2f}, {hi[r][c]:.2f}]"
             texts[-1].append(text)
             hovers[-1].append(f"layer {layer} @ {position}<br>{text.replace('<br>', ' ')}"
+                              + ("<br>stopped by successive halving (greyed)" if halted[r][c] else "")
                               + ("" if math.isnan(v) else "<br>click: the cell's section"))
     return texts, hovers
 
@@ -267,7 +273,7 @@ def _best_rows(frame: pd.DataFrame, swept: list[str]) -> set[int]:
     """Frame indices of the chosen cells, one per (swept configuration, stream, heads) (all its seeds' rows)."""
     chosen = set()
     for _, _, part in _split(frame, swept):
-        choices = pivot(part, selection_score(part)[0])
+        choices = choice_tables(part, selection_score(part)[0])
         for key, table in pivot(part).items():
             best = best_cell(table, choices[key])
             if best is not None:

@@ -104,7 +104,8 @@ def make_plan(cfg: DictConfig, folder: Path | None) -> Plan:
                           for (s, p, h), kind in kinds.items()])
     reads = prompt_operations(shape, pairs, todo) / costs.operations_per_s if todo else 0.0
     runs = 1 if cfg.analysis.control == "none" else 2  # analysis.control: every cell trained and scored again
-    seconds = costs.start_s + (0 if shape.cached else CONVERT_S) + runs * (reads + float(frame["seconds"].sum()))
+    share = _halving_share(cfg, len(todo))
+    seconds = costs.start_s + (0 if shape.cached else CONVERT_S) + runs * (reads + share * float(frame["seconds"].sum()))
     peak = peak_bytes(cfg, shape, pairs, todo, size)
     notes = _notes(cfg, shape, cells, mine, seconds)
     return Plan(frame, mine, sum(c.id in done for c in mine), seconds, peak, device, notes)
@@ -220,8 +221,28 @@ def _finished(folder: Path | None, cells: list[Cell]) -> set[str]:
             and (stored := layout.read_cell(folder, cell_id, verify=False)) is not None and not stored.damaged and not stored.failed}
 
 
+def _halving_share(cfg: DictConfig, cells: int) -> float:
+    """search=halving: the share of the cell-epochs it trains (1 for a full sweep)."""
+    if cfg.search.name != "halving" or not cells:
+        return 1.0
+    from .halving import epoch_share
+
+    s = cfg.search
+    return epoch_share(cells, int(cfg.train.epochs), int(s.eta), int(s.min_epochs), float(s.prescan_keep))
+
+
 def _notes(cfg: DictConfig, shape: ModelShape, cells: list[Cell], mine: list[Cell], seconds: float) -> list[str]:
     notes = []
+    if cfg.search.name == "halving":
+        from .halving import cells_per_rung
+
+        s = cfg.search
+        rungs = cells_per_rung(len(mine), int(cfg.train.epochs), int(s.eta), int(s.min_epochs), float(s.prescan_keep))
+        notes.append(f"search=halving: {' -> '.join(f'{n} cells to epoch {e}' for n, e in rungs)}, "
+                     f"{_halving_share(cfg, len(mine)):.0%} of the cell-epochs; the total counts that share of the "
+                     "table's seconds (which cells go on, and so their cost, is known only as they train)")
+    if cfg.search.prescan:
+        notes.append("search.prescan: one forward and backward pass over the training pairs per chunk of sites (not counted)")
     if cfg.dataset.filter != "none":
         notes.append(f"pair counts are before dataset.filter={cfg.dataset.filter} (it needs the model's answers)")
     if cfg.heads == "cumulative" and cfg.head_order == "ranked":

@@ -29,6 +29,7 @@ COLUMNS: list[str] = [
     "train_iia", "loss", "penalty", "base_accuracy", "n_train", "n_val", "n_test", "seconds",
 ]
 TEXT_COLUMNS = ["stream", "position", "heads", "intervention"]
+OPTIONAL_INT_COLUMNS = ["stopped", "epochs", "prescan_k"]  # integers where a run has them (search=halving, prescan)
 INT_COLUMNS = ["layer", "dim", "seed", "n_train", "n_val", "n_test"]
 FLOAT_COLUMNS = ["iia", "iia_lo", "iia_hi", "iia_val", "p_label", "logit_diff", "gain", "offmanifold", "max_z",
                  "train_iia", "loss", "penalty", "base_accuracy", "seconds"]
@@ -46,6 +47,8 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     for column in TEXT_COLUMNS:
         frame[column] = frame[column].map(lambda v: v if _missing(v) else str(v)).astype(object)
     for column in INT_COLUMNS:
+        frame[column] = _integers(frame[column])
+    for column in [c for c in OPTIONAL_INT_COLUMNS if c in frame]:
         frame[column] = _integers(frame[column])
     for column in FLOAT_COLUMNS:
         frame[column] = pd.to_numeric(frame[column]).astype(float)
@@ -113,7 +116,7 @@ def colour_range(score: str, table: pd.DataFrame) -> tuple[float, float]:
 
 def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd.DataFrame | None = None,
             label: str = "IIA", interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-            limits: tuple[float, float] = (0.0, 1.0)) -> None:
+            limits: tuple[float, float] = (0.0, 1.0), hatched: pd.DataFrame | None = None) -> None:
     """Write a layer (rows, layer 0 at the top) x position (columns) heatmap of IIA as PNG.
 
     Colours span `limits` ([0, 1] unless given: `colour_range`); every cell shows its value to 2 decimals (and "±sd" when `spread`, a
@@ -128,7 +131,7 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
     title = textwrap.fill(title, width=int(11 * width))
     fig = Figure(figsize=(width, 1.6 + 0.4 * n_layers + 0.15 * (title.count("\n") + 1)), layout="constrained")
     ax = fig.add_subplot()
-    image = draw_heatmap(ax, table, spread, interval, limits=limits)
+    image = draw_heatmap(ax, table, spread, interval, limits=limits, hatched=hatched)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label=label)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -136,7 +139,8 @@ def heatmap(table: pd.DataFrame, path: str | os.PathLike, title: str, spread: pd
 
 def draw_heatmap(ax, table: pd.DataFrame, spread: pd.DataFrame | None = None,
                  interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-                 xlabel: str = "position", ylabel: str = "layer", limits: tuple[float, float] = (0.0, 1.0)):
+                 xlabel: str = "position", ylabel: str = "layer", limits: tuple[float, float] = (0.0, 1.0),
+                 hatched: pd.DataFrame | None = None):
     """Draw `table` (rows top to bottom, columns left to right) on the matplotlib axes `ax` as `heatmap`
     describes; returns the image, for a colour bar."""
     values = table.to_numpy(dtype=float)
@@ -151,6 +155,12 @@ def draw_heatmap(ax, table: pd.DataFrame, spread: pd.DataFrame | None = None,
         elif bounds is not None and not np.isnan(v) and not np.isnan(bounds[0][row, col]):
             text += f"\n[{bounds[0][row, col]:.2f}, {bounds[1][row, col]:.2f}]"
         ax.text(col, row, text, ha="center", va="center", color=colour, fontsize=8 if "\n" not in text else 7)
+    if hatched is not None:  # cells successive halving stopped early: they keep the IIA they had
+        from matplotlib.patches import Rectangle
+
+        for (row, col), flag in np.ndenumerate(hatched.reindex_like(table).fillna(0).to_numpy(dtype=float)):
+            if flag:
+                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey", linewidth=0))
     ax.set_xticks(range(values.shape[1]), [str(p) for p in table.columns])
     ax.set_yticks(range(values.shape[0]), [str(r) for r in table.index])
     ax.set_xlabel(xlabel)
@@ -202,6 +212,7 @@ def _write_pivots(frame: pd.DataFrame, folder: Path, title: str, plots: bool, su
     stds = pivot(frame, agg="std") if spread is not None else {}
     intervals = _interval_tables(frame) if spread is None else {}
     extras = {score: pivot(frame, score) for score in EXTRA_SCORES if score in frame and frame[score].notna().any()}
+    hatches = stopped_tables(frame)
     for key, table in pivot(frame).items():
         name = _file_part(key[0]) + (f"_heads-{_file_part(key[1])}" if key[1] else "") + suffix
         _write_table(layout.pivot_file(folder, name), table)
@@ -212,8 +223,9 @@ def _write_pivots(frame: pd.DataFrame, folder: Path, title: str, plots: bool, su
                 _write_table(layout.pivot_file(folder, f"{name}_{score}"), tables[key])
         if plots:
             seeds = f" · mean of {int(spread['n_seeds'].max())} seeds" if spread is not None else ""
-            heatmap(table, layout.heatmap_file(folder, name), _plot_title(*key, title) + seeds, stds.get(key),
-                    interval=intervals.get(key))
+            halved = " · hatched: stopped by successive halving" if key in hatches and hatches[key].to_numpy().any() else ""
+            heatmap(table, layout.heatmap_file(folder, name), _plot_title(*key, title) + seeds + halved, stds.get(key),
+                    interval=intervals.get(key), hatched=hatches.get(key))
             for score, tables in extras.items():
                 if key in tables:
                     heatmap(tables[key], layout.heatmap_file(folder, f"{name}_{score}"),
@@ -239,16 +251,19 @@ def format_summary(frame: pd.DataFrame, by: list[str] | tuple[str, ...] = ()) ->
     spread = seed_spread(frame)
     intervals = _interval_tables(frame) if spread is None else {}
     chooser, source = selection_score(frame)
-    choices = pivot(frame, chooser)
+    choices = choice_tables(frame, chooser)
     extras = {score: pivot(frame, score) for score in EXTRA_SCORES if score in frame and frame[score].notna().any()}
     model_layers = int(frame["model_layers"].max()) if "model_layers" in frame and frame["model_layers"].notna().any() else None
+    untrained = stopped_tables(frame, untrained_only=True)
     text = "\n\n".join(
         _group_summary(stream, heads, table, choices[stream, heads], source, intervals.get((stream, heads)),
                        {score: tables[stream, heads] for score, tables in extras.items() if (stream, heads) in tables},
-                       model_layers)
+                       model_layers, untrained.get((stream, heads)))
         for (stream, heads), table in tables.items())
     if "prescan" in frame and frame["prescan"].notna().any():
-        text += "\n\n" + prescan_summary(frame, chooser, source)
+        text += "\n\n" + prescan_summary(frame[~stopped(frame)], chooser, source)
+    if stopped(frame).any():
+        text += "\n\n" + halving_summary(frame)
     if spread is not None:
         text += (f"\n\nIIA above is the mean of {int(spread['n_seeds'].max())} seeds per cell; standard deviation "
                  f"median {spread['iia_std'].median():.3f}, max {spread['iia_std'].max():.3f} (iia_seeds.csv)")
@@ -284,6 +299,45 @@ def _rho(value: float) -> str:
     return "undefined" if math.isnan(value) else f"{value:.2f}"
 
 
+def stopped(frame: pd.DataFrame) -> pd.Series:
+    """Rows of cells successive halving stopped before the full schedule (or never trained)."""
+    return frame["stopped"].notna() if "stopped" in frame else pd.Series(False, index=frame.index)
+
+
+def stopped_tables(frame: pd.DataFrame, untrained_only: bool = False) -> dict[tuple[str, str], pd.DataFrame]:
+    """Per (stream, heads), a layer x position table: 1 where halving stopped the cell (`untrained_only`: where the
+    prescan left it untrained), else 0; empty without halving."""
+    if not stopped(frame).any():
+        return {}
+    mask = frame["stopped"].eq(0).fillna(False) if untrained_only else stopped(frame)
+    return pivot(frame.assign(_stopped=mask.astype(float)), "_stopped", agg="max")
+
+
+def halving_summary(frame: pd.DataFrame) -> str:
+    """What successive halving trained: how many cells reached the full schedule, how many stopped at each rung
+    (after how many epochs), how many the prescan left untrained."""
+    out = frame[stopped(frame)]
+    parts = [f"{int((~stopped(frame)).sum())} trained to the full schedule"]
+    for rung, group in out[out["stopped"] > 0].groupby("stopped"):
+        parts.append(f"{len(group)} stopped at rung {int(rung)} after {int(group['epochs'].max())} "
+                     f"epoch{'s' if int(group['epochs'].max()) != 1 else ''}")
+    untrained = int((out["stopped"] == 0).sum())
+    if untrained:
+        parts.append(f"{untrained} never trained (below the prescan's cut)")
+    return (f"successive halving over {len(frame)} cells: " + "; ".join(parts)
+            + "\n  (stopped cells are hatched in the heatmaps, keep the IIA they had, and are never the best cell)")
+
+
+def selectable(frame: pd.DataFrame, column: str) -> pd.Series:
+    """`column` where a cell may be chosen on it: a cell halving stopped early is never the best cell."""
+    return frame[column].astype(float).where(~stopped(frame))
+
+
+def choice_tables(frame: pd.DataFrame, column: str) -> dict[tuple[str, str], pd.DataFrame]:
+    """`pivot` of the selection score (`selection_score`) over the cells that may be chosen (`selectable`)."""
+    return pivot(frame.assign(**{column: selectable(frame, column)}), column)
+
+
 def selection_score(frame: pd.DataFrame) -> tuple[str, str]:
     """The column every choice among cells is made on, and its name: validation IIA where the run has a
     validation split, else training IIA. Never test IIA: the numbers reported for a choice must not have
@@ -312,7 +366,8 @@ def _interval_tables(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[pd.Data
 
 def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.DataFrame, source: str,
                    interval: tuple[pd.DataFrame, pd.DataFrame] | None = None,
-                   extras: dict[str, pd.DataFrame] | None = None, model_layers: int | None = None) -> str:
+                   extras: dict[str, pd.DataFrame] | None = None, model_layers: int | None = None,
+                   untrained: pd.DataFrame | None = None) -> str:
     """The pivot, the best cell (chosen on `choice`, the validation or training IIA; reported with its test
     IIA, interval and extra scores), and the mean over layers of the max over positions (MIB-style)."""
     name = stream + (f" heads {heads}" if heads else "")
@@ -321,7 +376,7 @@ def _group_summary(stream: str, heads: str, table: pd.DataFrame, choice: pd.Data
     layer_max = table.max(axis=1, skipna=True)
     shown["max"] = layer_max
     lines = [name, shown.to_string(float_format=lambda v: f"{v:.2f}", na_rep="—")]
-    failed = int(table.isna().sum().sum())
+    failed = int(table.isna().sum().sum()) - (0 if untrained is None else int(untrained.reindex_like(table).fillna(0).sum().sum()))
     chosen = best_cell(table, choice)
     if chosen is None:
         return "\n".join(lines + [f"best: none ({failed} failed cells)"])

@@ -38,6 +38,12 @@ class CellRunner:
     store: CellStore
     activations: ActivationStore  # the base runs; the sites' tensors on the prompts, read a chunk of sites at a time
     layers: tuple[int, ...] = ()  # the layers the base runs cached for the fast engine
+    rung: object | None = None  # halving.Rung: train to its epochs and pause (or write the cells stopped there)
+
+    @property
+    def until(self) -> int | None:
+        """The epoch training pauses at (successive halving's rung); None: the whole schedule."""
+        return None if self.rung is None else self.rung.epochs
 
     @classmethod
     def start(cls, data: RunData, folder: Path, store: CellStore, cells: list[Cell], sites: dict[tuple, Site]) -> "CellRunner":
@@ -69,7 +75,7 @@ class CellRunner:
             ready = one.set_up(self.data, cell, site, sources)
         except CELL_FAILURES as e:
             return self.save_failure(cell, e)
-        return self.save_trained(ready, one.fit_alone(self.data, ready, self.store.checkpoint(cell)))
+        return self.save_trained(ready, one.fit_alone(self.data, ready, self.store.checkpoint(cell), self.until))
 
     def run_bundle(self, cells: list[Cell], sites: dict, sources: dict) -> list[dict]:
         """Several cells trained together (bundles.py), each evaluated and written as soon as the bundle ends.
@@ -82,7 +88,8 @@ class CellRunner:
                 mine, done = self.store.claim(cell, locks)
                 if not mine:
                     rows += [done] if done else []
-                elif layout.checkpoint_file(self.folder, cell.id).exists():  # resumes alone, from its own step
+                elif self.rung is None and layout.checkpoint_file(self.folder, cell.id).exists():  # resumes alone, from its own step
+                    # (a rung's cells all resume from that rung's step, so they train on together)
                     rows.append(self.run_alone(cell, sites[site_key(cell)], sources[site_key(cell)]))
                 else:
                     try:
@@ -92,7 +99,7 @@ class CellRunner:
             joins = [r for r in ready if r.intervention.trainable and int(self.data.cfg.train.epochs) > 0 and bundleable(r.train)]
             for r in ready:
                 if r not in joins:
-                    rows.append(self.save_trained(r, one.fit_alone(self.data, r, self.store.checkpoint(r.cell))))
+                    rows.append(self.save_trained(r, one.fit_alone(self.data, r, self.store.checkpoint(r.cell), self.until)))
             return rows + (self.train_bundle(joins) if joins else [])
 
     def train_bundle(self, joins: list[ReadyCell]) -> list[dict]:
@@ -105,14 +112,16 @@ class CellRunner:
             bundle = BundleEngine(self.data.lm, [r.train for r in joins])
             members = [Member(r.intervention, r.seed, self.store.checkpoint(r.cell), one.track(self.data, r.cell)) for r in joins]
             results = fit_cells(bundle, members, int(t.epochs), float(t.lr), int(t.batch_size), float(t.lr_end_factor),
-                                bool(self.data.cfg.progress), one.validation(self.data, joins))
+                                bool(self.data.cfg.progress), one.validation(self.data, joins), self.until)
         except CELL_FAILURES as e:  # the joint step itself failed (e.g. out of memory): each cell alone
             if is_interruption(e):
                 raise
             log.warning("a bundle of %d cells failed (%s); training them one by one", len(joins), e)
-            return [self.save_trained(r, one.fit_alone(self.data, r, self.store.checkpoint(r.cell))) for r in joins]
+            return [self.save_trained(r, one.fit_alone(self.data, r, self.store.checkpoint(r.cell), self.until)) for r in joins]
         for r in joins:
             r.shared_seconds += (time.perf_counter() - started) / len(joins)
+        if self.pausing:
+            return self.paused(joins, results)
         evaluations = self.bundle_evaluations(joins, results)
         rows = []
         for r, result, evaluation in zip(joins, results, evaluations):
@@ -140,14 +149,40 @@ class CellRunner:
             ready[k].shared_seconds += (time.perf_counter() - started) / len(good)
         return out
 
+    @property
+    def pausing(self) -> bool:
+        return self.rung is not None and not self.rung.finish
+
+    def paused(self, ready: list[ReadyCell], fits: list) -> list[dict]:
+        """Cells paused at a rung (checkpointed by the training): their ranking scores (cell.rung_scores), written
+        nowhere; a cell whose training failed is written as failed."""
+        rows, good = [], []
+        for r, fitted in zip(ready, fits):
+            if isinstance(fitted, BaseException) or not getattr(fitted, "paused", False):
+                rows.append(self.save_trained(r, fitted))
+            else:
+                good.append(r)
+        try:
+            return rows + [{**score, "paused": True} for score in one.rung_scores(self.data, good)] if good else rows
+        except CELL_FAILURES as e:
+            if is_interruption(e):
+                raise
+            return rows + [self.save_failure(r.cell, e) for r in good]
+
     def save_trained(self, ready: ReadyCell, fitted, evaluation: dict | None = None) -> dict:
-        """Evaluate a trained cell (unless `evaluation` is given) and write it (or its failure); its row."""
+        """Evaluate a trained cell (unless `evaluation` is given) and write it (or its failure); its row. At a
+        rung of successive halving: a paused cell's ranking scores instead, or (finishing the rung) its row
+        with the rung it stopped at and the epochs it had."""
+        if self.pausing and not isinstance(fitted, BaseException) and getattr(fitted, "paused", False):
+            return self.paused([ready], [fitted])[0]
         try:
             if isinstance(fitted, BaseException):
                 raise fitted
             result = one.finish(self.data, ready, fitted, evaluation)
         except CELL_FAILURES as e:
             return self.save_failure(ready.cell, e)
+        if self.rung is not None and fitted.paused:
+            result.row.update(stopped=self.rung.index, epochs=self.rung.epochs)
         return self.write(result)
 
     def write(self, result: CellResult) -> dict:

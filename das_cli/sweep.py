@@ -70,11 +70,15 @@ def run(cfg: DictConfig, output_dir: str | Path, checked: bool = False) -> pd.Da
         sweep = CellRunner.start(RunData(cfg, lm, pairs, {}, math.nan, loaded or {}, prescan=found), folder, store, mine, sites)
         log.info("model %s: %d layers; base accuracy on %d test prompts: %.3f", lm.name, lm.n_layers, len(pairs["test"]),
                  sweep.data.accuracy)
-        run_cells(sweep, mine, sites)
+        if cfg.search.name == "halving":
+            trained = _halve(sweep, mine, sites, found)
+        else:
+            run_cells(sweep, mine, sites)
+            trained = mine
         if ranked:
             _second_phase(sweep, mine)
         if cfg.analysis.control != "none":
-            _control(sweep, mine, stores)
+            _control(sweep, trained, stores)
         report = aggregate_settled(folder, bool(cfg.output.plots))
     except OSError as error:
         stopped = unwritable(error, folder)
@@ -170,6 +174,46 @@ def run_bundles(sweep: CellRunner, chunk: list[Site], cells: list[Cell], sites: 
         for k in range(count):
             rows += sweep.run_bundle(alike[k * len(alike) // count : (k + 1) * len(alike) // count], sites, sources)
     return rows
+
+
+def _halve(sweep: CellRunner, cells: list[Cell], sites: dict[tuple, Site], prescan: dict) -> list[Cell]:
+    """search=halving (halving.py): the cells trained rung by rung, the top 1/eta kept at each; the others written
+    with what they had. Returns the cells trained to the full schedule."""
+    from . import halving
+
+    cfg, folder = sweep.data.cfg, sweep.folder
+    shard, num_shards, eta = int(cfg.sweep.shard), int(cfg.sweep.num_shards), int(cfg.search.eta)
+    table = halving.read_table(layout.halving_file(folder, shard, num_shards))
+    live, untrained = halving.start(cfg, cells, prescan)
+    for cell in untrained:
+        sweep.store.locked(cell, lambda c: _write_untrained(sweep, c))
+    ends = halving.rung_epochs(int(cfg.train.epochs), eta, int(cfg.search.min_epochs))
+    log.info("successive halving: %d of %d cells start; rungs end at epochs %s", len(live), len(cells), ", ".join(map(str, ends)))
+    for index, epochs in enumerate(ends[:-1], start=1):
+        rung = halving.Rung(index, epochs)
+        kept = halving.decided(table, rung, live)
+        if kept is None:
+            sweep.rung = rung
+            scores = [row for row in run_cells(sweep, live, sites) if row.get("paused")]
+            kept = halving.rank(scores, live, eta)
+            halving.write_decision(folder, shard, num_shards, rung, scores, kept)
+        log.info("rung %d (epoch %d): %d of %d cells go on", index, epochs, len(kept), len(live))
+        sweep.rung = halving.Rung(index, epochs, finish=True)
+        run_cells(sweep, [c for c in live if c not in kept], sites)
+        live = kept
+    sweep.rung = None
+    run_cells(sweep, live, sites)
+    return live
+
+
+def _write_untrained(sweep: CellRunner, cell: Cell) -> dict:
+    """A cell the prescan left out of successive halving: its row, with no score and `epochs` 0."""
+    from .cell import failed_row
+
+    row = {k: v for k, v in failed_row(sweep.data, cell, "").items() if k != "error"}
+    row.update(stopped=0, epochs=0)
+    sweep.store.save(cell, row, {})
+    return row
 
 
 def _control(sweep: CellRunner, cells: list[Cell], stores: list[CellStore]) -> None:

@@ -40,6 +40,7 @@ class Fit:
     steps: int
     penalty: float = math.nan  # mean of the intervention's extra loss term over the last epoch (0 if it has none)
     curve: Curve = field(default_factory=Curve)
+    paused: bool = False  # stopped at `until` before the schedule's end (successive halving's rung); checkpointed
 
 
 @dataclass
@@ -90,6 +91,7 @@ def fit(
     checkpoint: Checkpoint | None = None,
     validate: Validate | None = None,
     track: object | None = None,
+    until: int | None = None,
 ) -> Fit:
     """One cell's training: `fit_cells` of a bundle of one (a loss that turns NaN raises FloatingPointError).
 
@@ -99,7 +101,7 @@ def fit(
     if not intervention.trainable or epochs == 0:
         return Fit(loss=math.nan, steps=0)
     (result,) = fit_cells(OneCell(engine), [Member(intervention, seed, checkpoint, track)], epochs, lr, batch_size, lr_end_factor, progress,
-                          validate)
+                          validate, until)
     if isinstance(result, BaseException):
         raise result
     return result
@@ -114,17 +116,23 @@ def fit_cells(
     lr_end_factor: float,
     progress: bool = True,
     validate: Validate | None = None,
+    until: int | None = None,
 ) -> list[Fit | Exception]:
     """Adam on each cell's intervention parameters only; CE on the counterfactual label's tokens. A cell whose
     loss turns NaN leaves with a FloatingPointError in its place; the others go on. With checkpoints, training
     resumes from the ones on disk (every cell from one step), and a stop of the job saves every cell still
     training at the last whole step (`Checkpoints`). `validate` (eval.every_epoch) scores the live cells at
-    each epoch's end, in evaluation mode and without gradients, which changes nothing the training computes."""
+    each epoch's end, in evaluation mode and without gradients, which changes nothing the training computes.
+    `until` (a number of epochs, successive halving's rung): the cells stop at that epoch's end, their state
+    checkpointed as a stop of the job would save it, and their Fits marked `paused`; a later fit resumes them
+    from there along the same schedule (the learning rate decays over all `epochs`), so a cell paused and
+    resumed ends where one trained straight through does."""
     device = engine.lm.device
     per_epoch = [batch_plan([len(group) for group in engine.groups], batch_size, epochs, m.seed, device) for m in members]
     plans = [[batch for epoch in plan for batch in epoch] for plan in per_epoch]
     epoch_starts = {sum(len(epoch) for epoch in per_epoch[0][:e]) for e in range(epochs)}
     n_steps, total = len(plans[0]), max(1, len(plans[0]))
+    stop = n_steps if until is None or until >= epochs else sum(len(epoch) for epoch in per_epoch[0][:until])
     states = []
     for member in members:
         member.intervention.train()
@@ -137,7 +145,7 @@ def fit_cells(
     try:
         with WholeSteps() as whole, ProgressBar(total, step, len(members), progress) as bar:
             _validate_epoch(validate, members, states, live, step, per_epoch_steps)  # resumed at an epoch's end
-            while step < n_steps and live:
+            while step < stop and live:
                 if step in epoch_starts:
                     for i in live:
                         states[i].losses, states[i].penalties = [], []
@@ -175,11 +183,15 @@ def fit_cells(
         if stops_the_job(stop):
             checkpoints.save(live, step)
         raise
+    paused = step < n_steps
     for i in live:
-        members[i].intervention.set_progress(1.0)
+        members[i].intervention.set_progress(step / total if paused else 1.0)
         members[i].intervention.eval()
-        results[i] = states[i].fit(step)
-    checkpoints.hold(live, step)
+        results[i] = states[i].fit(step, paused)
+    if paused:
+        checkpoints.save(live, step)
+    else:
+        checkpoints.hold(live, step)
     return results  # type: ignore[return-value]
 
 
@@ -286,10 +298,10 @@ class TrainingState:
         self.penalties.append(penalty.detach())
         self.curve.append((*point, float(penalty.detach()), float(rate)))
 
-    def fit(self, steps: int) -> Fit:
-        """The Fit of a finished training: the last epoch's mean loss and penalty, and the curve."""
+    def fit(self, steps: int, paused: bool = False) -> Fit:
+        """The Fit of a finished (or `paused`) training: the last epoch's mean loss and penalty, and the curve."""
         return Fit(loss=float(torch.stack(self.losses).mean()), steps=steps, penalty=float(torch.stack(self.penalties).mean()),
-                   curve=Curve(list(self.curve), list(self.validation)))
+                   curve=Curve(list(self.curve), list(self.validation)), paused=paused)
 
     def saved(self) -> dict:
         return {

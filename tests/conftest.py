@@ -128,3 +128,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
     for item in slurm if missing else []:
         item.add_marker(pytest.mark.skip(reason=missing))
+    # The SLURM tests' file is the longest (minutes of waiting on the cluster): run it first, so that with one test
+    # file per worker (pytest -n auto --dist loadfile) the other files fill the other workers meanwhile.
+    first = {item.path for item in slurm} if not missing else set()
+    items[:] = sorted(items, key=lambda item: item.path not in first)

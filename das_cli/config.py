@@ -441,9 +441,18 @@ def _halving_errors(cfg: DictConfig) -> list[str]:
         errors.append(f"search.prescan_keep={s.prescan_keep}: needs the prescan's scores; add search.prescan=true")
     if cfg.get("from_run"):
         errors.append("search=halving: a from_run evaluation trains nothing; use search=full")
+    elif not _trainable(cfg.intervention.name):
+        errors.append(f"search=halving: intervention={cfg.intervention.name} is estimated, not trained: nothing to stop "
+                      "early; use search=full")
     if cfg.heads == "cumulative" and cfg.head_order == "ranked":
         errors.append("search=halving: head_order=ranked ranks heads by fully trained single-head cells; use search=full")
     return errors
+
+
+def _trainable(name: str) -> bool:
+    from .interventions import REGISTRY  # torch: only when a run asks for halving
+
+    return name not in REGISTRY or bool(REGISTRY[name].trainable)
 
 
 def _cuda_available() -> bool:

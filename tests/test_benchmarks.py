@@ -72,3 +72,17 @@ def test_a_sweep_without_the_reference_shows_dashes(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH), "--skip-cells", "--engines", "turbo", "--out", str(out)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--engines: unknown engine 'turbo'; valid choices: bundled, fast, reference" in bad.stderr
+
+
+def test_search_benchmark_reports_the_three_runs(tmp_path):
+    """benchmarks/bench_search.py on a tiny grid: the three runs, their rungs, and the full sweep's best cells."""
+    out = tmp_path / "search.md"
+    args = ["--work", str(tmp_path / "work"), "--out", str(out), "--", "model=tiny_llama", "layers=[0,1,2,3]", "positions=[last]",
+            "train.epochs=2", "dataset.n_train=24", "dataset.n_test=12", "train.batch_size=8", "search.eta=2"]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_search.py"), *args], capture_output=True,
+                            text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert "| halving |" in text and "trained per rung: 4 → 2" in text  # rungs end at epochs 1 and 2
+    assert "| cut |" in text and "trained per rung: 2 → 1" in text  # the prescan's top 0.34 of 4 cells: 2
+    assert text.count("block_output__L0") >= 3 and "In the prescan's top 10: 3 of 3." in text

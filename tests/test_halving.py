@@ -174,6 +174,7 @@ def test_a_halving_folder_is_not_resumed_as_a_full_sweep(halved):
     (["search.prescan_keep=0.5"], "search.prescan_keep=0.5: needs the prescan's scores; add search.prescan=true"),
     (["search.prescan_keep=0"], "search.prescan_keep=0.0: must be above 0 and at most 1"),
     (["heads=cumulative", "head_order=ranked", "stream=head_attention_value_output"], "search=halving: head_order=ranked"),
+    (["intervention=mean_diff"], "search=halving: intervention=mean_diff is estimated, not trained"),
 ])
 def test_bad_halving_settings_are_one_line(overrides, message):
     with pytest.raises(DasError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
@@ -199,3 +200,21 @@ def test_the_plan_counts_the_rungs_share():
     halved = make_plan(C.checked(C.compose(["model=tiny_llama", "layers=all", *TINY, "search=halving", "search.eta=2", "train.epochs=4"])), None)
     assert any("search=halving: 4 cells to epoch 1 -> 2 cells to epoch 2 -> 1 cells to epoch 4" in n for n in halved.notes)
     assert not any("halving" in n for n in full.notes)
+
+
+def test_each_shard_halves_its_own_cells_into_one_table(tmp_path):
+    for shard in (0, 1):
+        run(C.compose([*GRID, *HALVING, f"sweep.shard={shard}", "sweep.num_shards=2"]), tmp_path)
+    tables = [pd.read_csv(tmp_path / f"halving.shard{s}of2.csv") for s in (0, 1)]
+    assert [t[t["rung"] == 1]["cell"].count() for t in tables] == [4, 4]  # 4 cells each: 4 -> 2 -> 1
+    assert [int(t[t["rung"] == 2]["kept"].sum()) for t in tables] == [1, 1]
+    frame = read_results(tmp_path / "iia.csv")
+    assert len(frame) == 8 and int(frame["stopped"].isna().sum()) == 2
+
+
+def test_seeds_of_a_cell_go_on_or_stop_together(tmp_path):
+    frame = run(C.compose([*GRID, *HALVING, "seeds=2", "layers=[0,1]"]), tmp_path)
+    assert len(frame) == 8
+    for _, group in frame.groupby(["layer", "position"], observed=True):
+        assert group["stopped"].isna().all() or group["stopped"].notna().all()
+        assert group["stopped"].nunique(dropna=False) == 1

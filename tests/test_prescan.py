@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_hand_computed_case():
-    """Two pairs in 2 dimensions: M = (g1 d1ᵀ + g2 d2ᵀ)/2 = [[-1, 0], [1, 0]] / 2 ... worked out below."""
+    """Two pairs in 2 dimensions, M worked out below."""
     base = torch.zeros(2, 2)
     source = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # d1 = e1, d2 = e2
     grad = torch.tensor([[-2.0, 0.0], [0.0, 1.0]])  # g1 = -2 e1, g2 = e2
@@ -39,10 +39,9 @@ def test_a_hand_computed_case():
 
 def test_only_the_symmetric_part_counts():
     """tr(Wᵀ M W) = tr(Wᵀ S W): an antisymmetric M predicts no change along any W."""
-    base, source = torch.zeros(2, 2), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-    grad = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # M = e1 e2ᵀ / 2 ... plus the reverse below
-    source2, grad2 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, -1.0]])  # - e2 e1ᵀ
-    found = prescan.first_order(torch.zeros(3, 2), torch.cat([source, source2]), torch.cat([grad, grad2]), k=1)
+    source = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])  # bases 0: d = s
+    grad = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, -1.0]])  # M = (e1 e2ᵀ - e2 e1ᵀ) / 3, antisymmetric
+    found = prescan.first_order(torch.zeros(3, 2), source, grad, k=1)
     assert found.score == pytest.approx(0.0, abs=1e-12)
 
 

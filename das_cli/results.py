@@ -261,7 +261,7 @@ def format_summary(frame: pd.DataFrame, by: list[str] | tuple[str, ...] = ()) ->
                        model_layers, untrained.get((stream, heads)))
         for (stream, heads), table in tables.items())
     if "prescan" in frame and frame["prescan"].notna().any():
-        text += "\n\n" + prescan_summary(frame[~stopped(frame)], chooser, source)
+        text += "\n\n" + prescan_summary(frame[~stopped(frame)], chooser, source, "fully trained " if stopped(frame).any() else "")
     if stopped(frame).any():
         text += "\n\n" + halving_summary(frame)
     if spread is not None:
@@ -279,7 +279,7 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
     return float(both["a"].rank().corr(both["b"].rank()))
 
 
-def prescan_summary(frame: pd.DataFrame, chooser: str, source: str) -> str:
+def prescan_summary(frame: pd.DataFrame, chooser: str, source: str, which: str = "") -> str:
     """How well the first-order prescan, made before any training, ranked the trained cells: its Spearman
     correlation with test IIA and with the selection score, over the cells that have both."""
     trained = frame.dropna(subset=["iia", "prescan"])
@@ -288,7 +288,7 @@ def prescan_summary(frame: pd.DataFrame, chooser: str, source: str) -> str:
     rho_test, rho_choice = spearman(trained["prescan"], trained["iia"]), spearman(trained["prescan"], trained[chooser])
     top = trained.loc[trained["prescan"].idxmax()]
     text = (f"prescan (first order, before training): Spearman with test IIA {_rho(rho_test)}, with {source} IIA "
-            f"{_rho(rho_choice)}, over {len(trained)} cells; its top cell {top['stream']} L{top['layer']} @ {top['position']} "
+            f"{_rho(rho_choice)}, over {len(trained)} {which}cells; its top cell {top['stream']} L{top['layer']} @ {top['position']} "
             f"(prescan {top['prescan']:.2g}, IIA {top['iia']:.2f})")
     if math.isnan(rho_test) or math.isnan(rho_choice):
         text += "\n  (a correlation is undefined under 3 cells or with a score that does not vary)"

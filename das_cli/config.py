@@ -275,11 +275,18 @@ def _checked_key(override: str, composed: DictConfig) -> str:
             optional = [f.name for f in fields(schema)] if schema else []
             if depth == 1 and part in optional:
                 return "+" + override
-            raise unknown_key(key, sorted(set(node.keys()) | set(optional)), _group_label(composed, where))
+            error = unknown_key(key, sorted(set(node.keys()) | set(optional)), _group_label(composed, where))
+            raise DasError(str(error) + _other_choice(where, part)) if where in SECTION_GROUPS else error
         if OmegaConf.is_missing(node, part):
             return override
         node = node[part]
     return override
+
+
+def _other_choice(group: str, key: str) -> str:
+    """"; it belongs to search=halving" when another choice of a section group has the key."""
+    owners = [name for name in group_choices(group) if key in OmegaConf.load(conf_dir() / group / f"{name}.yaml")]
+    return f"; {group}.{key} belongs to {', '.join(f'{group}={name}' for name in owners)}" if owners else ""
 
 
 def _schema_at(cfg: DictConfig, where: str) -> type | None:

@@ -182,7 +182,8 @@ def test_bad_halving_settings_are_one_line(overrides, message):
 
 
 def test_halving_keys_belong_to_search_halving():
-    with pytest.raises(DasError, match="search.eta: unknown key in search; valid keys: name, prescan"):
+    with pytest.raises(DasError, match="search.eta: unknown key in search; valid keys: name, prescan; "
+                                       "search.eta belongs to search=halving"):
         C.compose(["search.eta=3"])
     assert "search" not in C.fingerprint(C.checked(C.compose([])))
     assert C.fingerprint(C.checked(C.compose(["search=halving"])))["search"] == {"name": "halving", "eta": 3, "min_epochs": 1,

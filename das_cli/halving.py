@@ -17,7 +17,6 @@ Several seeds of one cell are ranked by their mean and kept or stopped together.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from . import folder as layout
+from .errors import DasError
 from .files import atomic_write
 from .grid import Cell
-
-log = logging.getLogger(__name__)
 
 COLUMNS = ("rung", "epochs", "cell", "split", "iia", "loss", "kept")
 
@@ -131,12 +129,8 @@ def read_table(path: Path) -> pd.DataFrame:
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as e:
-        from .errors import DasError
-
         raise DasError(f"{path}: unreadable ({e}); the rungs it decided cannot be decided again: use a new folder") from None
     if not set(COLUMNS) <= set(table.columns):
-        from .errors import DasError
-
         raise DasError(f"{path}: not a halving table (columns {', '.join(COLUMNS)}); use a new folder")
     return table
 
